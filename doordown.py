@@ -1,0 +1,1751 @@
+#!/usr/bin/env python3
+"""doordown: serve a Python WSGI application through illumos doors.
+
+    python3 doordown.py serve [module:app]     HTTP front; spawns the app role itself
+    python3 doordown.py app [module:app] --door PATH    the app role alone
+
+A web front and a web application talk over *doors*: a synchronous IPC in which a
+client thread calls into another process and the kernel picks, or creates, the
+server thread that runs the call.  The application stays plain synchronous WSGI
+code; the operating system, not a worker pool you tune, provides its threads.
+
+On illumos the doors are real (ctypes into libc).  Everywhere else the same API
+is served by a faithful emulation over Unix-domain sockets, chosen automatically
+and named at start-up.  One file, the standard library only, Python 3.9 or newer.
+
+The file reads in the order data flows:
+door layer -> wire format -> app role -> front role -> supervisor -> command line.
+"""
+
+import argparse
+import array
+import collections
+import errno
+import io
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import socketserver
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from http.server import ThreadingHTTPServer
+from urllib.parse import unquote_to_bytes
+from wsgiref.util import FileWrapper
+
+__version__ = "0.1.0"
+SERVER_SOFTWARE = "doordown/" + __version__
+
+# Exit codes of the app role, read by the supervisor (after gunicorn's arbiter): a boot
+# failure must stop `serve` instead of turning into a respawn loop.
+EXIT_USAGE = 2
+EXIT_APP_LOAD = 4
+EXIT_DOOR_FAILED = 5
+
+
+def _log(role, message):
+    """One line on stderr, prefixed with the role and pid (the app's log is stderr too)."""
+    sys.stderr.write("[doordown %s %d] %s\n" % (role, os.getpid(), message))
+    sys.stderr.flush()
+
+
+###############################################################################
+# Door layer #################################################################
+###############################################################################
+#
+# One API over two backends:
+#
+#   server = backend.serve(path, handler)   handler(data, fds, caller) -> (reply, fds)
+#   client = backend.open(path)             client.call(data, fds) -> (reply, fds)
+#
+# Descriptor ownership follows doors with DOOR_RELEASE: descriptors a handler returns
+# are closed once sent; descriptors a caller passes stay the caller's; descriptors
+# received (by a handler or in a reply) belong to the receiver, who must close them.
+
+Caller = collections.namedtuple("Caller", "euid pid")
+
+# Largest call the door layer accepts.  illumos copies the arguments onto the server
+# thread's stack and refuses larger ones with E2BIG (about 1.93 MiB with default
+# threads); the emulation enforces the same bound so that code above behaves alike.
+DOOR_CALL_MAX = 1900 * 1024
+
+
+class DoorError(OSError):
+    """A door call that could not be completed."""
+
+
+class DoorGone(DoorError):
+    """No server behind the door: never started, revoked, or died during the call."""
+
+
+class DoorTimeout(DoorError):
+    """The server did not answer within the caller's time limit."""
+
+
+def _close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- emulated doors: Unix-domain sockets ---------------------------------------
+#
+# Semantics kept from illumos (see shared notes, doors.md):
+# * a call is synchronous: the calling thread blocks until the reply;
+# * a client holds a LIFO stack of idle connections and opens a new one only when
+#   every one is busy, and the server gives each connection a thread from its own LIFO
+#   pool of idle threads, creating one only when none is free.  So server threads
+#   follow the concurrency high-water mark, never shrink, and sequential calls are
+#   served by the same hot thread, whose thread-locals therefore persist;
+# * the door file is the socket, created 0600 (in a directory the caller keeps 0700);
+# * descriptors travel both ways (SCM_RIGHTS); the caller's euid and pid come from
+#   the socket's peer credentials;
+# * a dead or revoked server is seen at once as end-of-file: DoorGone, never a hang.
+#
+# Each message on a connection: header (payload length, descriptor count), payload;
+# descriptors ride on the first sendmsg.
+
+_FRAME = struct.Struct("=IH2x")
+_MAX_FDS = 16
+_ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_FIRST_READ = 65536
+
+
+def _send_message(sock, data, fds=()):
+    frame = _FRAME.pack(len(data), len(fds))
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sent = sock.sendmsg([frame, data], anc)
+        rest = memoryview(frame + data)[sent:] if sent < len(frame) + len(data) else b""
+        if rest:
+            sock.sendall(rest)
+    elif len(data) < 65536:
+        sock.sendall(frame + data)  # one write: small messages are the hot path
+    else:
+        sock.sendall(frame)
+        sock.sendall(data)
+
+
+def _recv_message(sock, limit):
+    """Read one message; raise EOFError on a clean close before a message starts."""
+    data, anc, flags, _ = sock.recvmsg(_FIRST_READ, _ANC_SPACE, _RECV_FLAGS)
+    fds = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+    if flags & socket.MSG_CTRUNC:
+        _close_fds(fds)
+        raise DoorError(errno.EMSGSIZE, "too many descriptors in one door message")
+    if not data:
+        _close_fds(fds)
+        raise EOFError
+    try:
+        while len(data) < _FRAME.size:
+            more = sock.recv(_FRAME.size - len(data))
+            if not more:
+                raise EOFError
+            data += more
+        size, nfds = _FRAME.unpack_from(data)
+        if size > limit or nfds != len(fds):
+            raise DoorError(errno.EPROTO, "malformed door message (size %d, %d fds)" % (size, nfds))
+        have = len(data) - _FRAME.size
+        if have == size:
+            return data[_FRAME.size:], fds
+        if have > size:
+            raise DoorError(errno.EPROTO, "door message longer than its header says")
+        buf = bytearray(size)
+        buf[:have] = data[_FRAME.size:]
+        view = memoryview(buf)
+        while have < size:
+            got = sock.recv_into(view[have:])
+            if not got:
+                raise EOFError
+            have += got
+        return bytes(buf), fds
+    except BaseException:
+        _close_fds(fds)
+        raise
+
+
+def _peer_credentials(sock):
+    """(euid, pid) of the process at the other end of a Unix socket."""
+    if hasattr(socket, "SO_PEERCRED"):  # Linux
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return Caller(uid, pid)
+    import ctypes  # BSD and macOS: getpeereid(3) gives the uid; the pid is not known
+    uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
+        raise OSError(ctypes.get_errno(), "getpeereid failed")
+    return Caller(uid.value, 0)
+
+
+class _EmulatedDoorServer:
+    """A door at `path` whose invocations run `handler` on a pool of server threads."""
+
+    def __init__(self, path, handler):
+        self.path = path
+        self._handler = handler
+        self._lock = threading.Lock()
+        self._idle_threads = []  # LIFO of per-thread hand-off queues
+        self._connections = {}  # socket -> True while a call is being served
+        self._revoked = False
+        self.threads = 0
+        self.in_flight = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket file is born 0600: owner only
+        try:
+            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale door left by a killed server
+            self._listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        self._listener.listen(256)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="door-accept", daemon=True)
+        self._acceptor.start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # revoked: the listener is closed
+            try:
+                caller = _peer_credentials(conn)
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                if self._revoked:
+                    conn.close()
+                    return
+                self._connections[conn] = False
+                handoff = self._idle_threads.pop() if self._idle_threads else None
+                if handoff is None:
+                    self.threads += 1
+                    handoff = queue.SimpleQueue()
+                    threading.Thread(target=self._server_thread, args=(handoff,),
+                                     name="door-server-%d" % self.threads, daemon=True).start()
+            handoff.put((conn, caller))
+
+    def _server_thread(self, handoff):
+        while True:
+            item = handoff.get()
+            if item is None:
+                return
+            conn, caller = item
+            self._serve_connection(conn, caller)
+            with self._lock:
+                self._connections.pop(conn, None)
+                if self._revoked:
+                    return
+                self._idle_threads.append(handoff)
+
+    def _serve_connection(self, conn, caller):
+        with conn:
+            while True:
+                try:
+                    data, fds = _recv_message(conn, DOOR_CALL_MAX)
+                except (EOFError, OSError):
+                    return
+                with self._lock:
+                    if self._revoked:  # a revoked door fails later calls: EBADF on illumos
+                        _close_fds(fds)
+                        return
+                    self._connections[conn] = True
+                    self.in_flight += 1
+                try:
+                    reply, reply_fds = self._handler(data, fds, caller)
+                except BaseException:  # on illumos the thread would exit; the caller gets EINTR
+                    _log("door", "door handler raised:\n" + traceback.format_exc())
+                    return
+                finally:
+                    with self._lock:
+                        self._connections[conn] = False
+                        self.in_flight -= 1
+                try:
+                    _send_message(conn, reply, reply_fds)
+                except OSError:
+                    return
+                finally:
+                    _close_fds(reply_fds)
+
+    def close(self, grace=10.0):
+        """Revoke: refuse new calls, let in-flight ones finish (up to `grace`), remove the file."""
+        with self._lock:
+            self._revoked = True
+            idle = [conn for conn, busy in self._connections.items() if not busy]
+        self._listener.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        for conn in idle:
+            _shutdown(conn)
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:
+            for handoff in self._idle_threads:
+                handoff.put(None)
+            self._idle_threads = []
+
+
+class _EmulatedDoorClient:
+    """A door opened by path; call() is safe from many threads at once."""
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.timeout = timeout
+        self._idle = []  # LIFO of connected sockets; list append/pop are atomic
+
+    def _connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise DoorGone(exc.errno, "no door server at %s (%s)" % (self.path, exc.strerror))
+        sock.settimeout(self.timeout)
+        return sock
+
+    def call(self, data, fds=()):
+        if len(data) > DOOR_CALL_MAX:
+            raise DoorError(errno.E2BIG, "door call of %d bytes exceeds %d" % (len(data), DOOR_CALL_MAX))
+        try:
+            sock = self._idle.pop()
+        except IndexError:
+            sock = self._connect()
+        try:
+            _send_message(sock, data, fds)
+            reply = _recv_message(sock, 1 << 30)
+        except socket.timeout:
+            sock.close()
+            raise DoorTimeout(errno.ETIMEDOUT, "door call timed out after %ss" % self.timeout)
+        except (EOFError, OSError) as exc:
+            sock.close()
+            if isinstance(exc, DoorError):
+                raise
+            raise DoorGone(errno.EBADF, "door server at %s went away during the call" % self.path)
+        self._idle.append(sock)
+        return reply
+
+    def server_pid(self):
+        sock = self._connect()
+        try:
+            return _peer_credentials(sock).pid
+        finally:
+            sock.close()
+
+    def close(self):
+        while self._idle:
+            self._idle.pop().close()
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class EmulatedDoors:
+    name = "emulated"
+    description = "emulated doors (Unix-domain sockets)"
+
+    def serve(self, path, handler):
+        return _EmulatedDoorServer(path, handler)
+
+    def open(self, path, timeout=None):
+        return _EmulatedDoorClient(path, timeout)
+
+
+class NativeDoors:
+    """illumos doors through ctypes into libc."""
+
+    name = "native"
+    description = "native illumos doors"
+
+    def __init__(self):
+        raise DoorError(errno.ENOSYS, "native doors are not available in this build; "
+                        "use --doors emulated")
+
+
+def is_illumos():
+    return sys.platform.startswith("sunos")
+
+
+def door_backend(choice="auto"):
+    """The door backend for `choice`: auto (native on illumos), native or emulated."""
+    if choice == "auto":
+        choice = "native" if is_illumos() else "emulated"
+    if choice == "native":
+        return NativeDoors()
+    if choice == "emulated":
+        return EmulatedDoors()
+    raise ValueError("unknown door backend %r" % choice)
+
+
+###############################################################################
+# Wire format ################################################################
+###############################################################################
+#
+# One door call carries one HTTP request; its reply carries one response.  A message
+# is: kind (1 byte), flags (1), field count (2), each field's length (4 bytes each,
+# network order), then the fields back to back.  The lengths must add up to the
+# message exactly: anything else is a WireError, never a crash.  No pickle, no eval.
+#
+#   request  Q: method target version scheme remote_addr remote_port server_name
+#               server_port script_name body, then header name, value pairs
+#   response R: status body, then header name, value pairs
+#   ping     P: no fields; its reply S carries one JSON field (pid, threads, requests)
+#   failure  E: status reason (the app role refused the call)
+#
+# Bodies up to INLINE_BODY_MAX travel in the message.  Larger ones travel as a passed
+# descriptor of an unlinked temporary file (flag BODY_IN_FD, body field empty): the
+# door call stays far below illumos' per-call limit and the body is never copied
+# through the door.
+
+KIND_REQUEST, KIND_RESPONSE, KIND_PING, KIND_STATS, KIND_FAIL = b"Q", b"R", b"P", b"S", b"E"
+FLAG_BODY_IN_FD = 1
+FLAG_CLOSE = 2  # response: close the connection after it (e.g. framing the app broke)
+INLINE_BODY_MAX = 1 << 20
+_REQUEST_FIXED = 10
+_MESSAGE_HEAD = struct.Struct("!cBH")
+_MAX_FIELDS = 2 * 1024 + _REQUEST_FIXED
+
+
+class WireError(ValueError):
+    """A truncated or malformed door message."""
+
+
+def pack_message(kind, flags, fields):
+    count = len(fields)
+    return b"".join((_MESSAGE_HEAD.pack(kind, flags, count),
+                     struct.pack("!%dI" % count, *map(len, fields)), *fields))
+
+
+def unpack_message(data, expected_kinds):
+    """(kind, flags, fields) of a message whose kind is one of `expected_kinds`."""
+    if len(data) < _MESSAGE_HEAD.size:
+        raise WireError("truncated message (%d bytes)" % len(data))
+    kind, flags, count = _MESSAGE_HEAD.unpack_from(data)
+    if kind not in expected_kinds:
+        raise WireError("unexpected message kind %r" % kind)
+    if count > _MAX_FIELDS:
+        raise WireError("too many fields (%d)" % count)
+    pos = _MESSAGE_HEAD.size + 4 * count
+    if len(data) < pos:
+        raise WireError("truncated field table")
+    lengths = struct.unpack_from("!%dI" % count, data, _MESSAGE_HEAD.size)
+    if pos + sum(lengths) != len(data):
+        raise WireError("field lengths say %d bytes, message has %d"
+                        % (pos + sum(lengths), len(data)))
+    fields = []
+    for length in lengths:
+        fields.append(data[pos:pos + length])
+        pos += length
+    return kind, flags, fields
+
+
+def spool_body(body):
+    """Descriptor of an unlinked temporary file holding `body` (bytes or chunks), at offset 0."""
+    with tempfile.TemporaryFile() as spool:
+        for chunk in ([body] if isinstance(body, (bytes, bytearray)) else body):
+            spool.write(chunk)
+        spool.flush()
+        fd = os.dup(spool.fileno())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+###############################################################################
+# App role ###################################################################
+###############################################################################
+#
+# The door handler: decode the request, run it through the WSGI application on the
+# door server thread that the OS (or the emulation) provides, encode the response.
+
+def hello_app(environ, start_response):
+    """The built-in application."""
+    body = b"Well, hello to you too!\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class AppLoadError(Exception):
+    pass
+
+
+def load_app(spec):
+    """Import a WSGI callable the way gunicorn does: 'module:callable', default 'application'."""
+    if spec is None:
+        return hello_app
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "application"
+    if not module_name or not re.fullmatch(r"[\w.]+", module_name) \
+            or not re.fullmatch(r"[\w.]+", attr):
+        raise AppLoadError("bad application %r: expected module:callable" % spec)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        __import__(module_name)
+    except ImportError as exc:
+        if exc.name and module_name.startswith(exc.name) \
+                and (exc.name == module_name or module_name[len(exc.name)] == "."):
+            raise AppLoadError("no module named %r (from %r)" % (exc.name, spec))
+        raise
+    obj = sys.modules[module_name]
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppLoadError("module %r has no attribute %r" % (module_name, attr))
+    if not callable(obj):
+        raise AppLoadError("%s is not callable" % spec)
+    return obj
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS = re.compile(r"[1-9][0-9][0-9] [^\x00-\x08\x0a-\x1f\x7f]*\Z")
+
+
+class _Buffered:
+    """What start_response and write() collect for one request."""
+
+    __slots__ = ("status", "headers", "chunks", "size")
+
+    def __init__(self):
+        self.status = None
+        self.headers = None
+        self.chunks = []
+        self.size = 0
+
+
+class WSGIGateway:
+    """Runs door invocations through a WSGI application (PEP 3333).
+
+    The whole response is collected before it is returned: one door call, one reply.
+    Configuration is class attributes, overridable per instance.
+    """
+
+    server_name = "localhost"
+    allowed_uids = None  # None: the app's own euid only
+    error_body = b"Internal Server Error\n"
+
+    def __init__(self, app, allowed_uids=None):
+        self.app = app
+        self.allowed_uids = frozenset(allowed_uids or (os.geteuid(),))
+        self.requests = 0
+        self.door_threads = lambda: 0
+
+    # -- the door handler -------------------------------------------------------
+    def __call__(self, data, fds, caller):
+        if caller.euid not in self.allowed_uids:
+            _close_fds(fds)
+            _log("app", "refused a door call from euid %d pid %d" % (caller.euid, caller.pid))
+            return pack_message(KIND_FAIL, 0, [b"403", b"caller not allowed"]), []
+        try:
+            kind, flags, fields = unpack_message(data, (KIND_REQUEST, KIND_PING))
+            if kind == KIND_PING:
+                _close_fds(fds)
+                return self.stats_message(), []
+            return self.handle_request(flags, fields, fds)
+        except WireError as exc:
+            _close_fds(fds)
+            _log("app", "bad door message: %s" % exc)
+            return pack_message(KIND_FAIL, 0, [b"400", str(exc).encode()]), []
+
+    def stats_message(self):
+        stats = {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.requests,
+                 "python_threads": threading.active_count()}
+        return pack_message(KIND_STATS, 0, [json.dumps(stats).encode()])
+
+    def handle_request(self, flags, fields, fds):
+        if len(fields) < _REQUEST_FIXED or len(fields) % 2:
+            _close_fds(fds)
+            raise WireError("request with %d fields" % len(fields))
+        if flags & FLAG_BODY_IN_FD:
+            if len(fds) != 1:
+                _close_fds(fds)
+                raise WireError("request body descriptor missing")
+            body_input = os.fdopen(fds[0], "rb")
+            body_length = os.fstat(fds[0]).st_size
+        else:
+            _close_fds(fds)
+            body_input = io.BytesIO(fields[9])
+            body_length = len(fields[9])
+        self.requests += 1
+        environ = self.environ(fields, body_input, body_length)
+        try:
+            return self.run(environ)
+        finally:
+            body_input.close()
+
+    def environ(self, fields, body_input, body_length):
+        (method, target, version, scheme, remote_addr, remote_port, server_name, server_port,
+         script_name, _body) = fields[:_REQUEST_FIXED]
+        path, _, query = target.partition(b"?")
+        if not path.startswith(b"/") and b"://" in path:  # absolute-form
+            path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
+        path = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        script = script_name.decode("latin-1")
+        if script and path.startswith(script):
+            path = path[len(script):]
+        env = {
+            "REQUEST_METHOD": method.decode("latin-1"),
+            "SCRIPT_NAME": script,
+            "PATH_INFO": path,
+            "QUERY_STRING": query.decode("latin-1"),
+            "SERVER_NAME": server_name.decode("latin-1"),
+            "SERVER_PORT": server_port.decode("latin-1"),
+            "SERVER_PROTOCOL": version.decode("latin-1"),
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "REMOTE_ADDR": remote_addr.decode("latin-1"),
+            "REMOTE_PORT": remote_port.decode("latin-1"),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": scheme.decode("latin-1"),
+            "wsgi.input": body_input,
+            "wsgi.input_terminated": True,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+        if body_length or method not in (b"GET", b"HEAD"):
+            env["CONTENT_LENGTH"] = str(body_length)
+        headers = fields[_REQUEST_FIXED:]
+        for i in range(0, len(headers), 2):
+            name = headers[i].decode("latin-1").upper().replace("-", "_")
+            value = headers[i + 1].decode("latin-1")
+            if name == "CONTENT_TYPE":
+                env["CONTENT_TYPE"] = value
+                continue
+            if name == "CONTENT_LENGTH":
+                continue  # the front decoded the body; its true length is set above
+            key = "HTTP_" + name
+            env[key] = env[key] + "," + value if key in env else value
+        return env
+
+    def run(self, environ):
+        """Call the application; return (response message, descriptors)."""
+        out = _Buffered()
+
+        def write(data):
+            if out.status is None:
+                raise AssertionError("write() before start_response()")
+            if not isinstance(data, bytes):
+                raise TypeError("write() takes bytes, not %s" % type(data).__name__)
+            out.chunks.append(data)
+            out.size += len(data)
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info:
+                try:
+                    if out.chunks:  # nothing has left yet, but PEP 3333 says re-raise once written
+                        raise exc_info[1].with_traceback(exc_info[2])
+                finally:
+                    exc_info = None
+            elif out.status is not None:
+                raise AssertionError("start_response() called twice without exc_info")
+            out.status, out.headers = self.checked_status(status, headers)
+            return write
+
+        result = None
+        try:
+            result = self.app(environ, start_response)
+            for chunk in result:
+                if chunk:
+                    if out.status is None:
+                        raise AssertionError("body yielded before start_response()")
+                    write(chunk)
+            if out.status is None:
+                raise AssertionError("application returned without calling start_response()")
+        except Exception:
+            _log("app", "error in %s %s:\n%s" % (environ["REQUEST_METHOD"], environ["PATH_INFO"],
+                                                  traceback.format_exc().rstrip()))
+            return self.error_response(), []
+        finally:
+            if hasattr(result, "close"):
+                try:
+                    result.close()
+                except Exception:
+                    _log("app", "error in close():\n" + traceback.format_exc().rstrip())
+        return self.response_message(environ, out)
+
+    @staticmethod
+    def checked_status(status, headers):
+        """Status and headers as bytes, refusing what would corrupt the response."""
+        if type(status) is not str or not _STATUS.match(status):
+            raise ValueError("invalid status %r" % (status,))
+        if type(headers) is not list:
+            raise TypeError("headers must be a list, not %s" % type(headers).__name__)
+        fields = []
+        for item in headers:
+            if type(item) is not tuple or len(item) != 2:
+                raise TypeError("header %r is not a (name, value) tuple" % (item,))
+            name, value = item
+            if type(name) is not str or not _TOKEN.match(name):
+                raise ValueError("invalid header name %r" % (name,))
+            if type(value) is not str or _BAD_VALUE.search(value):
+                raise ValueError("invalid value for header %s: %r" % (name, value))
+            fields.append(name.encode("latin-1"))
+            fields.append(value.encode("latin-1"))
+        return status.encode("latin-1"), fields
+
+    def response_message(self, environ, out):
+        flags = 0
+        body = b"".join(out.chunks)
+        length = None
+        for i in range(0, len(out.headers), 2):
+            if out.headers[i].lower() == b"content-length":
+                length = out.headers[i + 1]
+        if environ["REQUEST_METHOD"] == "HEAD":
+            body = b""
+        elif length is not None:
+            if not length.isdigit() or int(length) < len(body):
+                _log("app", "Content-Length %r but %d bytes of body: closing after it"
+                     % (length, len(body)))
+                flags |= FLAG_CLOSE
+                if length.isdigit():
+                    body = body[:int(length)]
+            elif int(length) > len(body):
+                flags |= FLAG_CLOSE  # the client sees a short body, then the close
+        if len(body) > INLINE_BODY_MAX:
+            return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
+                                [out.status, b"", *out.headers]), [spool_body(body)]
+        return pack_message(KIND_RESPONSE, flags, [out.status, body, *out.headers]), []
+
+    def error_response(self):
+        return pack_message(KIND_RESPONSE, 0, [
+            b"500 Internal Server Error", self.error_body,
+            b"Content-Type", b"text/plain", b"Content-Length", str(len(self.error_body)).encode()])
+
+
+def run_app(args):
+    """The `app` command: serve one WSGI application on a door until SIGTERM/SIGINT."""
+    try:
+        app = load_app(args.app)
+    except AppLoadError as exc:
+        _log("app", "cannot load the application: %s" % exc)
+        return EXIT_APP_LOAD
+    except BaseException:
+        _log("app", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()))
+        return EXIT_APP_LOAD
+    gateway = WSGIGateway(app, args.allow_uid)
+    try:
+        backend = door_backend(args.doors)
+        server = backend.serve(args.door, gateway)
+    except (OSError, ValueError) as exc:
+        _log("app", "cannot create the door at %s: %s" % (args.door, exc))
+        return EXIT_DOOR_FAILED
+    gateway.door_threads = lambda: server.threads
+    _log("app", "serving %s on door %s (%s)" % (args.app or "the built-in hello app",
+                                                  args.door, backend.description))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    parent = os.getppid()
+    while not stop.wait(0.5):
+        if args.exit_with_parent and os.getppid() != parent:
+            _log("app", "the front went away: stopping")
+            break
+    server.close(args.graceful_timeout)
+    _log("app", "stopped after %d requests" % gateway.requests)
+    return 0
+
+
+###############################################################################
+# Front role #################################################################
+###############################################################################
+#
+# http.server's ThreadingHTTPServer gives the socket plumbing (a thread per
+# connection); the HTTP/1.1 parsing is done here, strictly (RFC 9110/9112), because
+# the stdlib parser is lenient in ways that have allowed request smuggling.  A bad
+# request gets its 4xx, then the connection is closed: nothing after an error is parsed.
+
+class Limits:
+    """Bounds on what one client may send or hold (defaults for `serve`)."""
+
+    max_connections = 1000
+    max_line = 8190  # request line; longer: 414
+    max_headers = 100  # header fields; more: 431
+    max_header_size = 65536  # the whole head; larger: 431
+    max_body = 100 << 20  # decoded body; larger: 413
+    header_timeout = 10.0  # seconds for request line and headers to arrive
+    keepalive = 5.0  # seconds an idle keep-alive connection is kept
+    body_timeout = 30.0  # seconds a body read may wait for progress
+
+    def __init__(self, **overrides):
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(self, name, value)
+
+
+class HTTPError(Exception):
+    """A request the front refuses: answered with `status`, then the connection closes."""
+
+    def __init__(self, status, detail):
+        Exception.__init__(self, detail)
+        self.status = status
+
+
+class _ClientGone(Exception):
+    """The client closed the connection or stopped sending in time."""
+
+
+_REASONS = {100: "Continue", 400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
+            414: "URI Too Long", 417: "Expectation Failed", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])")
+_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
+                         b"upgrade", b"proxy-connection"))
+
+
+class Request:
+    """One parsed request, as the front hands it to an upstream."""
+
+    __slots__ = ("method", "target", "version", "headers", "body", "body_fd", "keep_alive",
+                 "path", "peer", "line")
+
+    def __init__(self, method, target, version, headers, keep_alive, line):
+        self.method, self.target, self.version = method, target, version
+        self.headers = headers  # [(name, value)] as received, bytes
+        self.keep_alive = keep_alive
+        self.body, self.body_fd = b"", None
+        self.path = target.partition(b"?")[0]
+        self.line = line
+        self.peer = None
+
+
+class Response:
+    """What an upstream answers: status line tail, header pairs, body bytes or descriptor."""
+
+    __slots__ = ("status", "headers", "body", "body_fd", "close")
+
+    def __init__(self, status, headers, body=b"", body_fd=None, close=False):
+        self.status, self.headers, self.body, self.body_fd, self.close = (
+            status, headers, body, body_fd, close)
+
+
+def plain_response(code, text=None, close=False):
+    body = ((text or _REASONS.get(code, "Error")) + "\n").encode()
+    return Response(("%d %s" % (code, _REASONS.get(code, "Error"))).encode(),
+                    [b"Content-Type", b"text/plain", b"Content-Length", str(len(body)).encode()],
+                    body, close=close)
+
+
+class _BodySink:
+    """Collects a request body in memory, moving it to a temporary file past the inline limit."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.size = 0
+        self.buf = bytearray()
+        self.spool = None
+
+    def write(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            raise HTTPError(413, "request body over %d bytes" % self.limit)
+        if self.spool is not None:
+            self.spool.write(data)
+            return
+        self.buf += data
+        if len(self.buf) > INLINE_BODY_MAX:
+            self.spool = tempfile.TemporaryFile()
+            self.spool.write(self.buf)
+            self.buf = None
+
+    def finish(self, request):
+        if self.spool is None:
+            request.body = bytes(self.buf)
+        else:
+            self.spool.flush()
+            request.body_fd = os.dup(self.spool.fileno())
+            os.lseek(request.body_fd, 0, os.SEEK_SET)
+            self.spool.close()
+
+
+class _ClientReader:
+    """Reads a client's bytes into one buffer, each read bounded by a deadline."""
+
+    __slots__ = ("sock", "buf", "timeout")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.timeout = None
+
+    def fill(self, deadline):
+        """Read what is there; False on end-of-file.  Raises _ClientGone past the deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _ClientGone("read timed out")
+        # settimeout costs a system call; skip it while the current one is close enough.
+        if self.timeout is None or abs(self.timeout - remaining) > 0.25:
+            self.sock.settimeout(remaining)
+            self.timeout = remaining
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise _ClientGone("read timed out")
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_line(self, limit, deadline):
+        """A CRLF-terminated line (without it), for chunked framing."""
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if len(self.buf) > limit:
+                raise HTTPError(400, "chunk line too long")
+            if not self.fill(deadline):
+                raise HTTPError(400, "connection closed inside a chunked body")
+
+    def read_into(self, sink, size, timeout):
+        """Move `size` body bytes into `sink`; each read may wait `timeout` for progress."""
+        while size:
+            if not self.buf and not self.fill(time.monotonic() + timeout):
+                raise HTTPError(400, "connection closed %d bytes before the end of the body" % size)
+            piece = bytes(self.buf[:size])
+            del self.buf[:len(piece)]
+            sink.write(piece)
+            size -= len(piece)
+
+
+class FrontHandler(socketserver.BaseRequestHandler):
+    """One client connection: read requests, forward each, answer each, until close."""
+
+    def setup(self):
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = _ClientReader(self.request)
+        self.limits = self.server.limits
+
+    def handle(self):
+        server = self.server
+        while not server.stopping:
+            try:
+                request = self.read_request()
+                if request is None:
+                    return
+                server.busy(self.request, True)
+                try:
+                    response = server.dispatch(request, self.client_address)
+                    self.send_response(request, response)
+                finally:
+                    server.busy(self.request, False)
+                if not request.keep_alive or response.close:
+                    return
+            except HTTPError as exc:
+                response = plain_response(exc.status, "%s: %s" % (_REASONS.get(exc.status, "Error"), exc),
+                                          close=True)
+                self.send_response(None, response)
+                server.log_access(self.client_address, None, response)
+                return
+            except (_ClientGone, OSError):
+                return
+
+    # -- reading --------------------------------------------------------------------
+    def read_request(self):
+        """The next request with its body, or None when the client is done (or idle too long)."""
+        limits, reader = self.limits, self.reader
+        buf = reader.buf
+        deadline = time.monotonic() + limits.keepalive
+        while not buf or buf == b"\r\n":  # RFC 9112 2.2: ignore one empty line before a request
+            if buf:
+                del buf[:]
+            try:
+                if not reader.fill(deadline):
+                    return None
+            except _ClientGone:
+                return None
+        deadline = time.monotonic() + limits.header_timeout
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buf) > limits.max_header_size:
+                raise self.head_too_large(buf)
+            try:
+                if not reader.fill(deadline):
+                    raise _ClientGone("closed inside the request head")
+            except _ClientGone:
+                if len(buf) > limits.max_line and buf.find(b"\r\n") < 0:
+                    raise self.head_too_large(buf)
+                raise
+        if end > limits.max_header_size:
+            raise self.head_too_large(buf)
+        head = bytes(buf[:end])
+        del buf[:end + 4]
+        request = self.parse_head(head)
+        self.read_body(request)
+        return request
+
+    def head_too_large(self, buf):
+        first = buf.find(b"\r\n")
+        if first < 0 or first > self.limits.max_line:
+            return HTTPError(414, "request line over %d bytes" % self.limits.max_line)
+        return HTTPError(431, "request head over %d bytes" % self.limits.max_header_size)
+
+    def parse_head(self, head):
+        limits = self.limits
+        lines = head.split(b"\r\n")
+        line = lines[0]
+        if len(line) > limits.max_line:
+            raise HTTPError(414, "request line over %d bytes" % limits.max_line)
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None:
+            raise HTTPError(400, "malformed request line")
+        method, target, major, minor = match.groups()
+        if major != b"1" or minor not in b"01":
+            raise HTTPError(505, "HTTP/%s.%s is not supported" % (major.decode(), minor.decode()))
+        version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
+        if len(lines) - 1 > limits.max_headers:
+            raise HTTPError(431, "more than %d header fields" % limits.max_headers)
+        headers = []
+        special = {}
+        for field in lines[1:]:
+            if len(field) > limits.max_line:
+                raise HTTPError(431, "header field over %d bytes" % limits.max_line)
+            match = _FIELD.fullmatch(field)
+            if match is None:
+                raise HTTPError(400, "malformed header field %r" % field[:40])
+            name, value = match.groups()
+            if b"_" in name:
+                continue  # X_Foo must never alias X-Foo in the environ: drop it (as nginx does)
+            lower = name.lower()
+            if lower in _FRAMING or lower in (b"connection", b"expect"):
+                if lower in special and lower != b"connection":
+                    raise HTTPError(400, "duplicate %s header" % lower.decode())
+                special[lower] = special[lower] + b"," + value if lower in special else value
+                if lower == b"connection":
+                    continue
+            headers.append((name, value))
+        if not (target[:1] == b"/" or target[:7].lower() == b"http://"
+                or target[:8].lower() == b"https://" or (target == b"*" and method == b"OPTIONS")):
+            raise HTTPError(400, "unsupported request target")
+        if version == b"HTTP/1.1" and b"host" not in special:
+            raise HTTPError(400, "missing Host header")
+        tokens = {t.strip(b" \t").lower() for t in special.get(b"connection", b"").split(b",")}
+        keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
+        request = Request(method, target, version, headers, keep_alive, line)
+        request.headers = headers
+        self.framing = special
+        return request
+
+    def read_body(self, request):
+        special, limits, reader = self.framing, self.limits, self.reader
+        length = special.get(b"content-length")
+        coding = special.get(b"transfer-encoding")
+        if coding is not None:
+            if length is not None:
+                raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+            if request.version != b"HTTP/1.1":
+                raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            codings = [c.strip(b" \t").lower() for c in coding.split(b",")]
+            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+                if any(c not in (b"chunked", b"gzip", b"deflate", b"compress", b"identity") or not c
+                       for c in codings):
+                    raise HTTPError(501, "unknown transfer coding")
+                raise HTTPError(400, "chunked must be the last transfer coding, once")
+            if len(codings) != 1:
+                raise HTTPError(501, "only the chunked transfer coding is supported")
+        elif length is not None:
+            if not _DIGITS.fullmatch(length):
+                raise HTTPError(400, "invalid Content-Length")
+            length = int(length)
+            if length > limits.max_body:
+                raise HTTPError(413, "request body of %d bytes over %d" % (length, limits.max_body))
+        else:
+            return
+        expect = special.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise HTTPError(417, "unsupported expectation")
+            if request.version == b"HTTP/1.1" and not reader.buf and length != 0:
+                self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sink = _BodySink(limits.max_body)
+        if coding is None:
+            reader.read_into(sink, length, limits.body_timeout)
+        else:
+            self.read_chunked(sink)
+        sink.finish(request)
+
+    def read_chunked(self, sink):
+        reader, timeout = self.reader, self.limits.body_timeout
+        while True:
+            line = reader.read_line(4096, time.monotonic() + timeout)
+            match = _CHUNK_LINE.fullmatch(line)
+            if match is None:
+                raise HTTPError(400, "malformed chunk size line")
+            size = int(match.group(1), 16)
+            if size == 0:
+                break
+            if sink.size + size > sink.limit:
+                raise HTTPError(413, "request body over %d bytes" % sink.limit)
+            reader.read_into(sink, size, timeout)
+            if reader.read_line(0, time.monotonic() + timeout) != b"":
+                raise HTTPError(400, "chunk data longer than its size")
+        trailers = 0
+        while True:  # trailer fields: checked, then dropped
+            line = reader.read_line(self.limits.max_line, time.monotonic() + timeout)
+            if not line:
+                return
+            trailers += 1
+            match = _FIELD.fullmatch(line)
+            if match is None or trailers > self.limits.max_headers:
+                raise HTTPError(400, "malformed trailer field")
+            if match.group(1).lower() in _FRAMING:
+                raise HTTPError(400, "framing header in trailers")
+
+    # -- writing --------------------------------------------------------------------
+    def send_response(self, request, response):
+        """Frame and send a response in one write (plus sendfile for a body on a descriptor)."""
+        version = request.version if request is not None else b"HTTP/1.1"
+        code = int(response.status[:3])
+        parts = [b"HTTP/1.1 ", response.status, b"\r\nDate: ", http_date(),
+                 b"\r\nServer: doordown\r\n"]
+        headers = response.headers
+        has_length = False
+        close = response.close or request is None or not request.keep_alive or self.server.stopping
+        for i in range(0, len(headers), 2):
+            name = headers[i]
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                if lower == b"connection" and b"close" in headers[i + 1].lower():
+                    close = True
+                continue  # the front owns the connection and the framing
+            if lower == b"content-length":
+                has_length = True
+            parts += (name, b": ", headers[i + 1], b"\r\n")
+        no_body = (request is not None and request.method == b"HEAD") or code < 200 or code in (204, 304)
+        chunked = False
+        if not has_length and not no_body:
+            if version == b"HTTP/1.1":
+                chunked = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                close = True  # HTTP/1.0 without a length: the close ends the body
+        if close:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif version == b"HTTP/1.0":
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        fd = response.body_fd
+        body = response.body
+        size = os.fstat(fd).st_size if fd is not None else len(body)
+        if request is not None:
+            request.keep_alive = not close
+        response.close = close
+        self.sent = size if not no_body else 0
+        try:
+            if no_body:
+                self.request.sendall(b"".join(parts))
+            elif fd is None:
+                if chunked:
+                    parts += (b"%x\r\n" % size, body, b"\r\n0\r\n\r\n") if size else (b"0\r\n\r\n",)
+                else:
+                    parts.append(body)
+                self.request.sendall(b"".join(parts))
+            else:
+                if chunked:
+                    parts.append(b"%x\r\n" % size)
+                self.request.sendall(b"".join(parts))
+                with os.fdopen(os.dup(fd), "rb") as body_file:
+                    self.request.sendfile(body_file, 0)
+                if chunked:
+                    self.request.sendall(b"\r\n0\r\n\r\n")
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if request is not None:
+            self.server.log_access(self.client_address, request, response, self.sent)
+
+
+_date_cache = [0, b""]
+
+
+def http_date():
+    """The Date header value, formatted at most once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+        _date_cache[0] = now
+    return _date_cache[1]
+
+
+class AccessLog:
+    """Apache combined format: host - - [time] "request" status bytes "referer" "user-agent"."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, client_address, request, response, sent=0):
+        headers = dict((n.lower(), v) for n, v in request.headers) if request is not None else {}
+        line = '%s - - [%s] "%s" %s %s "%s" "%s"\n' % (
+            client_address[0], time.strftime("%d/%b/%Y:%H:%M:%S %z"),
+            _log_escape(request.line if request is not None else b"-"),
+            response.status[:3].decode(), sent or "-",
+            _log_escape(headers.get(b"referer", b"-")),
+            _log_escape(headers.get(b"user-agent", b"-")))
+        with self.lock:
+            self.stream.write(line)
+            self.stream.flush()
+
+
+def _log_escape(raw):
+    return raw.decode("latin-1").encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+class DoorUpstream:
+    """Forwards requests to an application over its door."""
+
+    transport = "door"
+
+    def __init__(self, backend, path, timeout=None):
+        self.path = path
+        self.client = backend.open(path, timeout)
+
+    def forward(self, request, env):
+        fields = [request.method, request.target, request.version, env.scheme,
+                  env.remote_addr, env.remote_port, env.server_name, env.server_port,
+                  env.script_name, request.body]
+        for name, value in request.headers:
+            fields += (name, value)
+        flags = FLAG_BODY_IN_FD if request.body_fd is not None else 0
+        fds = [request.body_fd] if request.body_fd is not None else []
+        reply, reply_fds = self.client.call(pack_message(KIND_REQUEST, flags, fields), fds)
+        try:
+            kind, flags, fields = unpack_message(reply, (KIND_RESPONSE, KIND_FAIL))
+            if kind == KIND_FAIL:
+                raise WireError("the app refused the call: %s %s"
+                                % (fields[0].decode("latin-1"), fields[-1].decode("latin-1")))
+            if len(fields) < 2 or len(fields) % 2:
+                raise WireError("response with %d fields" % len(fields))
+            body_fd = None
+            if flags & FLAG_BODY_IN_FD:
+                if len(reply_fds) != 1:
+                    raise WireError("response body descriptor missing")
+                body_fd = reply_fds.pop()
+        finally:
+            _close_fds(reply_fds)
+        return Response(fields[0], fields[2:], fields[1], body_fd, bool(flags & FLAG_CLOSE))
+
+    def stats(self):
+        reply, fds = self.client.call(pack_message(KIND_PING, 0, []))
+        _close_fds(fds)
+        _, _, fields = unpack_message(reply, (KIND_STATS,))
+        return json.loads(fields[0])
+
+    def close(self):
+        self.client.close()
+
+
+class _RequestEnv:
+    """Per-request facts the front adds for the app: peer, server address, mount."""
+
+    __slots__ = ("scheme", "remote_addr", "remote_port", "server_name", "server_port", "script_name")
+
+
+class Mount:
+    """An application mounted at a path prefix, reached through one upstream at a time.
+
+    The upstream is swapped whole when the app is replaced, so requests already under
+    way finish on the one they started with.
+    """
+
+    def __init__(self, prefix, upstream=None):
+        self.prefix = prefix.rstrip("/").encode("latin-1")
+        self.upstream = upstream
+
+
+class FrontServer(ThreadingHTTPServer):
+    """The HTTP front: ThreadingHTTPServer's sockets and threads, our parser and dispatch."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+
+    def __init__(self, address, mounts, limits=None, access_log=None, family=socket.AF_INET):
+        self.address_family = family
+        self.mounts = sorted(mounts, key=lambda m: len(m.prefix), reverse=True)
+        self.limits = limits or Limits()
+        self.access_log = access_log
+        self.stopping = False
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._lock = threading.Lock()
+        self._connections = {}  # socket -> True while a request is being answered
+        self.in_flight = 0
+        ThreadingHTTPServer.__init__(self, address, FrontHandler)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = host.encode(), str(port).encode()
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's would do a DNS lookup here
+
+    def process_request(self, request, client_address):
+        # At the connection cap, stop accepting: newcomers wait in the listen backlog.
+        while not self._slots.acquire(timeout=0.5):
+            if self.stopping:
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._connections[request] = False
+        ThreadingHTTPServer.process_request(self, request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            with self._lock:
+                self._connections.pop(request, None)
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        _log("front", "error on connection from %s:\n%s" % (client_address[0], traceback.format_exc().rstrip()))
+
+    def busy(self, sock, busy):
+        with self._lock:
+            self._connections[sock] = busy
+            self.in_flight += 1 if busy else -1
+
+    def dispatch(self, request, client_address):
+        """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
+        path = request.path
+        for mount in self.mounts:
+            prefix = mount.prefix
+            if not prefix or path == prefix or path.startswith(prefix + b"/"):
+                break
+        else:
+            return plain_response(404)
+        upstream = mount.upstream
+        if upstream is None:
+            return plain_response(503, "the application is not running", close=True)
+        env = _RequestEnv()
+        env.scheme = b"http"
+        env.remote_addr = client_address[0].encode()
+        env.remote_port = str(client_address[1]).encode()
+        env.server_name, env.server_port = self.server_name, self.server_port
+        env.script_name = mount.prefix
+        try:
+            return upstream.forward(request, env)
+        except DoorTimeout as exc:
+            _log("front", "%s %s: %s" % (request.method.decode(), request.path.decode("latin-1"), exc))
+            return plain_response(504, "the application did not answer in time", close=True)
+        except (DoorError, WireError, OSError) as exc:
+            _log("front", "%s %s: %s" % (request.method.decode(), request.path.decode("latin-1"), exc))
+            return plain_response(502, "the application could not be reached", close=True)
+        finally:
+            if request.body_fd is not None:
+                os.close(request.body_fd)
+
+    def log_access(self, client_address, request, response, sent=0):
+        if self.access_log is not None:
+            self.access_log.write(client_address, request, response, sent)
+
+    def stop_accepting(self):
+        """Stop taking connections; close idle keep-alive ones; busy ones close after their reply."""
+        self.stopping = True
+        self.shutdown()
+        self.socket.close()
+        with self._lock:
+            idle = [sock for sock, busy in self._connections.items() if not busy]
+        for sock in idle:
+            _shutdown(sock)
+
+    def wait_idle(self, grace):
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.in_flight == 0
+
+
+###############################################################################
+# Supervisor #################################################################
+###############################################################################
+#
+# After gunicorn's arbiter: signal handlers only enqueue; one loop reaps, replaces
+# and stops the app processes; an app that cannot even load stops `serve` with its
+# own exit code instead of becoming a respawn loop.
+
+class AppProcess:
+    """One app-role child, spawned as `sys.executable doordown.py app ...`, and its door."""
+
+    def __init__(self, spec, door_path, backend, args):
+        self.spec, self.door_path, self.backend, self.args = spec, door_path, backend, args
+        self.proc = None
+        self.started = 0.0
+
+    def start(self):
+        args = self.args
+        command = [sys.executable, os.path.abspath(__file__), "app", "--door", self.door_path,
+                   "--doors", self.backend.name, "--graceful-timeout", str(args.graceful_timeout),
+                   "--exit-with-parent"]
+        for uid in args.allow_uid or ():
+            command += ["--allow-uid", str(uid)]
+        if self.spec:
+            command.append(self.spec)
+        # Its own session: a Ctrl-C at the terminal reaches the front, which then stops
+        # the app in order, after the requests in flight.
+        self.proc = subprocess.Popen(command, start_new_session=True)
+        self.started = time.monotonic()
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self, grace):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace + 2)
+            except subprocess.TimeoutExpired:
+                _log("front", "app pid %d did not stop in time: killing it" % self.pid)
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_for_door(upstream, timeout, process=None):
+    """Poll the door until it answers; False if `process` exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.proc.poll() is not None:
+            return False
+        try:
+            upstream.stats()
+            return True
+        except (DoorError, WireError, OSError):
+            time.sleep(0.02)
+    return False
+
+
+class _AppSlot:
+    """A mount's supervised app: its current process, generation and restart back-off."""
+
+    def __init__(self, mount, spec):
+        self.mount, self.spec = mount, spec
+        self.process = None
+        self.generation = 0
+        self.backoff = 0.0
+        self.next_spawn = 0.0
+
+
+class Supervisor:
+    """`serve`: start the apps, run the front, reap and replace, stop in order."""
+
+    def __init__(self, args):
+        self.args = args
+        self.backend = door_backend(args.doors)
+        self.signals = queue.SimpleQueue()
+        self.door_dir = None
+        self.front = None
+        self.slots = []
+        self.exit_code = 0
+
+    # -- apps -------------------------------------------------------------------
+    def spawn(self, slot):
+        """Start a new generation of a slot's app on a fresh door; swap it in once it answers."""
+        slot.generation += 1
+        path = os.path.join(self.door_dir, "app-%d.door" % slot.generation)
+        process = AppProcess(slot.spec, path, self.backend, self.args).start()
+        upstream = DoorUpstream(self.backend, path, self.args.timeout)
+        if wait_for_door(upstream, self.args.boot_timeout, process):
+            old, slot.mount.upstream = slot.mount.upstream, upstream
+            if old is not None:
+                old.close()
+            slot.process = process
+            return True
+        code = process.proc.poll()
+        upstream.close()
+        if code is None:
+            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, self.args.boot_timeout))
+            process.proc.kill()
+            process.proc.wait()
+        elif code == EXIT_APP_LOAD:
+            _log("front", "the application failed to load (see above): stopping")
+            self.exit_code = EXIT_APP_LOAD
+        slot.process = None
+        return False
+
+    def reap(self):
+        now = time.monotonic()
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.proc.poll() is not None:
+                code = process.proc.returncode
+                slot.process = None
+                if code == EXIT_APP_LOAD:
+                    _log("front", "app pid %d can no longer load the application: stopping" % process.pid)
+                    self.exit_code = EXIT_APP_LOAD
+                    return False
+                # Died young: back off (doubling up to 10 s); after a good run, respawn at once.
+                slot.backoff = min(max(slot.backoff * 2, 0.5), 10.0) if now - process.started < 10 else 0.0
+                slot.next_spawn = now + slot.backoff
+                _log("front", "app pid %d exited (%s); restarting in %.1fs"
+                     % (process.pid, _describe_exit(code), slot.backoff))
+            if slot.process is None and now >= slot.next_spawn:
+                if not self.spawn(slot):
+                    if self.exit_code:
+                        return False
+                    slot.backoff = min(max(slot.backoff * 2, 0.5), 10.0)
+                    slot.next_spawn = time.monotonic() + slot.backoff
+        return True
+
+    # -- the loop ---------------------------------------------------------------
+    def run(self):
+        args = self.args
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, lambda signum, _frame: self.signals.put(signum))
+        self.door_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
+        try:
+            return self._run()
+        finally:
+            for slot in self.slots:
+                if slot.process is not None:
+                    slot.process.stop(args.graceful_timeout)
+                if slot.mount.upstream is not None:
+                    slot.mount.upstream.close()
+            import shutil
+            shutil.rmtree(self.door_dir, ignore_errors=True)
+
+    def _run(self):
+        args = self.args
+        mount = Mount("")
+        if args.app_door:
+            mount.upstream = DoorUpstream(self.backend, args.app_door, args.timeout)
+            if not wait_for_door(mount.upstream, args.boot_timeout):
+                _log("front", "no application answers on door %s" % args.app_door)
+                return 1
+            what = "the application on door %s" % args.app_door
+        else:
+            slot = _AppSlot(mount, args.app)
+            self.slots.append(slot)
+            if not self.spawn(slot):
+                return self.exit_code or 1
+            what = "%s (app pid %d, door %s)" % (args.app or "the built-in hello app",
+                                                slot.process.pid, slot.process.door_path)
+        host, port, family = args.bind
+        access_log = None
+        if args.access_log == "-":
+            access_log = AccessLog(sys.stderr)
+        elif args.access_log != "off":
+            access_log = AccessLog(open(args.access_log, "a", encoding="utf-8"))
+        limits = Limits(max_connections=args.max_connections, max_body=args.max_body,
+                        keepalive=args.keepalive, header_timeout=args.header_timeout,
+                        body_timeout=args.body_timeout, max_line=args.max_line,
+                        max_headers=args.max_headers, max_header_size=args.max_header_size)
+        try:
+            self.front = FrontServer((host, port), [mount], limits, access_log, family)
+        except OSError as exc:
+            _log("front", "cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
+            return 1
+        threading.Thread(target=self.front.serve_forever, name="front-accept", daemon=True).start()
+        bound_host, bound_port = self.front.server_address[:2]
+        _log("front", "serving %s at http://%s:%d/ through %s"
+             % (what, bound_host if family != socket.AF_INET6 else "[%s]" % bound_host,
+                bound_port, self.backend.description))
+        while True:
+            try:
+                signum = self.signals.get(timeout=0.5)
+            except queue.Empty:
+                signum = None
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                return self.stop(signum)
+            if not self.reap():
+                self.front.stop_accepting()
+                return self.exit_code
+
+    def stop(self, signum):
+        """Graceful stop: no new connections, in-flight requests finish, then the apps stop."""
+        grace = self.args.graceful_timeout
+        _log("front", "%s: finishing %d request(s) in flight (up to %ss; again to force)"
+             % (signal.Signals(signum).name, self.front.in_flight, grace))
+        self.front.stop_accepting()
+        deadline = time.monotonic() + grace
+        while self.front.in_flight and time.monotonic() < deadline:
+            try:
+                if self.signals.get(timeout=0.05) in (signal.SIGTERM, signal.SIGINT):
+                    _log("front", "forced stop with %d request(s) in flight" % self.front.in_flight)
+                    break
+            except queue.Empty:
+                pass
+        return 0
+
+
+def _describe_exit(code):
+    if code < 0:
+        try:
+            return "killed by %s" % signal.Signals(-code).name
+        except ValueError:
+            return "killed by signal %d" % -code
+    return "exit code %d" % code
+
+
+def app_stats(door_path, doors="auto"):
+    """The app role's figures over its door: pid, door threads, requests served."""
+    upstream = DoorUpstream(door_backend(doors), door_path)
+    try:
+        return upstream.stats()
+    finally:
+        upstream.close()
+
+
+###############################################################################
+# Command line ###############################################################
+###############################################################################
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A wrong option or value: one line on stderr, exit 2."""
+        sys.stderr.write("%s: error: %s (try --help)\n" % (self.prog, message))
+        sys.exit(EXIT_USAGE)
+
+
+def _bind_address(text):
+    """HOST:PORT, [IPv6]:PORT or PORT -> (host, port, family)."""
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):?([0-9]{1,5})?", text)
+    if match is None or (match.group(3) is None and match.group(1) is None and ":" not in text
+                         and not text.isdigit()):
+        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
+    if text.isdigit():
+        host, port = "127.0.0.1", int(text)
+    else:
+        host = match.group(1) or match.group(2) or "127.0.0.1"
+        port = int(match.group(3)) if match.group(3) is not None else 8000
+    if port > 65535:
+        raise argparse.ArgumentTypeError("port %d out of range" % port)
+    return host, port, socket.AF_INET6 if match.group(1) or ":" in host else socket.AF_INET
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected a positive number, got %r" % text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("expected a positive number, got %r" % text)
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _size(text):
+    """A byte count: 1048576, 512K, 100M, 1G."""
+    match = re.fullmatch(r"([0-9]+)([KMG]?)B?", text.strip().upper())
+    if match is None:
+        raise argparse.ArgumentTypeError("expected a size like 100M, got %r" % text)
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+
+
+def _app_spec(text):
+    if not re.fullmatch(r"[\w.]+(:[\w.]+)?", text):
+        raise argparse.ArgumentTypeError("expected module:callable, got %r" % text)
+    return text
+
+
+def build_parser():
+    parser = _Parser(prog="doordown", description=(
+        "Serve a Python WSGI application through illumos doors (emulated off illumos)."))
+    parser.add_argument("--version", action="version", version=SERVER_SOFTWARE)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    doors_help = "door backend: native (illumos), emulated (Unix sockets), auto (default)"
+    app_help = ("WSGI application as module:callable (callable defaults to 'application'; "
+                "the current directory is on sys.path); default: the built-in hello app")
+
+    serve = commands.add_parser("serve", help="run the HTTP front and its application",
+                                description="Run the HTTP front; spawn the application "
+                                            "(the app role) and forward every request to it "
+                                            "with one door call.")
+    serve.add_argument("app", nargs="?", type=_app_spec, help=app_help)
+    serve.add_argument("-b", "--bind", type=_bind_address, default=("127.0.0.1", 8000, socket.AF_INET),
+                       metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8000)")
+    serve.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    serve.add_argument("--app-door", metavar="PATH",
+                       help="front an app role started separately on this door; spawn none")
+    serve.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                       help="answer 504 when the app takes longer than this (default 30)")
+    serve.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, time given to requests in flight (default 30)")
+    serve.add_argument("--boot-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                       help="time for the app to answer on its door after starting (default 30)")
+    serve.add_argument("--keepalive", type=_positive(float), default=Limits.keepalive, metavar="SECONDS",
+                       help="close idle keep-alive connections after this (default 5)")
+    serve.add_argument("--header-timeout", type=_positive(float), default=Limits.header_timeout,
+                       metavar="SECONDS", help="time for a request line and headers to arrive (default 10)")
+    serve.add_argument("--body-timeout", type=_positive(float), default=Limits.body_timeout,
+                       metavar="SECONDS", help="time a request body may stall (default 30)")
+    serve.add_argument("--max-connections", type=_positive(int), default=Limits.max_connections,
+                       metavar="N", help="connections served at once; more wait in the backlog (default 1000)")
+    serve.add_argument("--max-body", type=_size, default=Limits.max_body, metavar="SIZE",
+                       help="largest request body, e.g. 100M (default); larger: 413")
+    serve.add_argument("--max-line", type=_positive(int), default=Limits.max_line, metavar="BYTES",
+                       help="longest request line (414) or header field (431) (default 8190)")
+    serve.add_argument("--max-headers", type=_positive(int), default=Limits.max_headers, metavar="N",
+                       help="most header fields in a request (default 100); more: 431")
+    serve.add_argument("--max-header-size", type=_size, default=Limits.max_header_size, metavar="SIZE",
+                       help="largest request head (default 64K); larger: 431")
+    serve.add_argument("--access-log", default="-", metavar="-|FILE|off",
+                       help="Apache combined access log: - for stderr (default), a file, or off")
+    serve.add_argument("--allow-uid", type=int, action="append", metavar="UID",
+                       help="also accept door calls from this euid (repeatable)")
+
+    app = commands.add_parser("app", help="run the app role: serve a WSGI app on a door",
+                              description="Serve a WSGI application on a door; each door "
+                                          "invocation runs on a thread the OS provides.")
+    app.add_argument("app", nargs="?", type=_app_spec, help=app_help)
+    app.add_argument("--door", required=True, metavar="PATH", help="where to create the door")
+    app.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    app.add_argument("--allow-uid", type=int, action="append", metavar="UID",
+                     help="accept door calls from this euid too (default: only the app's own)")
+    app.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                     help="on SIGTERM, time given to calls in flight (default 30)")
+    app.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "app":
+            return run_app(args)
+        return Supervisor(args).run()
+    except DoorError as exc:
+        sys.stderr.write("doordown: error: %s\n" % exc.strerror)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
