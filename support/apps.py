@@ -1,0 +1,103 @@
+"""WSGI applications the tests serve through doordown (test support, not part of doordown)."""
+
+import hashlib
+import json
+import os
+import threading
+import time
+from wsgiref.validate import validator
+
+_local = threading.local()
+
+
+def _reply(start_response, body, status="200 OK", content_type="application/json", length=True):
+    if not isinstance(body, bytes):
+        body = json.dumps(body, sort_keys=True).encode()
+    headers = [("Content-Type", content_type)]
+    if length:
+        headers.append(("Content-Length", str(len(body))))
+    start_response(status, headers)
+    return [body]
+
+
+def echo(environ, start_response):
+    """Answers with what the app saw: method, paths, selected environ keys, body digest."""
+    body = environ["wsgi.input"].read()
+    seen = {k: v for k, v in environ.items() if isinstance(v, str)}
+    seen.update(body_len=len(body), body_sha256=hashlib.sha256(body).hexdigest(),
+                body_head=body[:64].decode("latin-1"), pid=os.getpid(),
+                multithread=environ["wsgi.multithread"], version=list(environ["wsgi.version"]))
+    return _reply(start_response, seen)
+
+
+def _simple(environ, start_response):
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    if environ["PATH_INFO"] == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([b"one ", b"two ", b"three"])
+    if environ["PATH_INFO"] == "/write":
+        write = start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "11")])
+        write(b"hello ")
+        return [b"world"]
+    return _reply(start_response, {"len": len(body), "method": environ["REQUEST_METHOD"],
+                                   "path": environ["PATH_INFO"], "query": environ["QUERY_STRING"]})
+
+
+validated = validator(_simple)
+
+
+def slow(environ, start_response):
+    """Sleeps ?s seconds (default 0.5) and says which door thread served it."""
+    seconds = float(environ.get("QUERY_STRING", "").partition("s=")[2] or 0.5)
+    time.sleep(seconds)
+    return _reply(start_response, {"slept": seconds, "thread": threading.get_ident()})
+
+
+def counter(environ, start_response):
+    """A threading.local counter: proof that door server threads keep their state."""
+    _local.count = getattr(_local, "count", 0) + 1
+    return _reply(start_response, {"thread": threading.get_ident(), "count": _local.count,
+                                   "pid": os.getpid()})
+
+
+def crash(environ, start_response):
+    raise RuntimeError("the app fell over on purpose")
+
+
+class _Closing:
+    closed = []
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def close(self):
+        _Closing.closed.append(1)
+
+
+def closing(environ, start_response):
+    """/count reports how many iterables were closed; other paths return a closable one."""
+    if environ["PATH_INFO"] == "/count":
+        return _reply(start_response, {"closed": len(_Closing.closed)})
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    if environ["PATH_INFO"] == "/fail":
+        class Failing(_Closing):
+            def __iter__(self):
+                yield b"partial"
+                raise ValueError("failed mid-body")
+        return Failing([])
+    return _Closing([b"closed later"])
+
+
+def big(environ, start_response):
+    """A response of ?n bytes (default 3 MiB), a repeating pattern."""
+    size = int(environ.get("QUERY_STRING", "").partition("n=")[2] or 3 << 20)
+    body = (b"0123456789abcdef" * (size // 16 + 1))[:size]
+    return _reply(start_response, body, content_type="application/octet-stream")
+
+
+def bad_headers(environ, start_response):
+    start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: injected=1")])
+    return [b"never sent"]

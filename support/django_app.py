@@ -1,0 +1,19 @@
+"""A real Django project in one module, served unchanged by doordown in the tests."""
+
+from django.conf import settings
+
+settings.configure(DEBUG=False, SECRET_KEY="doordown-tests", ROOT_URLCONF=__name__,
+                   ALLOWED_HOSTS=["*"], MIDDLEWARE=[], USE_TZ=True)
+
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+from django.http import JsonResponse  # noqa: E402
+from django.urls import re_path  # noqa: E402
+
+
+def echo(request):
+    return JsonResponse({"path": request.path, "method": request.method,
+                         "query": request.GET.dict(), "body": request.body.decode()})
+
+
+urlpatterns = [re_path(r"^.*$", echo)]
+application = get_wsgi_application()
