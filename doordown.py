@@ -22,10 +22,14 @@ import array
 import collections
 import errno
 import io
+import ipaddress
+import itertools
 import json
 import os
 import queue
+import random
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -83,7 +87,15 @@ class DoorError(OSError):
 
 
 class DoorGone(DoorError):
-    """No server behind the door: never started, revoked, or died during the call."""
+    """No server behind the door any more: it died, possibly during this very call."""
+
+
+class DoorRevoked(DoorGone):
+    """The call never reached a server (no door, or a revoked one: EBADF on illumos).
+
+    Unlike a server that died during the call, nothing ran, so the caller may safely
+    make the same call on another door.
+    """
 
 
 class DoorTimeout(DoorError):
@@ -110,7 +122,9 @@ def _close_fds(fds):
 # * the door file is the socket, created 0600 (in a directory the caller keeps 0700);
 # * descriptors travel both ways (SCM_RIGHTS); the caller's euid and pid come from
 #   the socket's peer credentials;
-# * a dead or revoked server is seen at once as end-of-file: DoorGone, never a hang.
+# * a dead server is seen at once as end-of-file: DoorGone, never a hang;
+# * revoking answers each connection's next call with a REVOKED frame instead of running
+#   it, so the caller knows the call was not invoked (DoorRevoked) and may go elsewhere.
 #
 # Each message on a connection: header (payload length, descriptor count), payload;
 # descriptors ride on the first sendmsg.
@@ -120,6 +134,8 @@ _MAX_FDS = 16
 _ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _FIRST_READ = 65536
+_REVOKED_MARK = 0xFFFF
+_REVOKED_FRAME = _FRAME.pack(0, _REVOKED_MARK)
 
 
 def _send_message(sock, data, fds=()):
@@ -157,6 +173,8 @@ def _recv_message(sock, limit):
                 raise EOFError
             data += more
         size, nfds = _FRAME.unpack_from(data)
+        if nfds == _REVOKED_MARK:
+            raise DoorRevoked(errno.EBADF, "door revoked")
         if size > limit or nfds != len(fds):
             raise DoorError(errno.EPROTO, "malformed door message (size %d, %d fds)" % (size, nfds))
         have = len(data) - _FRAME.size
@@ -255,15 +273,15 @@ class _EmulatedDoorServer:
 
     def _serve_connection(self, conn, caller):
         with conn:
-            while True:
+            while not self._revoked:
                 try:
                     data, fds = _recv_message(conn, DOOR_CALL_MAX)
                 except (EOFError, OSError):
-                    return
+                    break
                 with self._lock:
-                    if self._revoked:  # a revoked door fails later calls: EBADF on illumos
+                    if self._revoked:
                         _close_fds(fds)
-                        return
+                        break
                     self._connections[conn] = True
                     self.in_flight += 1
                 try:
@@ -281,6 +299,11 @@ class _EmulatedDoorServer:
                     return
                 finally:
                     _close_fds(reply_fds)
+            if self._revoked:  # the client's next call (sent or not yet) was not invoked
+                try:
+                    conn.sendall(_REVOKED_FRAME)
+                except OSError:
+                    pass
 
     def close(self, grace=10.0):
         """Revoke: refuse new calls, let in-flight ones finish (up to `grace`), remove the file."""
@@ -293,7 +316,10 @@ class _EmulatedDoorServer:
         except OSError:
             pass
         for conn in idle:
-            _shutdown(conn)
+            try:  # wakes the connection's thread, which answers REVOKED and closes
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
         deadline = time.monotonic() + grace
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -310,6 +336,7 @@ class _EmulatedDoorClient:
         self.path = path
         self.timeout = timeout
         self._idle = []  # LIFO of connected sockets; list append/pop are atomic
+        self._closed = False
 
     def _connect(self):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -317,7 +344,7 @@ class _EmulatedDoorClient:
             sock.connect(self.path)
         except OSError as exc:
             sock.close()
-            raise DoorGone(exc.errno, "no door server at %s (%s)" % (self.path, exc.strerror))
+            raise DoorRevoked(exc.errno, "no door server at %s (%s)" % (self.path, exc.strerror))
         sock.settimeout(self.timeout)
         return sock
 
@@ -330,6 +357,10 @@ class _EmulatedDoorClient:
             sock = self._connect()
         try:
             _send_message(sock, data, fds)
+        except OSError:  # the server closed this connection: the call was not delivered
+            sock.close()
+            raise DoorRevoked(errno.EBADF, "door at %s revoked" % self.path)
+        try:
             reply = _recv_message(sock, 1 << 30)
         except socket.timeout:
             sock.close()
@@ -338,8 +369,11 @@ class _EmulatedDoorClient:
             sock.close()
             if isinstance(exc, DoorError):
                 raise
-            raise DoorGone(errno.EBADF, "door server at %s went away during the call" % self.path)
-        self._idle.append(sock)
+            raise DoorGone(errno.EINTR, "door server at %s went away during the call" % self.path)
+        if self._closed:
+            sock.close()
+        else:
+            self._idle.append(sock)
         return reply
 
     def server_pid(self):
@@ -350,6 +384,8 @@ class _EmulatedDoorClient:
             sock.close()
 
     def close(self):
+        """Close idle connections now, busy ones when their call returns."""
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
 
@@ -546,11 +582,13 @@ class WSGIGateway:
     allowed_uids = None  # None: the app's own euid only
     error_body = b"Internal Server Error\n"
 
-    def __init__(self, app, allowed_uids=None):
+    def __init__(self, app, allowed_uids=None, stuck_after=30.0):
         self.app = app
         self.allowed_uids = frozenset(allowed_uids or (os.geteuid(),))
+        self.stuck_after = stuck_after  # a request running longer is reported as stuck
         self.requests = 0
         self.door_threads = lambda: 0
+        self._running = {}  # thread ident -> when its current request started
 
     # -- the door handler -------------------------------------------------------
     def __call__(self, data, fds, caller):
@@ -570,7 +608,10 @@ class WSGIGateway:
             return pack_message(KIND_FAIL, 0, [b"400", str(exc).encode()]), []
 
     def stats_message(self):
+        now = time.monotonic()
+        stuck = sum(1 for started in list(self._running.values()) if now - started > self.stuck_after)
         stats = {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.requests,
+                 "running": len(self._running), "stuck": stuck,
                  "python_threads": threading.active_count()}
         return pack_message(KIND_STATS, 0, [json.dumps(stats).encode()])
 
@@ -590,9 +631,12 @@ class WSGIGateway:
             body_length = len(fields[9])
         self.requests += 1
         environ = self.environ(fields, body_input, body_length)
+        thread = threading.get_ident()
+        self._running[thread] = time.monotonic()
         try:
             return self.run(environ)
         finally:
+            del self._running[thread]
             body_input.close()
 
     def environ(self, fields, body_input, body_length):
@@ -746,7 +790,7 @@ def run_app(args):
     except BaseException:
         _log("app", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()))
         return EXIT_APP_LOAD
-    gateway = WSGIGateway(app, args.allow_uid)
+    gateway = WSGIGateway(app, args.allow_uid, args.timeout)
     try:
         backend = door_backend(args.doors)
         server = backend.serve(args.door, gateway)
@@ -788,7 +832,8 @@ class Limits:
     max_body = 100 << 20  # decoded body; larger: 413
     header_timeout = 10.0  # seconds for request line and headers to arrive
     keepalive = 5.0  # seconds an idle keep-alive connection is kept
-    body_timeout = 30.0  # seconds a body read may wait for progress
+    body_timeout = 30.0  # seconds for a body to start arriving ...
+    min_body_rate = 1024  # ... and bytes per second it must keep up after that
 
     def __init__(self, **overrides):
         for name, value in overrides.items():
@@ -805,7 +850,11 @@ class HTTPError(Exception):
 
 
 class _ClientGone(Exception):
-    """The client closed the connection or stopped sending in time."""
+    """The client closed the connection."""
+
+
+class _ReadTimeout(_ClientGone):
+    """The client did not send what it had to in time."""
 
 
 _REASONS = {100: "Continue", 400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
@@ -818,6 +867,8 @@ _FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
+_PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                            b"x-forwarded-port", b"forwarded"))
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
                          b"upgrade", b"proxy-connection"))
 
@@ -826,7 +877,7 @@ class Request:
     """One parsed request, as the front hands it to an upstream."""
 
     __slots__ = ("method", "target", "version", "headers", "body", "body_fd", "keep_alive",
-                 "path", "peer", "line")
+                 "path", "line", "proxy_headers")
 
     def __init__(self, method, target, version, headers, keep_alive, line):
         self.method, self.target, self.version = method, target, version
@@ -835,7 +886,7 @@ class Request:
         self.body, self.body_fd = b"", None
         self.path = target.partition(b"?")[0]
         self.line = line
-        self.peer = None
+        self.proxy_headers = None  # {lower name: value} of X-Forwarded-* and Forwarded
 
 
 class Response:
@@ -901,7 +952,7 @@ class _ClientReader:
         """Read what is there; False on end-of-file.  Raises _ClientGone past the deadline."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _ClientGone("read timed out")
+            raise _ReadTimeout("read timed out")
         # settimeout costs a system call; skip it while the current one is close enough.
         if self.timeout is None or abs(self.timeout - remaining) > 0.25:
             self.sock.settimeout(remaining)
@@ -909,7 +960,7 @@ class _ClientReader:
         try:
             data = self.sock.recv(65536)
         except socket.timeout:
-            raise _ClientGone("read timed out")
+            raise _ReadTimeout("read timed out")
         except OSError:
             return False
         if not data:
@@ -917,28 +968,46 @@ class _ClientReader:
         self.buf += data
         return True
 
-    def read_line(self, limit, deadline):
+    # A body must start within body_timeout, then keep up a minimum rate: each byte
+    # received earns 1/min_rate more seconds (as Apache's mod_reqtimeout does).
+
+    def read_line(self, limit, clock):
         """A CRLF-terminated line (without it), for chunked framing."""
         while True:
             end = self.buf.find(b"\r\n")
             if end >= 0:
                 line = bytes(self.buf[:end])
                 del self.buf[:end + 2]
+                clock.earn(end + 2)
                 return line
             if len(self.buf) > limit:
                 raise HTTPError(400, "chunk line too long")
-            if not self.fill(deadline):
+            if not self.fill(clock.deadline):
                 raise HTTPError(400, "connection closed inside a chunked body")
 
-    def read_into(self, sink, size, timeout):
-        """Move `size` body bytes into `sink`; each read may wait `timeout` for progress."""
+    def read_into(self, sink, size, clock):
+        """Move `size` body bytes into `sink`."""
         while size:
-            if not self.buf and not self.fill(time.monotonic() + timeout):
+            if not self.buf and not self.fill(clock.deadline):
                 raise HTTPError(400, "connection closed %d bytes before the end of the body" % size)
             piece = bytes(self.buf[:size])
             del self.buf[:len(piece)]
             sink.write(piece)
+            clock.earn(len(piece))
             size -= len(piece)
+
+
+class _BodyClock:
+    """The deadline for the rest of a request body, pushed back as bytes arrive."""
+
+    __slots__ = ("deadline", "rate")
+
+    def __init__(self, timeout, rate):
+        self.deadline = time.monotonic() + timeout
+        self.rate = rate
+
+    def earn(self, received):
+        self.deadline += received / self.rate
 
 
 class FrontHandler(socketserver.BaseRequestHandler):
@@ -951,7 +1020,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
 
     def handle(self):
         server = self.server
-        while not server.stopping:
+        while True:  # even while stopping: a request already sent still gets its answer
             try:
                 request = self.read_request()
                 if request is None:
@@ -965,13 +1034,21 @@ class FrontHandler(socketserver.BaseRequestHandler):
                 if not request.keep_alive or response.close:
                     return
             except HTTPError as exc:
-                response = plain_response(exc.status, "%s: %s" % (_REASONS.get(exc.status, "Error"), exc),
-                                          close=True)
-                self.send_response(None, response)
-                server.log_access(self.client_address, None, response)
+                self.refuse(exc)
                 return
             except (_ClientGone, OSError):
                 return
+
+    def refuse(self, error):
+        """Answer a request the front will not take, then the connection closes."""
+        response = plain_response(error.status, "%s: %s" % (_REASONS.get(error.status, "Error"), error),
+                                  close=True)
+        try:
+            self.request.settimeout(1.0)  # a client that does not read cannot hold us
+            self.send_response(None, response)
+        except OSError:
+            pass
+        self.server.log_access(self.client_address, None, response)
 
     # -- reading --------------------------------------------------------------------
     def read_request(self):
@@ -992,15 +1069,13 @@ class FrontHandler(socketserver.BaseRequestHandler):
             end = buf.find(b"\r\n\r\n")
             if end >= 0:
                 break
-            if len(buf) > limits.max_header_size:
+            if len(buf) > limits.max_header_size or (len(buf) > limits.max_line and b"\r\n" not in buf):
                 raise self.head_too_large(buf)
             try:
                 if not reader.fill(deadline):
                     raise _ClientGone("closed inside the request head")
-            except _ClientGone:
-                if len(buf) > limits.max_line and buf.find(b"\r\n") < 0:
-                    raise self.head_too_large(buf)
-                raise
+            except _ReadTimeout:
+                raise HTTPError(408, "request head not received within %ss" % limits.header_timeout)
         if end > limits.max_header_size:
             raise self.head_too_large(buf)
         head = bytes(buf[:end])
@@ -1032,6 +1107,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
             raise HTTPError(431, "more than %d header fields" % limits.max_headers)
         headers = []
         special = {}
+        request_proxy = None
         for field in lines[1:]:
             if len(field) > limits.max_line:
                 raise HTTPError(431, "header field over %d bytes" % limits.max_line)
@@ -1042,7 +1118,11 @@ class FrontHandler(socketserver.BaseRequestHandler):
             if b"_" in name:
                 continue  # X_Foo must never alias X-Foo in the environ: drop it (as nginx does)
             lower = name.lower()
-            if lower in _FRAMING or lower in (b"connection", b"expect"):
+            if lower in _PROXY_HEADERS:
+                proxy = request_proxy if request_proxy is not None else {}
+                request_proxy = proxy
+                proxy[lower] = proxy[lower] + b"," + value if lower in proxy else value
+            elif lower in _FRAMING or lower in (b"connection", b"expect"):
                 if lower in special and lower != b"connection":
                     raise HTTPError(400, "duplicate %s header" % lower.decode())
                 special[lower] = special[lower] + b"," + value if lower in special else value
@@ -1057,7 +1137,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
         tokens = {t.strip(b" \t").lower() for t in special.get(b"connection", b"").split(b",")}
         keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
         request = Request(method, target, version, headers, keep_alive, line)
-        request.headers = headers
+        request.proxy_headers = request_proxy
         self.framing = special
         return request
 
@@ -1093,16 +1173,20 @@ class FrontHandler(socketserver.BaseRequestHandler):
             if request.version == b"HTTP/1.1" and not reader.buf and length != 0:
                 self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         sink = _BodySink(limits.max_body)
-        if coding is None:
-            reader.read_into(sink, length, limits.body_timeout)
-        else:
-            self.read_chunked(sink)
+        clock = _BodyClock(limits.body_timeout, limits.min_body_rate)
+        try:
+            if coding is None:
+                reader.read_into(sink, length, clock)
+            else:
+                self.read_chunked(sink, clock)
+        except _ReadTimeout:
+            raise HTTPError(408, "request body arrived slower than %d bytes/s" % limits.min_body_rate)
         sink.finish(request)
 
-    def read_chunked(self, sink):
-        reader, timeout = self.reader, self.limits.body_timeout
+    def read_chunked(self, sink, clock):
+        reader = self.reader
         while True:
-            line = reader.read_line(4096, time.monotonic() + timeout)
+            line = reader.read_line(4096, clock)
             match = _CHUNK_LINE.fullmatch(line)
             if match is None:
                 raise HTTPError(400, "malformed chunk size line")
@@ -1111,12 +1195,12 @@ class FrontHandler(socketserver.BaseRequestHandler):
                 break
             if sink.size + size > sink.limit:
                 raise HTTPError(413, "request body over %d bytes" % sink.limit)
-            reader.read_into(sink, size, timeout)
-            if reader.read_line(0, time.monotonic() + timeout) != b"":
+            reader.read_into(sink, size, clock)
+            if reader.read_line(0, clock) != b"":
                 raise HTTPError(400, "chunk data longer than its size")
         trailers = 0
         while True:  # trailer fields: checked, then dropped
-            line = reader.read_line(self.limits.max_line, time.monotonic() + timeout)
+            line = reader.read_line(self.limits.max_line, clock)
             if not line:
                 return
             trailers += 1
@@ -1280,13 +1364,36 @@ class _RequestEnv:
 class Mount:
     """An application mounted at a path prefix, reached through one upstream at a time.
 
-    The upstream is swapped whole when the app is replaced, so requests already under
-    way finish on the one they started with.
+    The supervisor swaps the upstream whole when it replaces the app, so requests under
+    way finish on the one they started with.  A request that could not be delivered
+    (the old app revoked its door, or died) waits for the replacement instead of failing.
     """
 
-    def __init__(self, prefix, upstream=None):
+    def __init__(self, prefix, upstream=None, supervised=True):
         self.prefix = prefix.rstrip("/").encode("latin-1")
         self.upstream = upstream
+        self.supervised = supervised  # False: an app started separately; nobody replaces it
+        self.refused = None  # why requests get 503 while restarts are paused, or None
+        self.request_limit = 0  # ask for a replacement after this many requests (0: never)
+        self.on_limit = None
+        self._served = itertools.count(1)  # next() is atomic: no lock on the hot path
+        self._changed = threading.Condition()
+
+    def replace(self, upstream, request_limit=0, refused=None):
+        with self._changed:
+            self.upstream, self.refused = upstream, refused
+            self.request_limit, self._served = request_limit, itertools.count(1)
+            self._changed.notify_all()
+
+    def next_upstream(self, stale, timeout):
+        """The upstream after `stale`, waiting up to `timeout` for it; None if none comes."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.refused or self.upstream not in (None, stale), timeout)
+            return None if self.refused or self.upstream is stale else self.upstream
+
+    def count_request(self):
+        if self.request_limit and next(self._served) == self.request_limit:
+            self.on_limit(self)
 
 
 class FrontServer(ThreadingHTTPServer):
@@ -1296,11 +1403,14 @@ class FrontServer(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024
 
-    def __init__(self, address, mounts, limits=None, access_log=None, family=socket.AF_INET):
+    def __init__(self, address, mounts, limits=None, access_log=None, family=socket.AF_INET,
+                 forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0):
         self.address_family = family
         self.mounts = sorted(mounts, key=lambda m: len(m.prefix), reverse=True)
         self.limits = limits or Limits()
         self.access_log = access_log
+        self.forwarded_allow = frozenset(forwarded_allow)
+        self.upstream_wait = upstream_wait
         self.stopping = False
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._lock = threading.Lock()
@@ -1348,46 +1458,96 @@ class FrontServer(ThreadingHTTPServer):
                 break
         else:
             return plain_response(404)
-        upstream = mount.upstream
-        if upstream is None:
-            return plain_response(503, "the application is not running", close=True)
         env = _RequestEnv()
         env.scheme = b"http"
         env.remote_addr = client_address[0].encode()
         env.remote_port = str(client_address[1]).encode()
         env.server_name, env.server_port = self.server_name, self.server_port
         env.script_name = mount.prefix
+        if request.proxy_headers:
+            self.apply_proxy_headers(request, env, client_address[0])
+        upstream = mount.upstream
         try:
-            return upstream.forward(request, env)
+            for _attempt in range(3):
+                if upstream is None:
+                    upstream = mount.next_upstream(None, self.upstream_wait)
+                    if upstream is None:
+                        return self.unavailable(request, mount)
+                try:
+                    response = upstream.forward(request, env)
+                    mount.count_request()
+                    return response
+                except DoorRevoked:
+                    # Never delivered: the app is being replaced or has died.  Nothing ran,
+                    # so the request goes to the replacement as soon as there is one.
+                    if not mount.supervised:
+                        raise
+                    upstream = mount.next_upstream(upstream, self.upstream_wait)
+                    if upstream is None:
+                        return self.unavailable(request, mount)
+            return self.unavailable(request, mount)
         except DoorTimeout as exc:
-            _log("front", "%s %s: %s" % (request.method.decode(), request.path.decode("latin-1"), exc))
+            self.log_failure(request, exc)
             return plain_response(504, "the application did not answer in time", close=True)
         except (DoorError, WireError, OSError) as exc:
-            _log("front", "%s %s: %s" % (request.method.decode(), request.path.decode("latin-1"), exc))
+            self.log_failure(request, exc)
             return plain_response(502, "the application could not be reached", close=True)
         finally:
             if request.body_fd is not None:
                 os.close(request.body_fd)
+
+    def unavailable(self, request, mount):
+        reason = mount.refused or "no application is answering"
+        self.log_failure(request, reason)
+        return plain_response(503, reason, close=True)
+
+    @staticmethod
+    def log_failure(request, why):
+        _log("front", "%s %s: %s" % (request.method.decode("latin-1"),
+                                     request.path.decode("latin-1"), why))
+
+    def apply_proxy_headers(self, request, env, peer):
+        """Honour X-Forwarded-For/-Proto from an allowed proxy; from anyone else, drop them."""
+        if peer in self.forwarded_allow or "*" in self.forwarded_allow:
+            forwarded_for = request.proxy_headers.get(b"x-forwarded-for")
+            if forwarded_for:  # the nearest hop is the one the allowed proxy saw
+                address = forwarded_for.split(b",")[-1].strip(b" \t")
+                if _is_ip(address):
+                    env.remote_addr = address
+            proto = request.proxy_headers.get(b"x-forwarded-proto", b"").strip(b" \t").lower()
+            if proto in (b"http", b"https"):
+                env.scheme = proto
+        else:
+            request.headers = [(n, v) for n, v in request.headers if n.lower() not in _PROXY_HEADERS]
 
     def log_access(self, client_address, request, response, sent=0):
         if self.access_log is not None:
             self.access_log.write(client_address, request, response, sent)
 
     def stop_accepting(self):
-        """Stop taking connections; close idle keep-alive ones; busy ones close after their reply."""
+        """Stop taking connections.  Open ones get `Connection: close` on their next reply."""
         self.stopping = True
         self.shutdown()
         self.socket.close()
+
+    def close_idle(self):
+        """Close keep-alive connections that are not in the middle of a request."""
         with self._lock:
             idle = [sock for sock, busy in self._connections.items() if not busy]
         for sock in idle:
             _shutdown(sock)
 
-    def wait_idle(self, grace):
-        deadline = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.in_flight == 0
+    @property
+    def open_connections(self):
+        return len(self._connections)
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text.decode("ascii"))
+        return True
+    except ValueError:
+        return False
 
 
 ###############################################################################
@@ -1410,7 +1570,7 @@ class AppProcess:
         args = self.args
         command = [sys.executable, os.path.abspath(__file__), "app", "--door", self.door_path,
                    "--doors", self.backend.name, "--graceful-timeout", str(args.graceful_timeout),
-                   "--exit-with-parent"]
+                   "--timeout", str(args.timeout), "--exit-with-parent"]
         for uid in args.allow_uid or ():
             command += ["--allow-uid", str(uid)]
         if self.spec:
@@ -1425,22 +1585,33 @@ class AppProcess:
     def pid(self):
         return self.proc.pid
 
-    def stop(self, grace):
-        if self.proc.poll() is None:
+    def exited(self):
+        return self.proc.poll() is not None
+
+    def terminate(self):
+        """Ask for a graceful stop: the app revokes its door and finishes its calls."""
+        if not self.exited():
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace + 2)
-            except subprocess.TimeoutExpired:
-                _log("front", "app pid %d did not stop in time: killing it" % self.pid)
-                self.proc.kill()
-                self.proc.wait()
+
+    def kill(self):
+        if not self.exited():
+            self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, grace):
+        self.terminate()
+        try:
+            self.proc.wait(grace + 2)
+        except subprocess.TimeoutExpired:
+            _log("front", "app pid %d did not stop in time: killing it" % self.pid)
+            self.kill()
 
 
 def wait_for_door(upstream, timeout, process=None):
     """Poll the door until it answers; False if `process` exits or `timeout` passes first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process is not None and process.proc.poll() is not None:
+        if process is not None and process.exited():
             return False
         try:
             upstream.stats()
@@ -1450,24 +1621,60 @@ def wait_for_door(upstream, timeout, process=None):
     return False
 
 
+class SpawnScore:
+    """mod_fcgid's brake on crash loops: +1 per spawn, +2 per unplanned exit, -1 a second.
+
+    No spawn is made while it would take the score over `limit`; the front answers 503
+    meanwhile, so a crash loop costs a few processes a minute, not a spinning CPU.
+    """
+
+    limit = 10
+
+    def __init__(self):
+        self._score = 0.0
+        self._at = time.monotonic()
+
+    @property
+    def value(self):
+        now = time.monotonic()
+        self._score = max(0.0, self._score - (now - self._at))
+        self._at = now
+        return self._score
+
+    def add(self, points):
+        self._score = self.value + points
+
+    def allows_spawn(self):
+        return self.value + 1 <= self.limit
+
+
 class _AppSlot:
-    """A mount's supervised app: its current process, generation and restart back-off."""
+    """A mount's supervised application: its serving process, the ones retiring, its score."""
 
     def __init__(self, mount, spec):
         self.mount, self.spec = mount, spec
         self.process = None
+        self.health = None  # a second door client with a short timeout, for health checks
+        self.retiring = []  # [(process, when to kill it)]
         self.generation = 0
-        self.backoff = 0.0
-        self.next_spawn = 0.0
+        self.score = SpawnScore()
+        self.load_failed = False  # the last spawn could not even import the application
 
 
 class Supervisor:
-    """`serve`: start the apps, run the front, reap and replace, stop in order."""
+    """`serve`: start the apps, run the front, then one loop that reaps, replaces and stops.
+
+    Signal handlers and front threads only put events on a queue; this loop alone
+    starts and stops processes.
+    """
+
+    health_interval = 1.0  # seconds between checks for stuck requests
+    health_timeout = 5.0  # an app that cannot answer its door within this is stuck
 
     def __init__(self, args):
         self.args = args
         self.backend = door_backend(args.doors)
-        self.signals = queue.SimpleQueue()
+        self.events = queue.SimpleQueue()  # signal numbers, or ("replace", slot, why)
         self.door_dir = None
         self.front = None
         self.slots = []
@@ -1475,84 +1682,128 @@ class Supervisor:
 
     # -- apps -------------------------------------------------------------------
     def spawn(self, slot):
-        """Start a new generation of a slot's app on a fresh door; swap it in once it answers."""
+        """Start a new generation on a fresh door; True once it answers and takes the traffic."""
+        args = self.args
         slot.generation += 1
+        slot.score.add(1)
+        slot.load_failed = False
         path = os.path.join(self.door_dir, "app-%d.door" % slot.generation)
-        process = AppProcess(slot.spec, path, self.backend, self.args).start()
-        upstream = DoorUpstream(self.backend, path, self.args.timeout)
-        if wait_for_door(upstream, self.args.boot_timeout, process):
-            old, slot.mount.upstream = slot.mount.upstream, upstream
+        process = AppProcess(slot.spec, path, self.backend, args).start()
+        upstream = DoorUpstream(self.backend, path, args.timeout)
+        if wait_for_door(upstream, args.boot_timeout, process):
+            old = slot.mount.upstream
+            slot.process = process
+            if slot.health is not None:
+                slot.health.close()
+            slot.health = DoorUpstream(self.backend, path, self.health_timeout)
+            limit = args.max_requests + random.randint(0, args.max_requests_jitter) if args.max_requests else 0
+            slot.mount.replace(upstream, limit)
             if old is not None:
                 old.close()
-            slot.process = process
             return True
-        code = process.proc.poll()
         upstream.close()
-        if code is None:
-            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, self.args.boot_timeout))
-            process.proc.kill()
-            process.proc.wait()
-        elif code == EXIT_APP_LOAD:
-            _log("front", "the application failed to load (see above): stopping")
-            self.exit_code = EXIT_APP_LOAD
-        slot.process = None
+        if not process.exited():
+            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, args.boot_timeout))
+            process.kill()
+        elif process.proc.returncode == EXIT_APP_LOAD:
+            _log("front", "the application failed to load (see above)")
+            slot.load_failed = True
+            return False
+        slot.score.add(2)
         return False
 
+    def replace(self, slot, why):
+        """Zero-loss replacement: the new generation takes new requests, then the old one retires."""
+        old = slot.process
+        if old is None:
+            return
+        _log("front", "replacing app pid %d: %s" % (old.pid, why))
+        if not self.spawn(slot):
+            _log("front", "the replacement did not start; app pid %d keeps serving" % old.pid)
+            return
+        # SIGTERM: the old app revokes its door (calls not yet invoked come back to the
+        # front, which sends them to the new one) and finishes the calls it is running.
+        old.terminate()
+        slot.retiring.append((old, time.monotonic() + self.args.graceful_timeout + 2))
+
     def reap(self):
+        """Collect exited apps, kill retirees past their grace, respawn what is missing."""
         now = time.monotonic()
         for slot in self.slots:
+            for entry in list(slot.retiring):
+                process, kill_at = entry
+                if process.exited():
+                    slot.retiring.remove(entry)
+                elif now > kill_at:
+                    _log("front", "retired app pid %d is still running: killing it" % process.pid)
+                    process.kill()
             process = slot.process
-            if process is not None and process.proc.poll() is not None:
+            if process is not None and process.exited():
                 code = process.proc.returncode
                 slot.process = None
-                if code == EXIT_APP_LOAD:
-                    _log("front", "app pid %d can no longer load the application: stopping" % process.pid)
+                slot.mount.replace(None)  # requests wait for the replacement
+                slot.score.add(2)
+                _log("front", "app pid %d exited (%s); starting a new one" % (process.pid, _describe_exit(code)))
+            if slot.process is None:
+                if not slot.score.allows_spawn():
+                    if not slot.mount.refused:
+                        why = "the application keeps exiting; restarts paused (spawn score %.0f)" % slot.score.value
+                        _log("front", why + ": answering 503 meanwhile")
+                        slot.mount.replace(None, refused=why)
+                    continue
+                if not self.spawn(slot) and slot.load_failed:
                     self.exit_code = EXIT_APP_LOAD
                     return False
-                # Died young: back off (doubling up to 10 s); after a good run, respawn at once.
-                slot.backoff = min(max(slot.backoff * 2, 0.5), 10.0) if now - process.started < 10 else 0.0
-                slot.next_spawn = now + slot.backoff
-                _log("front", "app pid %d exited (%s); restarting in %.1fs"
-                     % (process.pid, _describe_exit(code), slot.backoff))
-            if slot.process is None and now >= slot.next_spawn:
-                if not self.spawn(slot):
-                    if self.exit_code:
-                        return False
-                    slot.backoff = min(max(slot.backoff * 2, 0.5), 10.0)
-                    slot.next_spawn = time.monotonic() + slot.backoff
         return True
+
+    def check_health(self):
+        """Replace an app whose requests overran --timeout too often, or that cannot answer."""
+        for slot in self.slots:
+            if slot.process is None or slot.health is None:
+                continue
+            try:
+                stuck = slot.health.stats()["stuck"]
+            except (DoorRevoked, WireError):
+                continue  # exiting: reap() will see to it
+            except DoorError:
+                self.replace(slot, "it does not answer its door within %ss" % self.health_timeout)
+                continue
+            if stuck >= self.args.max_stuck:
+                self.replace(slot, "%d requests ran past --timeout %ss" % (stuck, self.args.timeout))
 
     # -- the loop ---------------------------------------------------------------
     def run(self):
-        args = self.args
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, lambda signum, _frame: self.signals.put(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, lambda signum, _frame: self.events.put(signum))
         self.door_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
         try:
             return self._run()
         finally:
             for slot in self.slots:
-                if slot.process is not None:
-                    slot.process.stop(args.graceful_timeout)
-                if slot.mount.upstream is not None:
-                    slot.mount.upstream.close()
-            import shutil
+                for process in [p for p, _ in slot.retiring] + [slot.process]:
+                    if process is not None:
+                        process.stop(self.args.graceful_timeout)
+                for upstream in (slot.mount.upstream, slot.health):
+                    if upstream is not None:
+                        upstream.close()
             shutil.rmtree(self.door_dir, ignore_errors=True)
 
     def _run(self):
         args = self.args
-        mount = Mount("")
         if args.app_door:
-            mount.upstream = DoorUpstream(self.backend, args.app_door, args.timeout)
+            mount = Mount("", DoorUpstream(self.backend, args.app_door, args.timeout), supervised=False)
             if not wait_for_door(mount.upstream, args.boot_timeout):
                 _log("front", "no application answers on door %s" % args.app_door)
                 return 1
             what = "the application on door %s" % args.app_door
         else:
+            mount = Mount("")
             slot = _AppSlot(mount, args.app)
+            mount.on_limit = lambda _mount: self.events.put(
+                ("replace", slot, "it served its --max-requests"))
             self.slots.append(slot)
             if not self.spawn(slot):
-                return self.exit_code or 1
+                return EXIT_APP_LOAD if slot.load_failed else 1
             what = "%s (app pid %d, door %s)" % (args.app or "the built-in hello app",
                                                 slot.process.pid, slot.process.door_path)
         host, port, family = args.bind
@@ -1563,10 +1814,12 @@ class Supervisor:
             access_log = AccessLog(open(args.access_log, "a", encoding="utf-8"))
         limits = Limits(max_connections=args.max_connections, max_body=args.max_body,
                         keepalive=args.keepalive, header_timeout=args.header_timeout,
-                        body_timeout=args.body_timeout, max_line=args.max_line,
-                        max_headers=args.max_headers, max_header_size=args.max_header_size)
+                        body_timeout=args.body_timeout, min_body_rate=args.min_body_rate,
+                        max_line=args.max_line, max_headers=args.max_headers,
+                        max_header_size=args.max_header_size)
         try:
-            self.front = FrontServer((host, port), [mount], limits, access_log, family)
+            self.front = FrontServer((host, port), [mount], limits, access_log, family,
+                                     args.forwarded_allow_ips, upstream_wait=args.timeout)
         except OSError as exc:
             _log("front", "cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
             return 1
@@ -1575,28 +1828,43 @@ class Supervisor:
         _log("front", "serving %s at http://%s:%d/ through %s"
              % (what, bound_host if family != socket.AF_INET6 else "[%s]" % bound_host,
                 bound_port, self.backend.description))
+        next_check = time.monotonic() + self.health_interval
         while True:
             try:
-                signum = self.signals.get(timeout=0.5)
+                event = self.events.get(timeout=0.25)
             except queue.Empty:
-                signum = None
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                return self.stop(signum)
+                event = None
+            if event in (signal.SIGTERM, signal.SIGINT):
+                return self.stop(event)
+            if event == signal.SIGHUP:
+                for slot in self.slots:
+                    self.replace(slot, "SIGHUP")
+            elif isinstance(event, tuple):
+                self.replace(event[1], event[2])
             if not self.reap():
                 self.front.stop_accepting()
                 return self.exit_code
+            if time.monotonic() >= next_check:
+                self.check_health()
+                next_check = time.monotonic() + self.health_interval
 
     def stop(self, signum):
-        """Graceful stop: no new connections, in-flight requests finish, then the apps stop."""
-        grace = self.args.graceful_timeout
+        """Graceful stop: no new connections; requests already sent get their answers."""
+        grace, front = self.args.graceful_timeout, self.front
         _log("front", "%s: finishing %d request(s) in flight (up to %ss; again to force)"
-             % (signal.Signals(signum).name, self.front.in_flight, grace))
-        self.front.stop_accepting()
-        deadline = time.monotonic() + grace
-        while self.front.in_flight and time.monotonic() < deadline:
+             % (signal.Signals(signum).name, front.in_flight, grace))
+        front.stop_accepting()
+        now = time.monotonic()
+        deadline = now + grace
+        # Idle keep-alive connections get a moment to send the request that may already be
+        # on its way; it is answered with `Connection: close`.  Then they are closed.
+        linger_until = now + min(1.0, self.args.keepalive)
+        while front.open_connections and time.monotonic() < deadline:
+            if time.monotonic() >= linger_until:
+                front.close_idle()
             try:
-                if self.signals.get(timeout=0.05) in (signal.SIGTERM, signal.SIGINT):
-                    _log("front", "forced stop with %d request(s) in flight" % self.front.in_flight)
+                if self.events.get(timeout=0.05) in (signal.SIGTERM, signal.SIGINT):
+                    _log("front", "forced stop with %d request(s) in flight" % front.in_flight)
                     break
             except queue.Empty:
                 pass
@@ -1719,6 +1987,18 @@ def build_parser():
                        help="largest request head (default 64K); larger: 431")
     serve.add_argument("--access-log", default="-", metavar="-|FILE|off",
                        help="Apache combined access log: - for stderr (default), a file, or off")
+    serve.add_argument("--min-body-rate", type=_size, default=Limits.min_body_rate, metavar="SIZE",
+                       help="bytes/s a request body must keep up once started (default 1K)")
+    serve.add_argument("--max-requests", type=int, default=0, metavar="N",
+                       help="replace the app (without losing a request) after N requests; 0: never")
+    serve.add_argument("--max-requests-jitter", type=int, default=0, metavar="N",
+                       help="add 0..N at random to --max-requests, so replacements do not align")
+    serve.add_argument("--max-stuck", type=_positive(int), default=5, metavar="N",
+                       help="replace the app when N requests are running past --timeout (default 5)")
+    serve.add_argument("--forwarded-allow-ips", type=lambda text: [ip.strip() for ip in text.split(",")],
+                       default=["127.0.0.1", "::1"], metavar="IPS",
+                       help="peers whose X-Forwarded-For/-Proto are trusted, comma separated, or '*' "
+                            "(default 127.0.0.1,::1); from others these headers are dropped")
     serve.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                        help="also accept door calls from this euid (repeatable)")
 
@@ -1732,6 +2012,8 @@ def build_parser():
                      help="accept door calls from this euid too (default: only the app's own)")
     app.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                      help="on SIGTERM, time given to calls in flight (default 30)")
+    app.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                     help="report requests running longer as stuck (default 30)")
     app.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return parser
 
