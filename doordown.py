@@ -154,7 +154,11 @@ def _send_message(sock, data, fds=()):
 
 
 def _recv_message(sock, limit):
-    """Read one message; raise EOFError on a clean close before a message starts."""
+    """Read one message: (payload, fds, revoked_after).  EOFError on a clean close first.
+
+    `revoked_after` is True when the server's REVOKED frame came in right behind the
+    message (the only bytes that may ever follow a reply unasked).
+    """
     data, anc, flags, _ = sock.recvmsg(_FIRST_READ, _ANC_SPACE, _RECV_FLAGS)
     fds = []
     for level, kind, payload in anc:
@@ -179,9 +183,11 @@ def _recv_message(sock, limit):
             raise DoorError(errno.EPROTO, "malformed door message (size %d, %d fds)" % (size, nfds))
         have = len(data) - _FRAME.size
         if have == size:
-            return data[_FRAME.size:], fds
+            return data[_FRAME.size:], fds, False
         if have > size:
-            raise DoorError(errno.EPROTO, "door message longer than its header says")
+            if data[_FRAME.size + size:] != _REVOKED_FRAME:
+                raise DoorError(errno.EPROTO, "door message longer than its header says")
+            return data[_FRAME.size:_FRAME.size + size], fds, True
         buf = bytearray(size)
         buf[:have] = data[_FRAME.size:]
         view = memoryview(buf)
@@ -190,7 +196,7 @@ def _recv_message(sock, limit):
             if not got:
                 raise EOFError
             have += got
-        return bytes(buf), fds
+        return bytes(buf), fds, False
     except BaseException:
         _close_fds(fds)
         raise
@@ -275,7 +281,7 @@ class _EmulatedDoorServer:
         with conn:
             while not self._revoked:
                 try:
-                    data, fds = _recv_message(conn, DOOR_CALL_MAX)
+                    data, fds, _ = _recv_message(conn, DOOR_CALL_MAX)
                 except (EOFError, OSError):
                     break
                 with self._lock:
@@ -320,8 +326,10 @@ class _EmulatedDoorServer:
                 conn.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
+        # Wait for every connection to be done, not just the calls in flight: a thread
+        # that has read a call but not yet started it must still answer REVOKED.
         deadline = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < deadline:
+        while self._connections and time.monotonic() < deadline:
             time.sleep(0.01)
         with self._lock:
             for handoff in self._idle_threads:
@@ -361,7 +369,7 @@ class _EmulatedDoorClient:
             sock.close()
             raise DoorRevoked(errno.EBADF, "door at %s revoked" % self.path)
         try:
-            reply = _recv_message(sock, 1 << 30)
+            reply, reply_fds, revoked_after = _recv_message(sock, 1 << 30)
         except socket.timeout:
             sock.close()
             raise DoorTimeout(errno.ETIMEDOUT, "door call timed out after %ss" % self.timeout)
@@ -370,11 +378,11 @@ class _EmulatedDoorClient:
             if isinstance(exc, DoorError):
                 raise
             raise DoorGone(errno.EINTR, "door server at %s went away during the call" % self.path)
-        if self._closed:
+        if self._closed or revoked_after:
             sock.close()
         else:
             self._idle.append(sock)
-        return reply
+        return reply, reply_fds
 
     def server_pid(self):
         sock = self._connect()
@@ -1056,9 +1064,13 @@ class FrontHandler(socketserver.BaseRequestHandler):
         limits, reader = self.limits, self.reader
         buf = reader.buf
         deadline = time.monotonic() + limits.keepalive
-        while not buf or buf == b"\r\n":  # RFC 9112 2.2: ignore one empty line before a request
+        skipped_empty_line = False
+        while True:
+            if buf[:2] == b"\r\n" and not skipped_empty_line:  # RFC 9112 2.2: ignore one
+                del buf[:2]
+                skipped_empty_line = True
             if buf:
-                del buf[:]
+                break
             try:
                 if not reader.fill(deadline):
                     return None
@@ -1143,6 +1155,9 @@ class FrontHandler(socketserver.BaseRequestHandler):
 
     def read_body(self, request):
         special, limits, reader = self.framing, self.limits, self.reader
+        expect = special.get(b"expect")
+        if expect is not None and expect.lower() != b"100-continue":
+            raise HTTPError(417, "unsupported expectation")
         length = special.get(b"content-length")
         coding = special.get(b"transfer-encoding")
         if coding is not None:
@@ -1166,12 +1181,8 @@ class FrontHandler(socketserver.BaseRequestHandler):
                 raise HTTPError(413, "request body of %d bytes over %d" % (length, limits.max_body))
         else:
             return
-        expect = special.get(b"expect")
-        if expect is not None:
-            if expect.lower() != b"100-continue":
-                raise HTTPError(417, "unsupported expectation")
-            if request.version == b"HTTP/1.1" and not reader.buf and length != 0:
-                self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if expect is not None and request.version == b"HTTP/1.1" and not reader.buf and length != 0:
+            self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         sink = _BodySink(limits.max_body)
         clock = _BodyClock(limits.body_timeout, limits.min_body_rate)
         try:
@@ -1528,6 +1539,16 @@ class FrontServer(ThreadingHTTPServer):
         """Stop taking connections.  Open ones get `Connection: close` on their next reply."""
         self.stopping = True
         self.shutdown()
+        # Connections the kernel completed but we had not yet accepted would be reset by
+        # the close: take them in and answer them too.
+        self.socket.setblocking(False)
+        while True:
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:
+                break
+            request.setblocking(True)
+            self.process_request(request, client_address)
         self.socket.close()
 
     def close_idle(self):

@@ -101,3 +101,14 @@ def big(environ, start_response):
 def bad_headers(environ, start_response):
     start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: injected=1")])
     return [b"never sent"]
+
+
+def exiter(environ, start_response):
+    """Takes its whole process down on every request: a crash loop for the spawn score."""
+    os._exit(3)
+
+
+def versioned(environ, start_response):
+    """Answers with the VERSION in version.py beside the app: proof that a reload loads new code."""
+    import version
+    return _reply(start_response, {"version": version.VERSION, "pid": os.getpid()})
