@@ -750,12 +750,13 @@ def test_max_requests_replaces_the_app_without_losing_one(started):
     server = serve(started, "apps:counter", "--max-requests", "40", "--max-requests-jitter", "10")
     load = Load(server, threads=4)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and server.log.count("replacing app pid") < 3:
+    pids = set()
+    while time.monotonic() < deadline and len(pids) < 4:
         time.sleep(0.1)
-    time.sleep(0.3)
+        with load.lock:
+            pids = {json.loads(body)["pid"] for _, body in load.bodies}
     outcomes = load.stop()
     assert set(outcomes) == {200}, outcomes
-    pids = {json.loads(body)["pid"] for _, body in load.bodies}
     assert len(pids) >= 4, (pids, server.log)
 
 
