@@ -1700,6 +1700,7 @@ class Supervisor:
         self.front = None
         self.slots = []
         self.exit_code = 0
+        self.forced = False  # the stop ran out of patience: apps are killed, not asked
 
     # -- apps -------------------------------------------------------------------
     def spawn(self, slot):
@@ -1802,7 +1803,9 @@ class Supervisor:
         finally:
             for slot in self.slots:
                 for process in [p for p, _ in slot.retiring] + [slot.process]:
-                    if process is not None:
+                    if process is not None and self.forced:
+                        process.kill()
+                    elif process is not None:
                         process.stop(self.args.graceful_timeout)
                 for upstream in (slot.mount.upstream, slot.health):
                     if upstream is not None:
@@ -1880,11 +1883,16 @@ class Supervisor:
         # Idle keep-alive connections get a moment to send the request that may already be
         # on its way; it is answered with `Connection: close`.  Then they are closed.
         linger_until = now + min(1.0, self.args.keepalive)
-        while front.open_connections and time.monotonic() < deadline:
+        while front.open_connections:
+            if time.monotonic() >= deadline:
+                self.forced = True
+                _log("front", "grace period over: forced stop with %d request(s) in flight" % front.in_flight)
+                break
             if time.monotonic() >= linger_until:
                 front.close_idle()
             try:
                 if self.events.get(timeout=0.05) in (signal.SIGTERM, signal.SIGINT):
+                    self.forced = True
                     _log("front", "forced stop with %d request(s) in flight" % front.in_flight)
                     break
             except queue.Empty:

@@ -848,3 +848,27 @@ def test_door_refuses_other_users(started, tmp_path):
 def errno_name(number):
     import errno
     return errno.errorcode.get(number, str(number))
+
+
+@pytest.mark.parametrize("how", ["second-signal", "grace-ends"])
+def test_stop_is_forced_by_a_second_signal_or_the_grace_end(started, how):
+    server = serve(started, "apps:slow", "--graceful-timeout", "30" if how == "second-signal" else "1")
+    app_pid = server.app_pid()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.get, "/?s=20")
+        time.sleep(0.3)
+        begin = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        if how == "second-signal":
+            server.wait_for(r"SIGTERM: finishing 1 request")
+            server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+        assert time.monotonic() - begin < 8
+        try:  # the request is cut off: that is what forcing means
+            assert pending.result(10)[0] >= 500
+        except (ConnectionError, http.client.HTTPException):
+            pass
+    deadline = time.monotonic() + 10
+    while _pid_alive(app_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(app_pid)
