@@ -20,6 +20,7 @@ door layer -> wire format -> app role -> front role -> supervisor -> command lin
 import argparse
 import array
 import collections
+import ctypes
 import errno
 import io
 import ipaddress
@@ -208,7 +209,7 @@ def _peer_credentials(sock):
         pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         return Caller(uid, pid)
-    import ctypes  # BSD and macOS: getpeereid(3) gives the uid; the pid is not known
+    # BSD and macOS: getpeereid(3) gives the uid; the pid is not known
     uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
@@ -408,6 +409,7 @@ def _shutdown(sock):
 class EmulatedDoors:
     name = "emulated"
     description = "emulated doors (Unix-domain sockets)"
+    exit_hard = False
 
     def serve(self, path, handler):
         return _EmulatedDoorServer(path, handler)
@@ -416,15 +418,417 @@ class EmulatedDoors:
         return _EmulatedDoorClient(path, timeout)
 
 
+# -- native doors: illumos libc through ctypes ---------------------------------
+#
+# The facts this rests on are in the illumos sources (door.h, door_calls.c,
+# door_sys.c) and are summarised in doordown's notes:
+# * door_desc_t and door_info_t are #pragma pack(4) on amd64: 24 and 48 bytes;
+# * every invocation starts the server procedure at the same spot near the top of the
+#   server thread's stack and abandons every frame that was live when the thread called
+#   door_return, which never returns on success.  A ctypes callback that called
+#   door_return itself would leave CPython's thread state pointing into overwritten
+#   frames (unknown opcodes, segfaults, or RecursionError after a few hundred calls).
+#   So the server procedure is a tiny native trampoline: it calls the Python handler,
+#   which RETURNS normally after leaving its reply in a per-thread buffer, and only
+#   then calls door_return from native code;
+# * libc makes the server threads.  ctypes would create and destroy a Python thread
+#   state per callback on such a thread; one extra PyGILState_Ensure on its first
+#   invocation keeps a single thread state for the thread's whole life, so its
+#   threading.local values persist like those of any Python thread.
+#
+# On Linux the same code runs against a model of the illumos door ABI (a C library the
+# tests compile: support/doormodel.c), named by DOORDOWN_LIBDOOR.  That is how CI runs
+# the illumos code path without an illumos machine.
+
+_c_uint, _c_size_t, _c_void_p = ctypes.c_uint, ctypes.c_size_t, ctypes.c_void_p
+
+DOOR_UNREF_DATA = 1  # argp of an unreferenced notification: (void *)1, not a buffer
+DOOR_NO_CANCEL = 0x80  # an interrupted client must never pthread_cancel a Python thread
+DOOR_DESCRIPTOR = 0x10000
+DOOR_RELEASE = 0x40000
+
+
+class door_arg_t(ctypes.Structure):  # not packed: 48 bytes
+    _fields_ = [("data_ptr", _c_void_p), ("data_size", _c_size_t), ("desc_ptr", _c_void_p),
+                ("desc_num", _c_uint), ("rbuf", _c_void_p), ("rsize", _c_size_t)]
+
+
+class _door_desc_data(ctypes.Structure):
+    _pack_, _layout_ = 4, "ms"  # Python 3.14 wants _layout_ beside _pack_
+    _fields_ = [("d_descriptor", ctypes.c_int), ("d_id", ctypes.c_ulonglong)]
+
+
+class _door_desc_union(ctypes.Union):
+    _pack_, _layout_ = 4, "ms"
+    _fields_ = [("d_desc", _door_desc_data), ("d_resv", ctypes.c_int * 5)]
+
+
+class door_desc_t(ctypes.Structure):  # #pragma pack(4): 24 bytes
+    _pack_, _layout_ = 4, "ms"
+    _fields_ = [("d_attributes", _c_uint), ("d_data", _door_desc_union)]
+
+
+class door_info_t(ctypes.Structure):  # #pragma pack(4): 48 bytes
+    _pack_, _layout_ = 4, "ms"
+    _fields_ = [("di_target", ctypes.c_int), ("di_proc", ctypes.c_ulonglong),
+                ("di_data", ctypes.c_ulonglong), ("di_attributes", _c_uint),
+                ("di_uniquifier", ctypes.c_ulonglong), ("di_resv", ctypes.c_int * 4)]
+
+
+class _Reply(ctypes.Structure):
+    """Where the Python handler leaves its reply for the trampoline's door_return."""
+    _fields_ = [("data", _c_void_p), ("size", _c_size_t), ("desc", _c_void_p), ("ndesc", _c_uint)]
+
+
+# handler(cookie, argp, arg_size, dp, n_desc, &reply): the five arguments of a door
+# server procedure, plus the out-struct in the trampoline's frame.
+_HANDLER = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p, _c_size_t, _c_void_p, _c_uint,
+                            ctypes.POINTER(_Reply))
+
+
+def _trampoline_code(handler, door_return, active):
+    """x86-64 machine code of the door server procedure (System V AMD64 calling convention).
+
+    Entered as proc(cookie=rdi, argp=rsi, arg_size=rdx, dp=rcx, n_desc=r8), rsp = 8 mod 16.
+    `active` is the address of a 64-bit count of invocations under way, kept here in
+    native code so that it covers an invocation from its first instruction: a revoked
+    server can then wait for every call the kernel has already handed to it.
+    """
+    address = lambda value: struct.pack("<Q", value)
+    return b"".join([
+        b"\x48\xb8" + address(active),    # mov rax, active
+        b"\xf0\x48\xff\x00",              # lock inc qword [rax] one more invocation under way
+        b"\x48\x83\xec\x28",              # sub rsp, 0x28        32-byte reply at [rsp]; rsp = 0 mod 16
+        b"\x31\xc0",                      # xor eax, eax
+        b"\x48\x89\x04\x24",              # mov [rsp], rax       reply.data  = NULL
+        b"\x48\x89\x44\x24\x08",          # mov [rsp+8], rax     reply.size  = 0
+        b"\x48\x89\x44\x24\x10",          # mov [rsp+16], rax    reply.desc  = NULL
+        b"\x48\x89\x44\x24\x18",          # mov [rsp+24], rax    reply.ndesc = 0
+        b"\x49\x89\xe1",                  # mov r9, rsp          6th argument: &reply
+        b"\x48\xb8" + address(handler),   # mov rax, handler     (rdi..r8 still hold the 5 args)
+        b"\xff\xd0",                      # call rax             the Python handler; it RETURNS
+        b"\x48\xb8" + address(active),    # mov rax, active
+        b"\xf0\x48\xff\x08",              # lock dec qword [rax] its answer is ready
+        b"\x48\x8b\x3c\x24",              # mov rdi, [rsp]       reply.data
+        b"\x48\x8b\x74\x24\x08",          # mov rsi, [rsp+8]     reply.size
+        b"\x48\x8b\x54\x24\x10",          # mov rdx, [rsp+16]    reply.desc
+        b"\x8b\x4c\x24\x18",              # mov ecx, [rsp+24]    reply.ndesc
+        b"\x48\xb8" + address(door_return),  # mov rax, door_return
+        b"\xff\xd0",                      # call rax             door_return(reply): no return on success
+        b"\x31\xff",                      # xor edi, edi         it failed (E2BIG, EFAULT, EINVAL,
+        b"\x31\xf6",                      # xor esi, esi         EMFILE) and the client still waits:
+        b"\x31\xd2",                      # xor edx, edx         answer it with an empty reply
+        b"\x31\xc9",                      # xor ecx, ecx
+        b"\x48\xb8" + address(door_return),  # mov rax, door_return
+        b"\xff\xd0",                      # call rax             door_return(NULL, 0, NULL, 0)
+        b"\x48\x83\xc4\x28",              # add rsp, 0x28        that failed too: return, which ends
+        b"\xc3",                          # ret                  the thread; the client gets EINTR
+    ])
+
+
+def _executable(code):
+    """Address of `code` copied into a fresh page that is then made read+execute only."""
+    import mmap
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [_c_void_p, _c_size_t, ctypes.c_int]
+    libc.mprotect(address, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC)  # W^X where allowed
+    _executable.pages.append(page)  # mapped for the life of the process
+    return address
+
+
+_executable.pages = []
+
+
+def _load_door_library():
+    """libc's door calls, or those of the library DOORDOWN_LIBDOOR names (the test model)."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64", "i86pc") or sys.maxsize < 2 ** 32:
+        raise DoorError(errno.ENOTSUP, "native doors need a 64-bit x86 CPU for their trampoline "
+                        "(this is %s); use --doors emulated" % platform.machine())
+    path = os.environ.get("DOORDOWN_LIBDOOR") or ("libc.so.1" if is_illumos() else None)
+    if path is None:
+        raise DoorError(errno.ENOTSUP, "native doors need illumos (or DOORDOWN_LIBDOOR naming a "
+                        "door library, as the tests do); use --doors emulated")
+    try:
+        lib = ctypes.CDLL(path, use_errno=True)
+    except OSError as exc:
+        raise DoorError(errno.ENOENT, "cannot load the door library %s: %s" % (path, exc))
+    c_int, c_char_p = ctypes.c_int, ctypes.c_char_p
+    for name, restype, argtypes in (
+            ("door_create", c_int, [_c_void_p, _c_void_p, _c_uint]),
+            ("door_call", c_int, [c_int, ctypes.POINTER(door_arg_t)]),
+            ("door_return", c_int, [_c_void_p, _c_size_t, _c_void_p, _c_uint]),
+            ("door_info", c_int, [c_int, ctypes.POINTER(door_info_t)]),
+            ("door_revoke", c_int, [c_int]),
+            ("door_ucred", c_int, [ctypes.POINTER(_c_void_p)]),
+            ("ucred_geteuid", _c_uint, [_c_void_p]),
+            ("ucred_getpid", c_int, [_c_void_p]),
+            ("ucred_free", None, [_c_void_p]),
+            ("fattach", c_int, [c_int, c_char_p]),
+            ("fdetach", c_int, [c_char_p])):
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    lib.munmap = libc.munmap
+    lib.munmap.argtypes = [_c_void_p, _c_size_t]
+    return lib
+
+
+def _failed(what):
+    number = ctypes.get_errno()
+    return DoorError(number, "%s: %s" % (what, os.strerror(number)))
+
+
+class _NativeDoorServer:
+    """A door created with door_create and attached to `path` with fattach."""
+
+    def __init__(self, lib, path, handler):
+        self.path = path
+        self._lib, self._handler = lib, handler
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.threads = 0  # server threads that have run an invocation
+        self._active = ctypes.c_int64(0)  # invocations under way, counted by the trampoline
+        self._ensure = ctypes.pythonapi.PyGILState_Ensure
+        self._ensure.restype = ctypes.c_int
+        self._callback = _HANDLER(self._invoke)  # referenced for as long as the door lives
+        procedure = _executable(_trampoline_code(ctypes.cast(self._callback, _c_void_p).value,
+                                                 ctypes.cast(lib.door_return, _c_void_p).value,
+                                                 ctypes.addressof(self._active)))
+        # The server threads libc creates inherit this thread's signal mask: block every
+        # signal around door_create so that none lands on a thread parked in the kernel.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._fd = lib.door_create(procedure, None, DOOR_NO_CANCEL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if self._fd < 0:
+            raise _failed("door_create")
+        lib.fdetach(path.encode())  # a stale attachment from a killed server (EINVAL if none)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # the door takes its mode
+        if lib.fattach(self._fd, path.encode()) != 0:
+            error = _failed("fattach %s" % path)
+            lib.door_revoke(self._fd)
+            raise error
+
+    def _invoke(self, cookie, argp, arg_size, descriptors, count, reply):
+        """The ctypes callback the trampoline calls.  It must always return normally."""
+        local = self._local
+        if not getattr(local, "primed", False):
+            self._ensure()  # this thread keeps its Python thread state from now on
+            local.primed = True
+            with self._lock:
+                self.threads += 1
+        try:
+            if argp == DOOR_UNREF_DATA:
+                return  # an unreferenced notification: nothing to answer
+            data = ctypes.string_at(argp, arg_size) if arg_size else b""
+            fds = [d.d_data.d_desc.d_descriptor for d in (door_desc_t * count).from_address(descriptors)
+                   if d.d_attributes & DOOR_DESCRIPTOR] if count else []
+            answer, answer_fds = self._handler(data, fds, self._caller())
+            self._leave_reply(reply.contents, answer, answer_fds)
+        except BaseException:  # the reply stays empty; the caller sees an empty answer
+            _log("door", "door handler raised:\n" + traceback.format_exc())
+
+    @property
+    def in_flight(self):
+        return self._active.value
+
+    def _caller(self):
+        credentials = _c_void_p()
+        if self._lib.door_ucred(ctypes.byref(credentials)) != 0:
+            raise _failed("door_ucred")
+        try:
+            return Caller(self._lib.ucred_geteuid(credentials), self._lib.ucred_getpid(credentials))
+        finally:
+            self._lib.ucred_free(credentials)
+
+    def _leave_reply(self, reply, answer, fds):
+        """Copy the answer into this thread's buffer, which outlives the handler."""
+        local = self._local
+        buffer = getattr(local, "buffer", None)
+        if buffer is None or len(buffer) < len(answer):
+            buffer = local.buffer = ctypes.create_string_buffer(max(len(answer), 65536))
+        ctypes.memmove(buffer, answer, len(answer))
+        reply.data, reply.size = ctypes.addressof(buffer), len(answer)
+        if fds:
+            table = local.descriptors = (door_desc_t * len(fds))()
+            for entry, fd in zip(table, fds):
+                entry.d_attributes = DOOR_DESCRIPTOR | DOOR_RELEASE  # closed once passed
+                entry.d_data.d_desc.d_descriptor = fd
+            reply.desc, reply.ndesc = ctypes.addressof(table), len(fds)
+
+    def close(self, grace=10.0):
+        """Revoke (later calls fail with EBADF), let calls in flight finish, detach, unlink."""
+        self._lib.door_revoke(self._fd)
+        deadline = time.monotonic() + grace
+        quiet_since = None
+        # Done when no invocation has been under way for a moment: long enough for the
+        # last door_return to hand its reply over (after the trampoline's count dropped).
+        while time.monotonic() < deadline:
+            if self.in_flight:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 0.1:
+                break
+            time.sleep(0.01)
+        self._lib.fdetach(self.path.encode())
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class _NativeDoorClient:
+    """A door opened by path; door_call from many threads at once."""
+
+    reply_buffer_size = 65536  # typical replies fit; larger ones arrive in a mapping of their own
+
+    def __init__(self, doors, path, timeout=None):
+        self._doors, self._lib, self.path, self.timeout = doors, doors.lib, path, timeout
+        self._fd = None
+        self._local = threading.local()
+
+    def _door(self, reopen=False):
+        if self._fd is None or reopen:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise DoorRevoked(exc.errno, "no door at %s (%s)" % (self.path, exc.strerror))
+            old, self._fd = self._fd, fd
+            if old is not None:
+                os.close(old)
+        return self._fd
+
+    def call(self, data, fds=()):
+        local = self._local
+        if getattr(local, "rbuf", None) is None:
+            local.rbuf = ctypes.create_string_buffer(self.reply_buffer_size)
+        arg = door_arg_t()
+        arg.data_ptr = ctypes.cast(ctypes.c_char_p(data), _c_void_p)  # no copy of the request
+        arg.data_size = len(data)
+        if fds:
+            table = (door_desc_t * len(fds))()
+            for entry, fd in zip(table, fds):
+                entry.d_attributes = DOOR_DESCRIPTOR  # the caller keeps its descriptor
+                entry.d_data.d_desc.d_descriptor = fd
+            arg.desc_ptr, arg.desc_num = ctypes.addressof(table), len(fds)
+        rbuf = ctypes.addressof(local.rbuf)
+        arg.rbuf, arg.rsize = rbuf, self.reply_buffer_size
+        fd, reopened = self._door(), False
+        watch = self._doors.watchdog.watch(self.timeout) if self.timeout else None
+        try:
+            while self._lib.door_call(fd, ctypes.byref(arg)) != 0:
+                number = ctypes.get_errno()
+                if number == errno.EAGAIN:
+                    continue  # a signal while waiting for a free server thread: nothing ran
+                if number == errno.EINTR and watch is not None and watch.expired:
+                    raise DoorTimeout(errno.ETIMEDOUT, "door call timed out after %ss" % self.timeout)
+                if number == errno.EINTR:
+                    raise DoorGone(number, "door server at %s went away during the call" % self.path)
+                if number == errno.EBADF and not reopened:
+                    fd, reopened = self._door(reopen=True), True  # a new server may be attached
+                    continue
+                if number == errno.EBADF:
+                    raise DoorRevoked(number, "door at %s revoked" % self.path)
+                raise DoorError(number, "door_call: %s" % os.strerror(number))
+        finally:
+            if watch is not None:
+                watch.done()
+        try:
+            reply = ctypes.string_at(arg.data_ptr, arg.data_size) if arg.data_size else b""
+            reply_fds = [d.d_data.d_desc.d_descriptor
+                         for d in (door_desc_t * arg.desc_num).from_address(arg.desc_ptr)
+                         if d.d_attributes & DOOR_DESCRIPTOR] if arg.desc_num else []
+        finally:
+            if arg.rbuf != rbuf:  # the reply came in a fresh mapping: ours to unmap
+                self._lib.munmap(arg.rbuf, arg.rsize)
+        return reply, reply_fds
+
+    def server_pid(self):
+        info = door_info_t()
+        if self._lib.door_info(self._door(), ctypes.byref(info)) != 0:
+            raise _failed("door_info %s" % self.path)
+        return info.di_target
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _CallWatchdog:
+    """Interrupts door calls that overrun their time limit.
+
+    door_call has no timeout of its own.  A thread past its deadline is sent SIGUSR2
+    (with a no-op handler) until it leaves door_call with EINTR; the flag tells that
+    EINTR apart from a server that died.
+    """
+
+    class _Watch:
+        __slots__ = ("thread", "deadline", "expired", "owner")
+
+        def done(self):
+            self.owner._watches.pop(self.thread, None)
+
+    def __init__(self):
+        self._watches = {}
+        self._started = False
+        self._lock = threading.Lock()
+
+    def watch(self, timeout):
+        watch = self._Watch()
+        watch.thread, watch.deadline, watch.expired, watch.owner = (
+            threading.get_ident(), time.monotonic() + timeout, False, self)
+        self._watches[watch.thread] = watch
+        if not self._started:
+            with self._lock:
+                if not self._started:
+                    self._started = True
+                    threading.Thread(target=self._run, name="door-watchdog", daemon=True).start()
+        return watch
+
+    def _run(self):
+        while True:
+            time.sleep(0.05)
+            now = time.monotonic()
+            for watch in list(self._watches.values()):
+                if now >= watch.deadline:
+                    watch.expired = True
+                    try:
+                        signal.pthread_kill(watch.thread, signal.SIGUSR2)
+                    except (ProcessLookupError, OSError):
+                        pass
+
+
 class NativeDoors:
     """illumos doors through ctypes into libc."""
 
     name = "native"
     description = "native illumos doors"
+    exit_hard = True  # parked server threads own Python thread states: no finalization
 
     def __init__(self):
-        raise DoorError(errno.ENOSYS, "native doors are not available in this build; "
-                        "use --doors emulated")
+        self.lib = _load_door_library()
+        self.watchdog = _CallWatchdog()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR2, lambda *_: None)  # the watchdog's interrupt
+        if os.environ.get("DOORDOWN_LIBDOOR"):
+            self.description = "native illumos doors (door library %s)" % os.environ["DOORDOWN_LIBDOOR"]
+
+    def serve(self, path, handler):
+        return _NativeDoorServer(self.lib, path, handler)
+
+    def open(self, path, timeout=None):
+        return _NativeDoorClient(self, path, timeout)
 
 
 def is_illumos():
@@ -818,6 +1222,8 @@ def run_app(args):
             break
     server.close(args.graceful_timeout)
     _log("app", "stopped after %d requests" % gateway.requests)
+    if backend.exit_hard:
+        os._exit(0)
     return 0
 
 
@@ -1018,10 +1424,16 @@ class _BodyClock:
         self.deadline += received / self.rate
 
 
+_SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
 class FrontHandler(socketserver.BaseRequestHandler):
     """One client connection: read requests, forward each, answer each, until close."""
 
     def setup(self):
+        # Signals are the supervisor's: one landing on this thread would interrupt its
+        # door call (EINTR) and fail the request.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = _ClientReader(self.request)
         self.limits = self.server.limits
@@ -1795,7 +2207,7 @@ class Supervisor:
 
     # -- the loop ---------------------------------------------------------------
     def run(self):
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in _SUPERVISOR_SIGNALS:
             signal.signal(signum, lambda signum, _frame: self.events.put(signum))
         self.door_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
         try:
