@@ -899,3 +899,86 @@ def test_stop_is_forced_by_a_second_signal_or_the_grace_end(started, how):
     while _pid_alive(app_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _pid_alive(app_pid)
+
+
+# -- native doors under the illumos ABI model ----------------------------------------------------
+
+def test_door_struct_layouts_match_illumos_amd64():
+    import ctypes
+    assert [ctypes.sizeof(t) for t in (doordown.door_arg_t, doordown.door_desc_t, doordown.door_info_t)] \
+        == [48, 24, 48]
+    assert [getattr(doordown.door_arg_t, f).offset for f in
+            ("data_ptr", "data_size", "desc_ptr", "desc_num", "rbuf", "rsize")] == [0, 8, 16, 24, 32, 40]
+    assert doordown.door_desc_t.d_data.offset == 4
+    assert [getattr(doordown.door_info_t, f).offset for f in
+            ("di_target", "di_proc", "di_data", "di_attributes", "di_uniquifier", "di_resv")] \
+        == [0, 4, 12, 20, 24, 32]
+
+
+@pytest.fixture
+def probe_server(door_model, tmp_path):
+    """Start support/native_probe.py MODE on the door model; yields a native client."""
+    children = []
+
+    def start(mode):
+        path = str(tmp_path / ("%s.door" % mode))
+        env = dict(os.environ, DOORDOWN_LIBDOOR=door_model)
+        child = subprocess.Popen([sys.executable, os.path.join(SUPPORT, "native_probe.py"), mode, path],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        children.append(child)
+        assert child.stdout.readline() == b"READY\n"
+        os.environ["DOORDOWN_LIBDOOR"], saved = door_model, os.environ.get("DOORDOWN_LIBDOOR")
+        try:
+            return child, doordown.NativeDoors().open(path)
+        finally:
+            if saved is None:
+                del os.environ["DOORDOWN_LIBDOOR"]
+            else:
+                os.environ["DOORDOWN_LIBDOOR"] = saved
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+def test_naive_binding_fails_under_the_model(probe_server):
+    """Proof that the model is strict: door_return called from Python breaks CPython."""
+    child, client = probe_server("naive")
+    depths, failure = set(), None
+    for _ in range(1500):
+        try:
+            reply = client.call(b"x")[0]
+        except doordown.DoorError as exc:
+            failure = exc
+            break
+        depths.add(int(reply.split()[1]))
+    assert failure is not None or len(depths) > 1, "the naive binding survived: the model is too lenient"
+
+
+def test_trampoline_serves_20000_calls_on_one_thread(probe_server):
+    child, client = probe_server("trampoline")
+    replies = [client.call(b"x")[0].split() for _ in range(20000)]
+    depths = {int(r[0]) for r in replies}
+    counts = [int(r[1]) for r in replies]
+    threads = {r[2] for r in replies}
+    rss = [int(r[3]) for r in replies]
+    assert len(depths) == 1 and depths != {-1}, depths  # constant Python frame depth
+    assert len(threads) == 1 and counts[-1] == 20000  # one thread, its thread-local kept
+    assert rss[-1] - rss[2000] < 1024, "RSS grew by %d KiB" % (rss[-1] - rss[2000])
+
+
+def test_check_command_passes_under_the_model(door_model):
+    result = subprocess.run([sys.executable, DOORDOWN, "check", "--doors", "native"], capture_output=True,
+                            timeout=120, env=dict(os.environ, DOORDOWN_LIBDOOR=door_model))
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "verdict: PASS" in out and "door round trip" in out and out.count("[ok]") == 8
+
+
+def test_native_doors_refuse_without_a_door_library():
+    env = {k: v for k, v in os.environ.items() if k != "DOORDOWN_LIBDOOR"}
+    result = subprocess.run([sys.executable, DOORDOWN, "serve", "--doors", "native", "--bind", "127.0.0.1:0"],
+                            capture_output=True, timeout=30, env=env)
+    assert result.returncode != 0
+    assert "use --doors emulated" in result.stderr.decode()

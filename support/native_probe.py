@@ -1,0 +1,66 @@
+"""Door servers for the native-backend tests, run as `python3 native_probe.py MODE PATH`.
+
+MODE trampoline: doordown's own native server; each call answers with the Python frame
+depth of the handler, a threading.local counter, the thread and the process RSS.
+MODE naive: the wrong way, a ctypes callback that calls door_return itself; it answers
+with a call counter and the frame depth, until CPython's thread state gives way.
+Both print READY once the door is attached, and serve until stdin closes.
+"""
+
+import ctypes
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import doordown  # noqa: E402
+
+_local = threading.local()
+
+
+def frame_depth(limit=100000):
+    """Length of the caller's frame chain; -1 past `limit` (a broken chain can be cyclic)."""
+    frame, depth = sys._getframe(1), 0
+    while frame is not None:
+        depth += 1
+        if depth > limit:
+            return -1
+        frame = frame.f_back
+    return depth
+
+
+def rss_kib():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def probe(data, fds, caller):
+    _local.count = getattr(_local, "count", 0) + 1
+    return b"%d %d %d %d" % (frame_depth(), _local.count, threading.get_ident(), rss_kib()), []
+
+
+def serve_naive(path):
+    lib = doordown._load_door_library()
+    calls = [0]
+
+    def naive(cookie, argp, size, descriptors, count):
+        calls[0] += 1
+        answer = b"%d %d" % (calls[0], frame_depth())
+        buffer = ctypes.create_string_buffer(answer, len(answer))
+        lib.door_return(ctypes.addressof(buffer), len(answer), None, 0)  # never returns
+
+    procedure = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                 ctypes.c_void_p, ctypes.c_uint)(naive)
+    fd = lib.door_create(ctypes.cast(procedure, ctypes.c_void_p).value, None, 0)
+    open(path, "w").close()
+    if fd < 0 or lib.fattach(fd, path.encode()) != 0:
+        raise OSError(ctypes.get_errno(), "naive door")
+    return procedure
+
+
+if __name__ == "__main__":
+    mode, path = sys.argv[1], sys.argv[2]
+    keep = serve_naive(path) if mode == "naive" else doordown.NativeDoors().serve(path, probe)
+    print("READY", flush=True)
+    sys.stdin.read()
+    os._exit(0)  # parked door threads own Python thread states: no interpreter finalization
