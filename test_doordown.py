@@ -761,7 +761,9 @@ def test_app_killed_under_load_fails_only_requests_in_flight(started):
     time.sleep(2)
     outcomes = load.stop()
     failed = {k: v for k, v in outcomes.items() if k != 200}
-    assert set(failed) <= {502} and sum(failed.values()) <= 6, outcomes
+    # In flight: the 6 calls under way, and at most one more per thread sent into the
+    # dying process's socket before the kernel closed it.
+    assert set(failed) <= {502} and sum(failed.values()) <= 12, outcomes
     after = [t for t, body in load.bodies if t > killed_at and json.loads(body)["pid"] != victim]
     assert after and after[0] - killed_at < 2.0, "service did not come back promptly"
 
@@ -778,7 +780,7 @@ def test_crash_loop_is_braked_by_the_spawn_score(started):
     assert statuses[-1] == 503, statuses
     server.wait_for(r"restarts paused \(spawn score")
     spawned = len(re.findall(r"\[doordown app \d+\] serving", server.log))
-    assert 3 <= spawned <= 6, spawned
+    assert 3 <= spawned <= 10, spawned  # +3 a cycle against -1 a second: a few, not a spin
     assert server.proc.poll() is None  # serve itself keeps running
 
 
