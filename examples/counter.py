@@ -149,15 +149,11 @@ class ConnectionLost(Exception):
 class Connection:
     """A driver connection and what the replies report about it."""
 
-    __slots__ = ("raw", "serial", "backend_pid", "uses", "counter")
+    __slots__ = ("raw", "serial", "backend_pid", "uses")
 
-    def __init__(self, raw, serial, backend_pid, counter):
-        self.raw, self.serial, self.backend_pid, self.counter = raw, serial, backend_pid, counter
+    def __init__(self, raw, serial, backend_pid):
+        self.raw, self.serial, self.backend_pid = raw, serial, backend_pid
         self.uses = 0
-
-    def close(self):
-        self.raw.close()
-        self.counter.count("closed")
 
 
 class Counter:
@@ -171,7 +167,7 @@ class Counter:
         self.figures = {"requests": 0, "opened": 0, "closed": 0}
         self.threads = set()
         if mode == "per-thread":
-            self.connections = doordown.per_thread(self.open_connection,
+            self.connections = doordown.per_thread(self.open_connection, close=self.close_connection,
                                                    check=lambda conn: database.is_usable(conn.raw))
 
     def count(self, figure):
@@ -181,7 +177,11 @@ class Counter:
 
     def open_connection(self):
         raw, backend_pid = self.database.connect()
-        return Connection(raw, self.count("opened"), backend_pid, self)
+        return Connection(raw, self.count("opened"), backend_pid)
+
+    def close_connection(self, conn):
+        conn.raw.close()
+        self.count("closed")
 
     @contextlib.contextmanager
     def connection(self):
@@ -193,7 +193,7 @@ class Counter:
         try:
             yield conn
         finally:
-            conn.close()
+            self.close_connection(conn)
 
     def run(self, work, idempotent):
         """work(conn) -> (result, conn, retried).  A read whose connection was lost is run
@@ -233,9 +233,10 @@ class Counter:
         except ConnectionLost as exc:
             environ["wsgi.errors"].write("counter: %s %s: the database connection was lost: %s\n"
                                          % (environ["REQUEST_METHOD"], path, exc))
-            return self.reply(start_response, {
-                "error": "the database connection was lost during this request "
-                         "(a write is not retried: it may have been done)"}, "503 Service Unavailable")
+            error = "the database connection was lost during this request"
+            if path == "/":
+                error += " (a write is not retried: it may have been done)"
+            return self.reply(start_response, {"error": error}, "503 Service Unavailable")
         body.update(database=database.name, connections=self.mode, thread=thread,
                     thread_id=threading.get_ident(), connection=conn.serial,
                     backend_pid=conn.backend_pid, connection_uses=conn.uses, retried=retried)
@@ -292,28 +293,33 @@ def bench(argv):
     if "postgresql" not in databases:
         print("PostgreSQL: skipped (set DATABASE_URL to include it)")
     results = {}
+    print("opened: connections opened in the measured seconds; in all: since the server started")
+    print("%-5s  %-10s  %-11s  %8s  %9s  %7s  %7s  %s" % (
+        "round", "database", "connections", "req/s", "requests", "opened", "in all", "failures"))
     for round_number in range(1, args.rounds + 1):
         for database in databases:
             for mode in MODES:
-                result = _bench_run(database, mode, args, load)
-                results.setdefault((database, mode), []).append(result)
-                print("round %d  %-10s  %-11s  %8.0f req/s  %6d connections opened for %7d requests"
-                      "  (%d non-2xx, %d socket errors)"
-                      % (round_number, database, mode, result["rate"], result["opened"],
-                         result["requests"], result["non_2xx"], result["errors"]), flush=True)
-    print("\nmedian of %d round(s):" % args.rounds)
-    print("%-10s  %-11s  %10s  %20s  %12s" % ("database", "connections", "req/s", "connections opened",
-                                               "req/conn"))
+                run = _bench_run(database, mode, args, load)
+                results.setdefault((database, mode), []).append(run)
+                print("%-5d  %-10s  %-11s  %8.0f  %9d  %7d  %7d  %d non-2xx, %d socket errors" % (
+                    round_number, database, mode, run["rate"], run["requests"], run["opened"],
+                    run["stats"]["connections_opened"], run["non_2xx"], run["errors"]), flush=True)
+    print("\nmedians (requests per connection: all requests a server answered, warm-up included, "
+          "over all the connections it opened)")
+    print("%-10s  %-11s  %8s  %14s  %12s  %12s" % (
+        "database", "connections", "req/s", "opened in all", "door threads", "req/conn"))
     for (database, mode), runs in results.items():
-        opened = statistics.median(r["opened"] for r in runs)
-        requests = statistics.median(r["requests"] for r in runs)
-        print("%-10s  %-11s  %10.0f  %20.0f  %12.1f" % (database, mode, statistics.median(r["rate"] for r in runs),
-                                                        opened, requests / max(opened, 1)))
+        print("%-10s  %-11s  %8.0f  %14.0f  %12.0f  %12.1f" % (
+            database, mode, statistics.median(run["rate"] for run in runs),
+            statistics.median(run["stats"]["connections_opened"] for run in runs),
+            statistics.median(run["stats"]["threads_seen"] for run in runs),
+            statistics.median(run["stats"]["requests_per_connection"] for run in runs)))
     return 0
 
 
 def _bench_run(database, mode, args, load):
-    """One server, checked, warmed up, measured, stopped: its figures."""
+    """One server, checked, warmed up, measured, stopped: the load's figures, the
+    connections opened and requests served while it was measured, and the final /stats."""
     with tempfile.TemporaryDirectory(prefix="counter-bench-") as data_dir:
         env = dict(os.environ, COUNTER_CONNECTIONS=mode, COUNTER_DATA_DIR=data_dir)
         if database == "sqlite":
@@ -338,6 +344,7 @@ def _bench_run(database, mode, args, load):
             server.wait(30)
         result["opened"] = after["connections_opened"] - before["connections_opened"]
         result["requests"] = after["requests"] - before["requests"]
+        result["stats"] = after
         return result
 
 
