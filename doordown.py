@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 from http.server import ThreadingHTTPServer
 from urllib.parse import unquote_to_bytes
 from wsgiref.util import FileWrapper
@@ -1221,10 +1222,141 @@ def run_app(args):
             _log("app", "the front went away: stopping")
             break
     server.close(args.graceful_timeout)
+    _close_every_per_thread()
     _log("app", "stopped after %d requests" % gateway.requests)
     if backend.exit_hard:
         os._exit(0)
     return 0
+
+
+###############################################################################
+# Per-thread resources #######################################################
+###############################################################################
+#
+# A door server thread outlives its invocation: the pool is LIFO and never shrinks, and
+# the thread's threading.local state lives on with it into the next call it serves.  So
+# a resource that is costly to open and must not be used by two threads at once (a
+# database connection above all) can belong to a thread instead of to a pool: opened on
+# the thread's first use, reused by every later invocation that thread serves, with no
+# lock and no hand-off on the hot path.  At most one is open per door thread, so the
+# number of connections follows the concurrency high-water mark, as the threads do.
+#
+# per_thread relies on threading.local alone, so emulated and native door threads are
+# treated alike.  A thread's resource is closed when the thread ends (its locals are
+# dropped, a weak reference notices) and, for threads that never end, by run_app once
+# the door is closed.
+
+class per_thread:
+    """One resource per thread: made by `factory()` on a thread's first get(), then reused.
+
+        connections = doordown.per_thread(open_connection, check=is_alive)
+
+        def application(environ, start_response):
+            conn = connections.get()  # this door thread's own connection
+            ...
+
+    check(resource), if given, runs on every get() and must be cheap (no round trip): a
+    false answer closes the resource and makes a new one, so a connection the server
+    dropped while the thread was idle is replaced before it is used.  discard() closes
+    the current thread's resource at once, for a caller that saw it fail.
+
+    close(resource) (default: resource.close()) runs when the owning thread ends, or in
+    close_all(), which the app role calls after its door is closed; it may therefore
+    run on another thread than the one that used the resource (open sqlite3 connections
+    with check_same_thread=False).  A close that raises is logged, never raised.
+    `opened` and `closed` count the resources made and closed so far.
+    """
+
+    def __init__(self, factory, check=None, close=None):
+        self._factory = factory
+        self._check = check
+        self._close = close or _close_resource
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._live = {}  # weak reference to a thread's _Held -> its resource
+        self.opened = 0
+        self.closed = 0
+        with _every_per_thread_lock:
+            _every_per_thread.add(self)
+
+    def get(self):
+        """The calling thread's resource, made now if it has none or its check failed."""
+        held = getattr(self._local, "held", None)
+        if held is not None:
+            if held.ref in self._live and (self._check is None or self._check(held.resource)):
+                return held.resource
+            self.discard()
+        held = _Held(self._factory())
+        # The thread's locals hold the only strong reference to `held`: when the thread
+        # ends they are dropped, and the weak reference's callback closes the resource.
+        held.ref = weakref.ref(held, self._release)
+        with self._lock:
+            self._live[held.ref] = held.resource
+            self.opened += 1
+        self._local.held = held
+        return held.resource
+
+    def discard(self):
+        """Close the calling thread's resource; its next get() makes a new one."""
+        held = self._local.__dict__.pop("held", None)
+        if held is not None:
+            self._release(held.ref)
+
+    def close_all(self):
+        """Close every thread's resource; return how many.  A later get() makes a new one."""
+        with self._lock:
+            resources = list(self._live.values())
+            self._live.clear()
+            self.closed += len(resources)
+        for resource in resources:
+            self._close_logged(resource)
+        return len(resources)
+
+    def _release(self, ref):
+        with self._lock:  # whoever takes it from _live closes it: never twice
+            if ref not in self._live:
+                return
+            resource = self._live.pop(ref)
+            self.closed += 1
+        self._close_logged(resource)
+
+    def _close_logged(self, resource):
+        try:
+            self._close(resource)
+        except Exception:
+            _log("app", "closing a per-thread resource failed:\n" + traceback.format_exc().rstrip())
+
+
+class _Held:
+    """What a thread's local keeps: its resource, and the weak reference that outlives it."""
+
+    __slots__ = ("resource", "ref", "__weakref__")
+
+    def __init__(self, resource):
+        self.resource = resource
+
+
+def _close_resource(resource):
+    resource.close()
+
+
+_every_per_thread = weakref.WeakSet()
+_every_per_thread_lock = threading.Lock()
+
+
+def _close_every_per_thread():
+    """run_app's last step: close what every per_thread still holds, once no call can run."""
+    with _every_per_thread_lock:
+        helpers = list(_every_per_thread)
+    count = sum(helper.close_all() for helper in helpers)
+    if count:
+        _log("app", "closed %d per-thread resource(s)" % count)
+
+
+# The app role runs this file as __main__.  An application's `import doordown` must get
+# this very module, not a second copy whose per_thread objects run_app would never close.
+if __name__ == "__main__":
+    sys.modules.setdefault("doordown", sys.modules[__name__])
 
 
 ###############################################################################

@@ -984,3 +984,260 @@ def test_native_doors_refuse_without_a_door_library():
                             capture_output=True, timeout=30, env=env)
     assert result.returncode != 0
     assert "use --doors emulated" in result.stderr.decode()
+
+
+# -- per-thread resources: a database connection per door thread (issue 6) -------------------
+#
+# doordown.per_thread on its own, then examples/counter.py served for real: SQLite always,
+# PostgreSQL when DOORDOWN_TEST_DATABASE_URL names a server (.ci/run starts one).
+
+PG_URL = os.environ.get("DOORDOWN_TEST_DATABASE_URL")
+
+
+class _Resource:
+    def __init__(self, serial):
+        self.serial = serial
+        self.closed_on = []  # the threads that closed it: exactly one, eventually
+
+    def close(self):
+        self.closed_on.append(threading.get_ident())
+
+
+def _in_thread(function):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function()))
+    thread.start()
+    thread.join()
+    return result[0], thread.ident
+
+
+def test_per_thread_one_resource_per_thread_reused():
+    resources = doordown.per_thread(lambda: _Resource(0))
+    mine = resources.get()
+    assert resources.get() is mine and resources.get() is mine
+    barrier = threading.Barrier(8)
+
+    def use_twice():
+        first = resources.get()
+        barrier.wait()  # all eight threads alive at once: no thread ends and hands its resource on
+        return first if resources.get() is first else None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        theirs = list(pool.map(lambda _: use_twice(), range(8)))
+    assert len({id(resource) for resource in theirs + [mine]}) == 9 and None not in theirs
+    assert resources.opened == 9
+    resources.close_all()
+
+
+def test_per_thread_closes_on_thread_end_and_close_all():
+    resources = doordown.per_thread(lambda: _Resource(0))
+    theirs, ident = _in_thread(resources.get)
+    assert theirs.closed_on == [ident]  # the thread ended: closed there, by its locals going away
+    mine = resources.get()
+    assert (resources.opened, resources.closed) == (2, 1) and not mine.closed_on
+    assert resources.close_all() == 1 and mine.closed_on == [threading.get_ident()]
+    assert resources.close_all() == 0 and len(mine.closed_on) == 1  # never closed twice
+    replacement = resources.get()  # after close_all, a thread that comes back gets a new one
+    assert replacement is not mine and (resources.opened, resources.closed) == (3, 2)
+    resources.discard()
+    assert replacement.closed_on and resources.close_all() == 0
+
+
+def test_per_thread_check_replaces_broken_and_close_errors_are_logged(capfd):
+    class Flaky(_Resource):
+        broken = False
+
+        def close(self):
+            raise OSError("already gone")
+
+    resources = doordown.per_thread(lambda: Flaky(resources.opened + 1), check=lambda r: not r.broken)
+    first = resources.get()
+    assert resources.get() is first
+    first.broken = True
+    second = resources.get()
+    assert second is not first and second.serial == 2 and resources.get() is second
+    assert "closing a per-thread resource failed" in capfd.readouterr().err
+    assert resources.close_all() == 1 and resources.closed == 2
+
+
+def test_per_thread_resources_closed_when_the_app_stops(started):
+    server = serve(started, "per_thread_app:app")
+    replies = _hammer(server, "/", 400, 8)
+    assert {status for status, _ in replies} == {200}
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+    opened = re.findall(r"resource (\d+) opened", server.log)
+    closed = re.findall(r"resource (\d+) closed", server.log)
+    assert len(opened) >= 2 and sorted(closed) == sorted(opened)  # each closed, once
+    # The main thread's resource outlives every door thread: the shutdown closed it.
+    assert re.search(r"closed [1-9]\d* per-thread resource\(s\)", server.log), server.log
+
+
+def _hammer(server, path, total, concurrency):
+    """`total` GETs of `path` over `concurrency` keep-alive connections: [(status, reply)]."""
+    def client(count):
+        conn = server.connect(timeout=30)
+        replies = []
+        try:
+            for _ in range(count):
+                conn.request("GET", path)
+                response = conn.getresponse()
+                body = response.read()
+                replies.append((response.status, json.loads(body) if response.status == 200 else body))
+        finally:
+            conn.close()
+        return replies
+
+    shares = [total // concurrency + (i < total % concurrency) for i in range(concurrency)]
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        return [reply for part in pool.map(client, shares) for reply in part]
+
+
+def _counter(started, tmp_path, mode="per-thread", database_url=None):
+    env = dict(os.environ, COUNTER_DATA_DIR=str(tmp_path / "data"), COUNTER_CONNECTIONS=mode)
+    env.pop("DATABASE_URL", None)
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    return serve(started, "examples.counter:app", cwd=HERE, env=env)
+
+
+def _get_json(conn, path):
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _assert_one_connection_per_thread(server, replies, total):
+    """Every request answered, by no more connections than door threads, each reused many times."""
+    assert [status for status, _ in replies] == [200] * total
+    uses, thread_of = {}, {}
+    for _, reply in replies:
+        uses[reply["connection"]] = uses.get(reply["connection"], 0) + 1
+        # a connection never moves to another thread
+        assert thread_of.setdefault(reply["connection"], reply["thread_id"]) == reply["thread_id"]
+    stats = json.loads(server.get("/stats")[2])
+    door_threads = server.stats()["threads"]
+    assert stats["requests"] == total and stats["connections_opened"] == len(uses)
+    assert len(uses) <= stats["threads_seen"] <= door_threads <= 33, (uses, stats, door_threads)
+    assert total / len(uses) >= 100 and min(uses.values()) >= 10, uses
+    return stats
+
+
+def test_sqlite_5000_requests_at_32_use_one_connection_per_door_thread(started, tmp_path):
+    server = _counter(started, tmp_path)
+    replies = _hammer(server, "/", 5000, 32)
+    stats = _assert_one_connection_per_thread(server, replies, 5000)
+    assert stats["database"] == "sqlite" and stats["connections_open"] == stats["connections_opened"]
+    assert sorted(reply["hit"] for _, reply in replies) == list(range(1, 5001))
+
+
+def test_sqlite_connection_per_request_mode_for_comparison(started, tmp_path):
+    server = _counter(started, tmp_path, mode="per-request")
+    replies = _hammer(server, "/", 300, 8)
+    assert {status for status, _ in replies} == {200}
+    assert {reply["connection_uses"] for _, reply in replies} == {1}
+    stats = json.loads(server.get("/stats")[2])
+    assert (stats["requests"], stats["connections_opened"], stats["connections_open"]) == (300, 300, 0)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """An autocommit connection to the test PostgreSQL server, or a skip that says why not."""
+    if not PG_URL:
+        pytest.skip("no PostgreSQL server: set DOORDOWN_TEST_DATABASE_URL to a DSN "
+                    "(.ci/run starts a private one and sets it)")
+    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL tests need psycopg 3: "
+                                                    "pip install -r support/requirements.txt")
+    try:
+        conn = psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip("no PostgreSQL server reachable at DOORDOWN_TEST_DATABASE_URL: %s" % exc)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """The test server's DSN with a schema of this test's own, dropped afterwards."""
+    from psycopg.conninfo import make_conninfo
+    schema = "doordown_test_%d_%d" % (os.getpid(), int(time.monotonic() * 1000))
+    postgres.execute('CREATE SCHEMA "%s"' % schema)
+    yield make_conninfo(PG_URL, options="-c search_path=%s" % schema)
+    postgres.execute('DROP SCHEMA "%s" CASCADE' % schema)
+
+
+def _terminate(postgres, pid):
+    """pg_terminate_backend, then wait until that backend is gone."""
+    assert postgres.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    deadline = time.monotonic() + 10
+    while postgres.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+        assert time.monotonic() < deadline, "backend %d did not go away" % pid
+        time.sleep(0.02)
+
+
+def test_postgresql_5000_requests_at_32_use_one_connection_per_door_thread(started, tmp_path,
+                                                                           postgres, pg_url):
+    server = _counter(started, tmp_path, database_url=pg_url)
+    replies = _hammer(server, "/", 5000, 32)
+    stats = _assert_one_connection_per_thread(server, replies, 5000)
+    assert stats["database"] == "postgresql"
+    backends = {reply["backend_pid"] for _, reply in replies}
+    assert len(backends) == stats["connections_opened"]
+    alive = postgres.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                             (list(backends),)).fetchone()[0]
+    assert alive == len(backends)  # the server agrees: every connection is still open, reused
+
+
+def test_postgresql_connection_killed_while_idle_is_replaced_before_use(started, tmp_path,
+                                                                        postgres, pg_url):
+    server = _counter(started, tmp_path, database_url=pg_url)
+    conn = server.connect()  # one keep-alive client: its requests land on one hot door thread
+    _, first = _get_json(conn, "/")
+    _, second = _get_json(conn, "/")
+    assert (second["connection"], second["connection_uses"]) == (first["connection"], 2)
+    _terminate(postgres, first["backend_pid"])
+    status, third = _get_json(conn, "/")  # no failure: the dead connection is seen before use
+    assert status == 200 and third["thread_id"] == first["thread_id"]
+    assert third["backend_pid"] != first["backend_pid"] and third["connection_uses"] == 1
+    assert not third["retried"] and third["hit"] == second["hit"] + 1
+    assert _get_json(conn, "/")[1]["connection"] == third["connection"]
+    stats = json.loads(server.get("/stats")[2])
+    assert (stats["connections_opened"], stats["connections_open"]) == (2, 1)
+
+
+def test_postgresql_connection_killed_in_flight_fails_that_write_only(started, tmp_path,
+                                                                      postgres, pg_url):
+    server = _counter(started, tmp_path, database_url=pg_url)
+    conn = server.connect()
+    _, before = _get_json(conn, "/")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        write = pool.submit(_get_json, conn, "/?hold=5")  # the kill cuts it short
+        _terminate(postgres, _busy_backend(postgres, before["backend_pid"]))
+        status, reply = write.result(10)
+    assert status == 503 and "lost" in reply["error"]  # the write may have been done: not retried
+    status, after = _get_json(conn, "/")
+    assert status == 200 and after["thread_id"] == before["thread_id"]
+    assert after["backend_pid"] != before["backend_pid"]
+    server.wait_for(r"counter: GET /: the database connection was lost")
+
+
+def test_postgresql_connection_killed_in_flight_read_is_retried(started, tmp_path, postgres, pg_url):
+    server = _counter(started, tmp_path, database_url=pg_url)
+    conn = server.connect()
+    _, before = _get_json(conn, "/")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        read = pool.submit(_get_json, conn, "/latest?hold=2")  # and again on retry
+        _terminate(postgres, _busy_backend(postgres, before["backend_pid"]))
+        status, reply = read.result(10)
+    assert status == 200 and reply["retried"] and reply["latest"][0][0] == before["hit"]
+    assert reply["thread_id"] == before["thread_id"] and reply["backend_pid"] != before["backend_pid"]
+
+
+def _busy_backend(postgres, pid):
+    """Wait until backend `pid` is inside pg_sleep; return it."""
+    deadline = time.monotonic() + 10
+    while not postgres.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
+                               " AND query LIKE 'SELECT pg_sleep%%'", (pid,)).fetchone():
+        assert time.monotonic() < deadline, "backend %d never started its query" % pid
+        time.sleep(0.02)
+    return pid
