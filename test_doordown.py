@@ -1126,7 +1126,10 @@ def _assert_one_connection_per_thread(server, replies, total):
     assert stats["requests"] == total and stats["connections_opened"] == len(uses)
     # door_threads also counts the threads that served only the front's health checks
     # and this test's own stats call: they never open a connection.
-    assert len(uses) <= stats["threads_seen"] <= door_threads and len(uses) <= 33, (uses, stats, door_threads)
+    # Native doors' pool may overshoot a burst by a few threads (libc creates a thread on
+    # depletion before the new ones have parked), as illumos's does.
+    ceiling = 33 if DOORS == "emulated" else 40
+    assert len(uses) <= stats["threads_seen"] <= door_threads and len(uses) <= ceiling, (uses, stats, door_threads)
     # Nine in ten connections are reused at least 10 times.  Not all: under a burst the
     # door pool may overshoot (illumos's does too), and a late thread may serve only once.
     assert total / len(uses) >= 100 and sorted(uses.values())[len(uses) // 10] >= 10, uses
