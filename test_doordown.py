@@ -1254,3 +1254,10 @@ def _busy_backend(postgres, pid):
         assert time.monotonic() < deadline, "backend %d never started its query" % pid
         time.sleep(0.02)
     return pid
+
+
+def test_door_model_self_test(door_model):
+    """The model's own checks of illumos semantics (E2BIG, EBADF after revoke, EINTR, ...)."""
+    result = subprocess.run([sys.executable, os.path.join(SUPPORT, "model_selftest.py")],
+                            capture_output=True, timeout=180)
+    assert result.returncode == 0, result.stdout.decode()[-3000:] + result.stderr.decode()[-2000:]
