@@ -535,16 +535,64 @@ class _Buffered:
         self.size = 0
 
 
-class WSGIGateway:
-    """Runs door invocations through a WSGI application (PEP 3333).
+def cgi_variables(fields, headers, body_length):
+    """The RFC 3875 meta-variables of a request, as PEP 3333 strings (latin-1 of the bytes).
 
-    The whole response is collected before it is returned: one door call, one reply.
+    `fields` are the request fields of the wire format (method ... script_name), `headers`
+    the header name, value pairs.  Every transport builds its environ from this, so an
+    application sees the same environ whichever way its requests arrive.
+    """
+    (method, target, version, _scheme, remote_addr, remote_port, server_name, server_port,
+     script_name) = fields[:9]
+    path, _, query = target.partition(b"?")
+    if not path.startswith(b"/") and b"://" in path:  # absolute-form
+        path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
+    path = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+    script = script_name.decode("latin-1")
+    if script and path.startswith(script):
+        path = path[len(script):]
+    env = {
+        "REQUEST_METHOD": method.decode("latin-1"),
+        "SCRIPT_NAME": script,
+        "PATH_INFO": path,
+        "QUERY_STRING": query.decode("latin-1"),
+        "SERVER_NAME": server_name.decode("latin-1"),
+        "SERVER_PORT": server_port.decode("latin-1"),
+        "SERVER_PROTOCOL": version.decode("latin-1"),
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "REMOTE_ADDR": remote_addr.decode("latin-1"),
+        "REMOTE_PORT": remote_port.decode("latin-1"),
+    }
+    if body_length or method not in (b"GET", b"HEAD"):
+        env["CONTENT_LENGTH"] = str(body_length)
+    for i in range(0, len(headers), 2):
+        name = headers[i].decode("latin-1").upper().replace("-", "_")
+        value = headers[i + 1].decode("latin-1")
+        if name == "CONTENT_TYPE":
+            env["CONTENT_TYPE"] = value
+            continue
+        if name == "CONTENT_LENGTH":
+            continue  # the front decoded the body; its true length is set above
+        key = "HTTP_" + name
+        env[key] = env[key] + "," + value if key in env else value
+    return env
+
+
+class WSGIGateway:
+    """Runs requests through a WSGI application (PEP 3333).
+
+    respond() is the WSGI part, the same for every transport; the door handler (__call__)
+    packs its result into one door reply, other transports frame it their own way.  The
+    whole response is collected before it is returned: one door call, one reply.
     Configuration is class attributes, overridable per instance.
     """
 
     server_name = "localhost"
     allowed_uids = None  # None: the app's own euid only
     error_body = b"Internal Server Error\n"
+    wsgi_keys = {"wsgi.version": (1, 0), "wsgi.input_terminated": True, "wsgi.multithread": True,
+                 "wsgi.multiprocess": False, "wsgi.run_once": False,
+                 "wsgi.file_wrapper": FileWrapper}
 
     def __init__(self, app, allowed_uids=None):
         self.app = app
@@ -569,10 +617,12 @@ class WSGIGateway:
             _log("app", "bad door message: %s" % exc)
             return pack_message(KIND_FAIL, 0, [b"400", str(exc).encode()]), []
 
+    def stats(self):
+        return {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.requests,
+                "python_threads": threading.active_count()}
+
     def stats_message(self):
-        stats = {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.requests,
-                 "python_threads": threading.active_count()}
-        return pack_message(KIND_STATS, 0, [json.dumps(stats).encode()])
+        return pack_message(KIND_STATS, 0, [json.dumps(self.stats()).encode()])
 
     def handle_request(self, flags, fields, fds):
         if len(fields) < _REQUEST_FIXED or len(fields) % 2:
@@ -588,7 +638,6 @@ class WSGIGateway:
             _close_fds(fds)
             body_input = io.BytesIO(fields[9])
             body_length = len(fields[9])
-        self.requests += 1
         environ = self.environ(fields, body_input, body_length)
         try:
             return self.run(environ)
@@ -596,53 +645,29 @@ class WSGIGateway:
             body_input.close()
 
     def environ(self, fields, body_input, body_length):
-        (method, target, version, scheme, remote_addr, remote_port, server_name, server_port,
-         script_name, _body) = fields[:_REQUEST_FIXED]
-        path, _, query = target.partition(b"?")
-        if not path.startswith(b"/") and b"://" in path:  # absolute-form
-            path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
-        path = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
-        script = script_name.decode("latin-1")
-        if script and path.startswith(script):
-            path = path[len(script):]
-        env = {
-            "REQUEST_METHOD": method.decode("latin-1"),
-            "SCRIPT_NAME": script,
-            "PATH_INFO": path,
-            "QUERY_STRING": query.decode("latin-1"),
-            "SERVER_NAME": server_name.decode("latin-1"),
-            "SERVER_PORT": server_port.decode("latin-1"),
-            "SERVER_PROTOCOL": version.decode("latin-1"),
-            "SERVER_SOFTWARE": SERVER_SOFTWARE,
-            "REMOTE_ADDR": remote_addr.decode("latin-1"),
-            "REMOTE_PORT": remote_port.decode("latin-1"),
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": scheme.decode("latin-1"),
-            "wsgi.input": body_input,
-            "wsgi.input_terminated": True,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-        }
-        if body_length or method not in (b"GET", b"HEAD"):
-            env["CONTENT_LENGTH"] = str(body_length)
-        headers = fields[_REQUEST_FIXED:]
-        for i in range(0, len(headers), 2):
-            name = headers[i].decode("latin-1").upper().replace("-", "_")
-            value = headers[i + 1].decode("latin-1")
-            if name == "CONTENT_TYPE":
-                env["CONTENT_TYPE"] = value
-                continue
-            if name == "CONTENT_LENGTH":
-                continue  # the front decoded the body; its true length is set above
-            key = "HTTP_" + name
-            env[key] = env[key] + "," + value if key in env else value
+        env = cgi_variables(fields, fields[_REQUEST_FIXED:], body_length)
+        env.update(self.wsgi_keys)
+        env["wsgi.url_scheme"] = fields[3].decode("latin-1")
+        env["wsgi.input"] = body_input
+        env["wsgi.errors"] = sys.stderr
         return env
 
     def run(self, environ):
-        """Call the application; return (response message, descriptors)."""
+        """Call the application; return the door reply (response message, descriptors)."""
+        status, headers, body, close = self.respond(environ)
+        flags = FLAG_CLOSE if close else 0
+        if len(body) > INLINE_BODY_MAX:
+            return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
+                                [status, b"", *headers]), [spool_body(body)]
+        return pack_message(KIND_RESPONSE, flags, [status, body, *headers]), []
+
+    def respond(self, environ):
+        """Call the application: (status, header fields, body, close), whatever the transport.
+
+        `close` asks the front to close the client connection after this response (the
+        application broke its own framing).  Exceptions become a 500; close() is always called.
+        """
+        self.requests += 1
         out = _Buffered()
 
         def write(data):
@@ -678,14 +703,14 @@ class WSGIGateway:
         except Exception:
             _log("app", "error in %s %s:\n%s" % (environ["REQUEST_METHOD"], environ["PATH_INFO"],
                                                   traceback.format_exc().rstrip()))
-            return self.error_response(), []
+            return self.error_reply()
         finally:
             if hasattr(result, "close"):
                 try:
                     result.close()
                 except Exception:
                     _log("app", "error in close():\n" + traceback.format_exc().rstrip())
-        return self.response_message(environ, out)
+        return self.framed(environ, out)
 
     @staticmethod
     def checked_status(status, headers):
@@ -707,8 +732,9 @@ class WSGIGateway:
             fields.append(value.encode("latin-1"))
         return status.encode("latin-1"), fields
 
-    def response_message(self, environ, out):
-        flags = 0
+    def framed(self, environ, out):
+        """The collected response, its body cut to what HEAD and Content-Length allow."""
+        close = False
         body = b"".join(out.chunks)
         length = None
         for i in range(0, len(out.headers), 2):
@@ -720,21 +746,17 @@ class WSGIGateway:
             if not length.isdigit() or int(length) < len(body):
                 _log("app", "Content-Length %r but %d bytes of body: closing after it"
                      % (length, len(body)))
-                flags |= FLAG_CLOSE
+                close = True
                 if length.isdigit():
                     body = body[:int(length)]
             elif int(length) > len(body):
-                flags |= FLAG_CLOSE  # the client sees a short body, then the close
-        if len(body) > INLINE_BODY_MAX:
-            return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
-                                [out.status, b"", *out.headers]), [spool_body(body)]
-        return pack_message(KIND_RESPONSE, flags, [out.status, body, *out.headers]), []
+                close = True  # the client sees a short body, then the close
+        return out.status, out.headers, body, close
 
-    def error_response(self):
-        return pack_message(KIND_RESPONSE, 0, [
-            b"500 Internal Server Error", self.error_body,
-            b"Content-Type", b"text/plain", b"Content-Length", str(len(self.error_body)).encode()])
-
+    def error_reply(self):
+        return (b"500 Internal Server Error",
+                [b"Content-Type", b"text/plain", b"Content-Length", str(len(self.error_body)).encode()],
+                self.error_body, False)
 
 def run_app(args):
     """The `app` command: serve one WSGI application on a door until SIGTERM/SIGINT."""
@@ -1227,6 +1249,16 @@ def _log_escape(raw):
     return raw.decode("latin-1").encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
+def request_fields(request, env):
+    """The wire format's request fields for `request`: method ... body, then header pairs."""
+    fields = [request.method, request.target, request.version, env.scheme,
+              env.remote_addr, env.remote_port, env.server_name, env.server_port,
+              env.script_name, request.body]
+    for name, value in request.headers:
+        fields += (name, value)
+    return fields
+
+
 class DoorUpstream:
     """Forwards requests to an application over its door."""
 
@@ -1237,11 +1269,7 @@ class DoorUpstream:
         self.client = backend.open(path, timeout)
 
     def forward(self, request, env):
-        fields = [request.method, request.target, request.version, env.scheme,
-                  env.remote_addr, env.remote_port, env.server_name, env.server_port,
-                  env.script_name, request.body]
-        for name, value in request.headers:
-            fields += (name, value)
+        fields = request_fields(request, env)
         flags = FLAG_BODY_IN_FD if request.body_fd is not None else 0
         fds = [request.body_fd] if request.body_fd is not None else []
         reply, reply_fds = self.client.call(pack_message(KIND_REQUEST, flags, fields), fds)
