@@ -770,14 +770,18 @@ def run_app(args):
         return EXIT_APP_LOAD
     gateway = WSGIGateway(app, args.allow_uid)
     try:
-        backend = door_backend(args.doors)
-        server = backend.serve(args.door, gateway)
+        if args.transport == "door":
+            backend = door_backend(args.doors)
+            server = backend.serve(args.door, gateway)
+            where = "door %s (%s)" % (args.door, backend.description)
+        else:
+            server = APP_SERVERS[args.transport](args.door, gateway)
+            where = "socket %s (%s)" % (args.door, server.description)
     except (OSError, ValueError) as exc:
-        _log("app", "cannot create the door at %s: %s" % (args.door, exc))
+        _log("app", "cannot listen at %s: %s" % (args.door, exc))
         return EXIT_DOOR_FAILED
     gateway.door_threads = lambda: server.threads
-    _log("app", "serving %s on door %s (%s)" % (args.app or "the built-in hello app",
-                                                  args.door, backend.description))
+    _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -1387,7 +1391,7 @@ class FrontServer(ThreadingHTTPServer):
         env.script_name = mount.prefix
         try:
             return upstream.forward(request, env)
-        except DoorTimeout as exc:
+        except (DoorTimeout, TimeoutError, socket.timeout) as exc:  # socket.timeout: Python 3.9
             _log("front", "%s %s: %s" % (request.method.decode(), request.path.decode("latin-1"), exc))
             return plain_response(504, "the application did not answer in time", close=True)
         except (DoorError, WireError, OSError) as exc:
@@ -1419,6 +1423,924 @@ class FrontServer(ThreadingHTTPServer):
 
 
 ###############################################################################
+# Other transports ###########################################################
+###############################################################################
+#
+# The usual ways of putting an application behind a front, each a usable transport
+# between the same front and the same WSGIGateway (`serve --transport NAME`):
+#
+#   proxy      the app role serves HTTP/1.1 on a Unix socket with its own threaded server;
+#              the front forwards over pooled keep-alive connections (nginx's proxy_pass
+#              with upstream keepalive).
+#   fastcgi    the app role is a FastCGI 1.0 responder on a Unix socket; the front is its
+#              client over pooled connections (FCGI_KEEP_CONN).  nginx's fastcgi_pass can
+#              be its client just as well.
+#   cgi        the front runs `doordown.py cgi module:app` for every request (RFC 3875).
+#   inprocess  the front calls the application itself, with no IPC at all: the reference
+#              the benchmark measures the others against, not a way to deploy.
+#
+# Whatever the transport, the application gets the environ of cgi_variables(), and a
+# failure reaches FrontServer.dispatch as an OSError (502) or a timeout (504).
+
+class TransportError(ConnectionError):
+    """A peer went away in the middle of a message or broke its protocol."""
+
+
+def cgi_response(status, headers, body, close):
+    """A response in CGI form (RFC 3875 section 6): Status and header lines, a blank line, the body."""
+    parts = [b"Status: ", status, b"\r\n"]
+    for i in range(0, len(headers), 2):
+        parts += (headers[i], b": ", headers[i + 1], b"\r\n")
+    if close:
+        parts.append(b"Connection: close\r\n")  # the app broke its framing: the front closes
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+_CGI_STATUS = re.compile(rb"([1-9][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+
+
+def parse_cgi_response(output):
+    """The Response in a CGI program's output: header lines (CRLF or LF), a blank line, the body."""
+    end, skip = output.find(b"\r\n\r\n"), 4
+    bare = output.find(b"\n\n")
+    if bare >= 0 and (end < 0 or bare < end):
+        end, skip = bare, 2
+    if end < 0:
+        raise TransportError("the CGI response has no end of headers")
+    status = None
+    headers = []
+    close = False
+    for line in output[:end].split(b"\n"):
+        match = _FIELD.fullmatch(line[:-1] if line.endswith(b"\r") else line)
+        if match is None:
+            raise TransportError("malformed CGI response header %r" % line[:40])
+        name, value = match.groups()
+        lower = name.lower()
+        if lower == b"status":
+            code = _CGI_STATUS.fullmatch(value)
+            if code is None:
+                raise TransportError("malformed CGI Status %r" % value[:40])
+            status = value if b" " in value else b"%s %s" % (
+                value, _REASONS.get(int(value), "").encode())
+        elif lower == b"connection":
+            close = b"close" in value.lower()
+        else:
+            if lower == b"location" and status is None:
+                status = b"302 Found"  # RFC 3875 6.2.3: a client redirect
+            headers += (name, value)
+    return Response(status or b"200 OK", headers, output[end + skip:], None, close)
+
+
+def _body_input(body, body_fd):
+    """(wsgi.input, its length) for a body in memory or on a descriptor the caller keeps."""
+    if body_fd is None:
+        return io.BytesIO(body), len(body)
+    return os.fdopen(os.dup(body_fd), "rb"), os.fstat(body_fd).st_size
+
+
+# -- the app end: a threaded server on a Unix socket ---------------------------
+
+class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """An app role's server on a Unix socket: one thread per connection from the front.
+
+    It keeps the door's rules: the socket file is born 0600, connections from any euid but
+    the app's own (and --allow-uid) are refused, close() lets requests in flight finish.
+    The front keeps its connections open, so `threads` follows its concurrency high-water
+    mark, like door server threads.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+    description = ""
+
+    def __init__(self, path, gateway, handler):
+        self.path = path
+        self.gateway = gateway
+        self.threads = 0
+        self.in_flight = 0
+        self.closing = False
+        self._lock = threading.Lock()
+        self._connections = {}  # socket -> True while a request is being answered
+        old_umask = os.umask(0o177)
+        try:
+            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # left by a killed app
+            socketserver.UnixStreamServer.__init__(self, path, handler)
+        finally:
+            os.umask(old_umask)
+        threading.Thread(target=self.serve_forever, name="app-accept", daemon=True).start()
+
+    def verify_request(self, request, client_address):
+        try:
+            caller = _peer_credentials(request)
+        except OSError:
+            return False
+        if caller.euid not in self.gateway.allowed_uids:
+            _log("app", "refused a connection from euid %d pid %d" % (caller.euid, caller.pid))
+            return False
+        return True
+
+    def process_request_thread(self, request, client_address):
+        with self._lock:
+            self._connections[request] = False
+            self.threads += 1
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+        finally:
+            with self._lock:
+                self._connections.pop(request, None)
+                self.threads -= 1
+
+    def handle_error(self, request, client_address):
+        _log("app", "error on a connection from the front:\n" + traceback.format_exc().rstrip())
+
+    def busy(self, sock, busy):
+        with self._lock:
+            self._connections[sock] = busy
+            self.in_flight += 1 if busy else -1
+
+    def close(self, grace=10.0):
+        """Refuse new connections, close idle ones, let requests in flight finish (up to `grace`)."""
+        self.closing = True
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        with self._lock:
+            idle = [sock for sock, busy in self._connections.items() if not busy]
+        for sock in idle:
+            _shutdown(sock)
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+# -- the front end: pooled connections to a Unix socket ------------------------
+
+class _UpstreamConnection:
+    """One connection from the front to an app's Unix socket, with its read buffer."""
+
+    __slots__ = ("sock", "buf")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def fill(self):
+        data = self.sock.recv(262144)
+        if not data:
+            raise TransportError("the application closed the connection")
+        self.buf += data
+
+    def read_exact(self, size):
+        while len(self.buf) < size:
+            self.fill()
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data
+
+    def read_until(self, separator, limit):
+        """Bytes up to `separator` (which is consumed, not returned)."""
+        start = 0
+        while True:
+            end = self.buf.find(separator, start)
+            if end >= 0:
+                data = bytes(self.buf[:end])
+                del self.buf[:end + len(separator)]
+                return data
+            if len(self.buf) > limit:
+                raise TransportError("no %r within %d bytes" % (separator, limit))
+            start = max(0, len(self.buf) - len(separator) + 1)
+            self.fill()
+
+    def read_at_most(self, size):
+        """Up to `size` bytes, fewer if the peer closes first: (data, complete)."""
+        try:
+            return self.read_exact(size), True
+        except TransportError:
+            data = bytes(self.buf)
+            del self.buf[:]
+            return data, False
+
+    def read_to_end(self):
+        while True:
+            try:
+                self.fill()
+            except TransportError:
+                data = bytes(self.buf)
+                del self.buf[:]
+                return data
+
+    def close(self):
+        self.sock.close()
+
+
+class _UnixPool:
+    """Idle connections to one Unix socket, reused LIFO (the hot one first), opened on demand."""
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.timeout = timeout
+        self._idle = []  # list append/pop are atomic
+        self._closed = False
+
+    def get(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout)
+        return _UpstreamConnection(sock)
+
+    def put(self, connection):
+        if self._closed or connection.buf:
+            connection.close()  # bytes nobody asked for: the connection is out of step
+        else:
+            self._idle.append(connection)
+
+    def close(self):
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+# -- proxy pass: HTTP/1.1 over a Unix socket -----------------------------------
+#
+# The front sends the request as it received it (line, headers, the decoded body with a
+# Content-Length) plus one header of its own, Doordown-Forwarded: scheme, client address
+# and port, server name and port, mount prefix.  It drops any header a client sent whose
+# name starts with Doordown-, so a client can never forge it; the app trusts it because
+# only its own user can connect.  The app answers without Date or Server: the front adds
+# its own, as nginx does with what an upstream sends.
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
+_PROXY_DROPPED = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+
+
+class _ProxyAppHandler(FrontHandler):
+    """The app end of proxy pass: requests parsed by the front's own strict parser."""
+
+    def setup(self):
+        self.reader = _ClientReader(self.request)
+        self.limits = self.server.limits
+
+    def handle(self):
+        server = self.server
+        while not server.closing:
+            try:
+                request = self.read_request()
+            except HTTPError as exc:
+                reason = _REASONS.get(exc.status, "Error").encode()
+                self.request.sendall(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                                     % (exc.status, reason))
+                return
+            except (_ClientGone, OSError):
+                return
+            if request is None:
+                return
+            server.busy(self.request, True)
+            try:
+                keep_open = self.answer(request)
+            finally:
+                server.busy(self.request, False)
+                if request.body_fd is not None:
+                    os.close(request.body_fd)
+            if not keep_open:
+                return
+
+    def answer(self, request):
+        """Run one request through the gateway and send the reply; False to close after it."""
+        gateway = self.server.gateway
+        forwarded = None
+        headers = []
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"doordown-forwarded":
+                forwarded = value
+            elif lower == b"doordown-stats":
+                body = json.dumps(gateway.stats()).encode()
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                return True
+            else:
+                headers += (name, value)
+        env_fields = forwarded.split(b" ", 5) if forwarded is not None else []
+        if len(env_fields) == 5:
+            env_fields.append(b"")  # no mount prefix
+        if len(env_fields) != 6:
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+            return False
+        body_input, length = _body_input(request.body, request.body_fd)
+        fields = [request.method, request.target, request.version, *env_fields, b"", *headers]
+        try:
+            status, headers, body, close = gateway.respond(gateway.environ(fields, body_input, length))
+        finally:
+            body_input.close()
+        parts = [b"HTTP/1.1 ", status, b"\r\n"]
+        framed = False
+        for i in range(0, len(headers), 2):
+            if headers[i].lower() == b"content-length":
+                framed = True
+            parts += (headers[i], b": ", headers[i + 1], b"\r\n")
+        code = int(status[:3])
+        if request.method == b"HEAD" or code < 200 or code in (204, 304):
+            body = b""
+        elif not framed:
+            if request.version == b"HTTP/1.1":
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+            else:
+                close = True  # HTTP/1.0 without a length: the close ends the body
+        if close:
+            parts.append(b"Connection: close\r\n")
+        parts += (b"\r\n", body)
+        self.request.sendall(b"".join(parts))
+        return not close
+
+
+class ProxyAppServer(_UnixAppServer):
+    """The app role of `--transport proxy`: HTTP/1.1 on a Unix socket, a thread per connection."""
+
+    description = "proxy pass: HTTP/1.1"
+    # The front has checked the request against the user's limits already; these only bound
+    # a broken peer.  Idle connections stay open: the front's pool decides when to close.
+    limits = Limits(keepalive=86400.0, header_timeout=60.0, body_timeout=60.0, max_line=1 << 16,
+                    max_headers=10000, max_header_size=1 << 24, max_body=1 << 62)
+
+    def __init__(self, path, gateway):
+        _UnixAppServer.__init__(self, path, gateway, _ProxyAppHandler)
+
+
+class ProxyUpstream:
+    """Forwards requests over pooled keep-alive HTTP/1.1 connections to a ProxyAppServer."""
+
+    transport = "proxy"
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.pool = _UnixPool(path, timeout)
+
+    def forward(self, request, env):
+        head = [request.method, b" ", request.target, b" ", request.version, b"\r\n"]
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower not in _PROXY_DROPPED and not lower.startswith(b"doordown-"):
+                head += (name, b": ", value, b"\r\n")
+        fd = request.body_fd
+        size = len(request.body) if fd is None else os.fstat(fd).st_size
+        head.append(b"Doordown-Forwarded: %s %s %s %s %s %s\r\nContent-Length: %d\r\n" % (
+            env.scheme, env.remote_addr, env.remote_port, env.server_name, env.server_port,
+            env.script_name, size))
+        if request.version == b"HTTP/1.0":
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        return self._exchange(head, request.body, fd, request.method == b"HEAD")
+
+    def _exchange(self, head, body, body_fd, head_only):
+        connection = self.pool.get()
+        try:
+            if body_fd is None:
+                head.append(body)
+                connection.sock.sendall(b"".join(head))
+            else:
+                connection.sock.sendall(b"".join(head))
+                with os.fdopen(os.dup(body_fd), "rb") as body_file:
+                    connection.sock.sendfile(body_file, 0)
+            response, reusable = self._read_response(connection, head_only)
+        except BaseException:
+            connection.close()
+            raise
+        if reusable:
+            self.pool.put(connection)
+        else:
+            connection.close()
+        return response
+
+    def _read_response(self, connection, head_only):
+        """(Response, whether the connection can be reused) from the app's reply."""
+        lines = connection.read_until(b"\r\n\r\n", 1 << 20).split(b"\r\n")
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            raise TransportError("malformed status line from the app: %r" % lines[0][:40])
+        code, reason = match.groups()
+        headers = []
+        length = None
+        chunked = close = False
+        for line in lines[1:]:
+            field = _FIELD.fullmatch(line)
+            if field is None:
+                raise TransportError("malformed header from the app: %r" % line[:40])
+            name, value = field.groups()
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                chunked = value.lower() == b"chunked"
+                if not chunked:
+                    raise TransportError("unsupported transfer coding from the app: %r" % value)
+            elif lower == b"connection":
+                close = b"close" in value.lower()
+            elif lower not in (b"date", b"server"):
+                if lower == b"content-length":
+                    if not _DIGITS.fullmatch(value) or length is not None:
+                        raise TransportError("bad Content-Length from the app")
+                    length = int(value)
+                headers += (name, value)
+        status = b"%s %s" % (code, reason or _REASONS.get(int(code), "").encode())
+        if head_only or int(code) < 200 or code in (b"204", b"304"):
+            body = b""
+        elif chunked:
+            body = self._read_chunked(connection)
+        elif length is not None:
+            body, complete = connection.read_at_most(length)
+            close = close or not complete  # a short body: the client sees it, then the close
+        else:
+            body, close = connection.read_to_end(), True
+        return Response(status, headers, body, None, close), not close
+
+    @staticmethod
+    def _read_chunked(connection):
+        chunks = []
+        while True:
+            line = _CHUNK_LINE.fullmatch(connection.read_until(b"\r\n", 4096))
+            if line is None:
+                raise TransportError("malformed chunk from the app")
+            size = int(line.group(1), 16)
+            if size == 0:
+                break
+            chunks.append(connection.read_exact(size))
+            if connection.read_exact(2) != b"\r\n":
+                raise TransportError("chunk from the app longer than its size")
+        while connection.read_until(b"\r\n", 65536):
+            pass  # trailer fields: none expected, dropped
+        return b"".join(chunks)
+
+    def stats(self):
+        head = [b"OPTIONS * HTTP/1.1\r\nHost: app\r\nDoordown-Stats: 1\r\n\r\n"]
+        return json.loads(self._exchange(head, b"", None, False).body)
+
+    def close(self):
+        self.pool.close()
+
+
+# -- FastCGI 1.0 -----------------------------------------------------------------
+#
+# Records: version 1, type, request id, content length, padding length, then content and
+# padding (to a multiple of 8, as the specification recommends).  One request at a time
+# per connection (FCGI_MPXS_CONNS is 0; a second BEGIN_REQUEST gets CANT_MPX_CONN); the
+# connection stays open after END_REQUEST only if the client set FCGI_KEEP_CONN.  What
+# the application writes to wsgi.errors travels back as FCGI_STDERR, which nginx puts in
+# its error log and doordown's front in its own.
+
+_FCGI_HEADER = struct.Struct("!BBHHBx")
+_FCGI_BEGIN = struct.Struct("!HB5x")
+_FCGI_END = struct.Struct("!IB3x")
+_FCGI_LONG_LENGTH = struct.Struct("!I")
+(_FCGI_BEGIN_REQUEST, _FCGI_ABORT_REQUEST, _FCGI_END_REQUEST, _FCGI_PARAMS, _FCGI_STDIN,
+ _FCGI_STDOUT, _FCGI_STDERR, _FCGI_DATA, _FCGI_GET_VALUES, _FCGI_GET_VALUES_RESULT,
+ _FCGI_UNKNOWN_TYPE) = range(1, 12)
+_FCGI_RESPONDER = 1
+_FCGI_KEEP_CONN = 1
+_FCGI_REQUEST_COMPLETE, _FCGI_CANT_MPX_CONN, _FCGI_OVERLOADED, _FCGI_UNKNOWN_ROLE = range(4)
+_FCGI_PIECE = 65528  # the largest multiple of 8 a record can carry: no padding in a long stream
+
+
+def fcgi_record(kind, request_id, content=b""):
+    """One record (content of at most 65535 bytes), padded to a multiple of 8."""
+    padding = -len(content) % 8
+    return b"".join((_FCGI_HEADER.pack(1, kind, request_id, len(content), padding), content,
+                     b"\0" * padding))
+
+
+def fcgi_stream(kind, request_id, data):
+    """`data` as a stream of records, ended by the empty record."""
+    records = [fcgi_record(kind, request_id, data[i:i + _FCGI_PIECE])
+               for i in range(0, len(data), _FCGI_PIECE)]
+    records.append(fcgi_record(kind, request_id))
+    return b"".join(records)
+
+
+def _fcgi_length(size):
+    return bytes((size,)) if size < 128 else _FCGI_LONG_LENGTH.pack(size | 0x80000000)
+
+
+def fcgi_pairs(pairs):
+    """Name-value pairs (bytes) in FastCGI's encoding: lengths of 1 byte, or 4 with the high bit."""
+    parts = []
+    for name, value in pairs:
+        parts += (_fcgi_length(len(name)), _fcgi_length(len(value)), name, value)
+    return b"".join(parts)
+
+
+def parse_fcgi_pairs(data):
+    """The name-value pairs in `data`, as a dict of bytes; TransportError if they do not add up."""
+    pairs = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        sizes = []
+        for _ in range(2):
+            if pos >= end:
+                raise TransportError("truncated FastCGI name-value pair")
+            size = data[pos]
+            if size & 0x80:
+                if pos + 4 > end:
+                    raise TransportError("truncated FastCGI name-value pair")
+                size = _FCGI_LONG_LENGTH.unpack_from(data, pos)[0] & 0x7FFFFFFF
+                pos += 4
+            else:
+                pos += 1
+            sizes.append(size)
+        name_end = pos + sizes[0]
+        if name_end + sizes[1] > end:
+            raise TransportError("truncated FastCGI name-value pair")
+        pairs[bytes(data[pos:name_end])] = bytes(data[name_end:name_end + sizes[1]])
+        pos = name_end + sizes[1]
+    return pairs
+
+
+def _read_fcgi_record(connection):
+    """(type, request id, content) of the next record on an _UpstreamConnection."""
+    version, kind, request_id, size, padding = _FCGI_HEADER.unpack(
+        connection.read_exact(_FCGI_HEADER.size))
+    if version != 1:
+        raise TransportError("FastCGI record of version %d" % version)
+    content = connection.read_exact(size + padding)
+    return kind, request_id, content[:size] if padding else content
+
+
+class _FastCGIErrors:
+    """wsgi.errors of one FastCGI request: what the app writes goes back as FCGI_STDERR."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def write(self, text):
+        self.chunks.append(text.encode("utf-8", "replace"))
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+
+class _FastCGIRequest:
+    """What a responder gathers for one request before running it."""
+
+    __slots__ = ("request_id", "keep_conn", "params", "params_done", "stdin", "stdin_done",
+                 "body", "body_fd")
+
+    def __init__(self, request_id, keep_conn):
+        self.request_id, self.keep_conn = request_id, keep_conn
+        self.params = bytearray()
+        self.stdin = _BodySink(1 << 62)  # the client (front or nginx) bounds the body
+        self.params_done = self.stdin_done = False
+        self.body, self.body_fd = b"", None
+
+
+class _FastCGIHandler(socketserver.BaseRequestHandler):
+    """One connection to the responder: requests one after another until the client is done."""
+
+    def handle(self):
+        connection = _UpstreamConnection(self.request)
+        server = self.server
+        while not server.closing:
+            try:
+                request = self.read_request(connection)
+            except (TransportError, OSError):
+                return
+            if request is None:
+                continue  # aborted before it ran
+            server.busy(self.request, True)
+            try:
+                self.request.sendall(self.run(request))
+            except OSError:
+                return
+            finally:
+                server.busy(self.request, False)
+                if request.body_fd is not None:
+                    os.close(request.body_fd)
+            if not request.keep_conn:
+                return
+
+    def read_request(self, connection):
+        """The next complete request (params and stdin), or None if the client aborted it."""
+        request = None
+        while request is None or not (request.params_done and request.stdin_done):
+            kind, request_id, content = _read_fcgi_record(connection)
+            if request_id == 0:
+                self.management_reply(kind, content)
+            elif kind == _FCGI_BEGIN_REQUEST:
+                role, flags = _FCGI_BEGIN.unpack(content[:_FCGI_BEGIN.size])
+                if request is not None:
+                    self.end_request(request_id, _FCGI_CANT_MPX_CONN)
+                elif role != _FCGI_RESPONDER:
+                    self.end_request(request_id, _FCGI_UNKNOWN_ROLE)
+                else:
+                    request = _FastCGIRequest(request_id, bool(flags & _FCGI_KEEP_CONN))
+            elif request is None or request_id != request.request_id:
+                continue  # a record of a request that is not (or no longer) active: ignored
+            elif kind == _FCGI_PARAMS:
+                if content:
+                    request.params += content
+                else:
+                    request.params_done = True
+            elif kind == _FCGI_STDIN:
+                if content:
+                    request.stdin.write(content)
+                else:
+                    request.stdin_done = True
+            elif kind == _FCGI_ABORT_REQUEST:
+                self.end_request(request_id, _FCGI_REQUEST_COMPLETE)
+                if not request.keep_conn:
+                    raise TransportError("request aborted")
+                return None
+        request.stdin.finish(request)
+        return request
+
+    def management_reply(self, kind, content):
+        if kind != _FCGI_GET_VALUES:
+            self.request.sendall(fcgi_record(_FCGI_UNKNOWN_TYPE, 0, bytes((kind,)) + b"\0" * 7))
+            return
+        known = {b"FCGI_MAX_CONNS": b"%d" % self.server.request_queue_size,
+                 b"FCGI_MAX_REQS": b"%d" % self.server.request_queue_size,
+                 b"FCGI_MPXS_CONNS": b"0",
+                 b"DOORDOWN_STATS": json.dumps(self.server.gateway.stats()).encode()}
+        asked = parse_fcgi_pairs(content)
+        self.request.sendall(fcgi_record(_FCGI_GET_VALUES_RESULT, 0, fcgi_pairs(
+            (name, known[name]) for name in asked if name in known)))
+
+    def end_request(self, request_id, protocol_status, app_status=0):
+        self.request.sendall(fcgi_record(_FCGI_END_REQUEST, request_id,
+                                         _FCGI_END.pack(app_status, protocol_status)))
+
+    def run(self, request):
+        """The reply records for one request: STDERR if any, STDOUT, END_REQUEST."""
+        gateway = self.server.gateway
+        environ = {name.decode("latin-1"): value.decode("latin-1")
+                   for name, value in parse_fcgi_pairs(request.params).items()}
+        body_input, length = _body_input(request.body, request.body_fd)
+        if length and not environ.get("CONTENT_LENGTH"):
+            environ["CONTENT_LENGTH"] = str(length)
+        errors = _FastCGIErrors()
+        environ.update(gateway.wsgi_keys)
+        environ["wsgi.url_scheme"] = "https" if environ.get("HTTPS") in ("on", "1") \
+            else environ.get("REQUEST_SCHEME", "http")
+        environ["wsgi.input"] = body_input
+        environ["wsgi.errors"] = errors
+        environ.setdefault("PATH_INFO", "")
+        environ.setdefault("SCRIPT_NAME", "")
+        environ.setdefault("QUERY_STRING", "")
+        try:
+            output = cgi_response(*gateway.respond(environ))
+        finally:
+            body_input.close()
+        request_id = request.request_id
+        records = [fcgi_stream(_FCGI_STDERR, request_id, b"".join(errors.chunks))] if errors.chunks else []
+        records += (fcgi_stream(_FCGI_STDOUT, request_id, output),
+                    fcgi_record(_FCGI_END_REQUEST, request_id, _FCGI_END.pack(0, _FCGI_REQUEST_COMPLETE)))
+        return b"".join(records)
+
+
+class FastCGIAppServer(_UnixAppServer):
+    """The app role of `--transport fastcgi`: a FastCGI 1.0 responder on a Unix socket."""
+
+    description = "FastCGI responder"
+
+    def __init__(self, path, gateway):
+        _UnixAppServer.__init__(self, path, gateway, _FastCGIHandler)
+
+
+class FastCGIUpstream:
+    """The front as a FastCGI client: one request per pooled connection at a time, KEEP_CONN."""
+
+    transport = "fastcgi"
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.pool = _UnixPool(path, timeout)
+
+    def forward(self, request, env):
+        fields = request_fields(request, env)
+        fd = request.body_fd
+        size = len(request.body) if fd is None else os.fstat(fd).st_size
+        params = [(name.encode("latin-1"), value.encode("latin-1"))
+                  for name, value in cgi_variables(fields, fields[_REQUEST_FIXED:], size).items()]
+        params += ((b"GATEWAY_INTERFACE", b"CGI/1.1"), (b"REQUEST_SCHEME", env.scheme),
+                   (b"REQUEST_URI", request.target))
+        if env.scheme == b"https":
+            params.append((b"HTTPS", b"on"))
+        message = [fcgi_record(_FCGI_BEGIN_REQUEST, 1, _FCGI_BEGIN.pack(_FCGI_RESPONDER, _FCGI_KEEP_CONN)),
+                   fcgi_stream(_FCGI_PARAMS, 1, fcgi_pairs(params))]
+        connection = self.pool.get()
+        try:
+            if fd is None:
+                message.append(fcgi_stream(_FCGI_STDIN, 1, request.body))
+                connection.sock.sendall(b"".join(message))
+            else:
+                connection.sock.sendall(b"".join(message))
+                with os.fdopen(os.dup(fd), "rb") as body_file:
+                    for piece in iter(lambda: body_file.read(_FCGI_PIECE), b""):
+                        connection.sock.sendall(fcgi_record(_FCGI_STDIN, 1, piece))
+                connection.sock.sendall(fcgi_record(_FCGI_STDIN, 1))
+            output = self._read_reply(connection)
+        except BaseException:
+            connection.close()
+            raise
+        self.pool.put(connection)
+        return parse_cgi_response(output)
+
+    def _read_reply(self, connection):
+        stdout = []
+        while True:
+            kind, request_id, content = _read_fcgi_record(connection)
+            if request_id != 1:
+                continue  # management records we did not ask for
+            if kind == _FCGI_STDOUT:
+                stdout.append(content)
+            elif kind == _FCGI_STDERR and content:
+                _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip())
+            elif kind == _FCGI_END_REQUEST:
+                app_status, protocol_status = _FCGI_END.unpack(content[:_FCGI_END.size])
+                if protocol_status != _FCGI_REQUEST_COMPLETE:
+                    raise TransportError("the FastCGI app refused the request (protocol status %d)"
+                                         % protocol_status)
+                return b"".join(stdout)
+
+    def stats(self):
+        connection = self.pool.get()
+        try:
+            connection.sock.sendall(fcgi_record(_FCGI_GET_VALUES, 0, fcgi_pairs([(b"DOORDOWN_STATS", b"")])))
+            kind, _, content = _read_fcgi_record(connection)
+            if kind != _FCGI_GET_VALUES_RESULT:
+                raise TransportError("FastCGI record of type %d instead of GET_VALUES_RESULT" % kind)
+            stats = parse_fcgi_pairs(content).get(b"DOORDOWN_STATS")
+        except BaseException:
+            connection.close()
+            raise
+        self.pool.put(connection)
+        if stats is None:  # a responder other than doordown's: it answers, but says nothing more
+            return {"pid": None, "threads": None, "requests": None}
+        return json.loads(stats)
+
+    def close(self):
+        self.pool.close()
+
+
+# -- CGI ---------------------------------------------------------------------------
+
+class CGIUpstream:
+    """Runs `doordown.py cgi module:app` for every request: environment and stdin in, stdout out.
+
+    The child inherits the front's environment (virtualenv, settings module), less any
+    HTTP_* variable, plus the request's RFC 3875 variables; its stderr is the front's.
+    A child that fails before answering, or is killed, gets the client a 502.
+    """
+
+    transport = "cgi"
+
+    def __init__(self, spec, timeout=None):
+        self.command = [sys.executable, os.path.abspath(__file__), "cgi"] + ([spec] if spec else [])
+        self.timeout = timeout
+        self.requests = 0
+        self.environ = {name: value for name, value in os.environb.items()
+                        if not name.startswith(b"HTTP_")}
+
+    def forward(self, request, env):
+        fields = request_fields(request, env)
+        fd = request.body_fd
+        size = len(request.body) if fd is None else os.fstat(fd).st_size
+        variables = dict(self.environ)
+        for name, value in cgi_variables(fields, fields[_REQUEST_FIXED:], size).items():
+            variables[name.encode("latin-1")] = value.encode("latin-1")
+        variables.update({b"GATEWAY_INTERFACE": b"CGI/1.1", b"REQUEST_SCHEME": env.scheme,
+                          b"REQUEST_URI": request.target})
+        if env.scheme == b"https":
+            variables[b"HTTPS"] = b"on"
+        # Its own session: a Ctrl-C at the terminal must not kill requests in flight.
+        child = subprocess.Popen(self.command, stdin=subprocess.PIPE if fd is None else fd,
+                                 stdout=subprocess.PIPE, env=variables, start_new_session=True)
+        try:
+            output, _ = child.communicate(request.body if fd is None else None, self.timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise TimeoutError("the CGI program did not answer within %ss" % self.timeout)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        if child.returncode != 0:
+            raise TransportError("the CGI program stopped without answering (%s)"
+                                 % _describe_exit(child.returncode))
+        self.requests += 1
+        return parse_cgi_response(output)
+
+    def stats(self):
+        return {"pid": None, "threads": 0, "requests": self.requests}
+
+    def close(self):
+        pass
+
+
+def run_cgi(args):
+    """The `cgi` command: answer the one request in the environment, as an RFC 3875 program."""
+    environ = {name.decode("latin-1"): value.decode("latin-1")
+               for name, value in os.environb.items()}
+    if "REQUEST_METHOD" not in environ:
+        _log("cgi", "no REQUEST_METHOD in the environment: run by a web server, not by hand")
+        return EXIT_USAGE
+    try:
+        app = load_app(args.app)
+    except BaseException:
+        _log("cgi", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()))
+        return EXIT_APP_LOAD
+    gateway = WSGIGateway(app)
+    environ.update(gateway.wsgi_keys)
+    environ.update({"wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": True,
+                    "wsgi.input": sys.stdin.buffer, "wsgi.errors": sys.stderr,
+                    "wsgi.url_scheme": "https" if environ.get("HTTPS") in ("on", "1") else "http"})
+    for name in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING"):
+        environ.setdefault(name, "")
+    sys.stdout.buffer.write(cgi_response(*gateway.respond(environ)))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+# -- in-process: the reference -------------------------------------------------------
+
+class InProcessUpstream:
+    """The front calls the application itself, on the connection's thread: no IPC at all.
+
+    For reference only (the benchmark's yardstick): the application shares the front's
+    process, its memory and its fate.
+    """
+
+    transport = "inprocess"
+
+    def __init__(self, spec):
+        self.gateway = WSGIGateway(load_app(spec))
+
+    def forward(self, request, env):
+        fields = request_fields(request, env)
+        body_input, length = _body_input(request.body, request.body_fd)
+        try:
+            status, headers, body, close = self.gateway.respond(
+                self.gateway.environ(fields, body_input, length))
+        finally:
+            body_input.close()
+        return Response(status, headers, body, None, close)
+
+    def stats(self):
+        return dict(self.gateway.stats(), threads=threading.active_count())
+
+    def close(self):
+        pass
+
+
+# -- the table `serve` and `app` choose from -------------------------------------------
+
+TRANSPORTS = ("door", "proxy", "fastcgi", "cgi", "inprocess")
+APP_SERVERS = {"proxy": ProxyAppServer, "fastcgi": FastCGIAppServer}  # the door's is the backend's
+
+
+def transport_description(transport, backend):
+    """How `serve` names the way it reaches its application, at start-up."""
+    if transport == "door":
+        return backend.description
+    return {"proxy": "proxy pass (HTTP/1.1 over a Unix socket, pooled keep-alive)",
+            "fastcgi": "FastCGI (over a Unix socket, pooled connections)",
+            "cgi": "CGI (a process per request)",
+            "inprocess": "no IPC (the app in the front's process: a reference, not a deployment)"}[transport]
+
+
+def make_upstream(transport, target, backend, timeout=None):
+    """The front's upstream for `transport`: `target` is the door or socket path, or for
+    cgi and inprocess the application spec."""
+    if transport == "door":
+        return DoorUpstream(backend, target, timeout)
+    if transport == "proxy":
+        return ProxyUpstream(target, timeout)
+    if transport == "fastcgi":
+        return FastCGIUpstream(target, timeout)
+    if transport == "cgi":
+        return CGIUpstream(target, timeout)
+    if transport == "inprocess":
+        return InProcessUpstream(target)
+    raise ValueError("unknown transport %r" % transport)
+
+
+###############################################################################
 # Supervisor #################################################################
 ###############################################################################
 #
@@ -1437,8 +2359,8 @@ class AppProcess:
     def start(self):
         args = self.args
         command = [sys.executable, os.path.abspath(__file__), "app", "--door", self.door_path,
-                   "--doors", self.backend.name, "--graceful-timeout", str(args.graceful_timeout),
-                   "--exit-with-parent"]
+                   "--doors", self.backend.name, "--transport", args.transport,
+                   "--graceful-timeout", str(args.graceful_timeout), "--exit-with-parent"]
         for uid in args.allow_uid or ():
             command += ["--allow-uid", str(uid)]
         if self.spec:
@@ -1505,9 +2427,10 @@ class Supervisor:
     def spawn(self, slot):
         """Start a new generation of a slot's app on a fresh door; swap it in once it answers."""
         slot.generation += 1
-        path = os.path.join(self.door_dir, "app-%d.door" % slot.generation)
+        path = os.path.join(self.door_dir, "app-%d.%s" % (
+            slot.generation, "door" if self.args.transport == "door" else "sock"))
         process = AppProcess(slot.spec, path, self.backend, self.args).start()
-        upstream = DoorUpstream(self.backend, path, self.args.timeout)
+        upstream = make_upstream(self.args.transport, path, self.backend, self.args.timeout)
         if wait_for_door(upstream, self.args.boot_timeout, process):
             old, slot.mount.upstream = slot.mount.upstream, upstream
             if old is not None:
@@ -1571,11 +2494,18 @@ class Supervisor:
         args = self.args
         mount = Mount("")
         if args.app_door:
-            mount.upstream = DoorUpstream(self.backend, args.app_door, args.timeout)
+            mount.upstream = make_upstream(args.transport, args.app_door, self.backend, args.timeout)
             if not wait_for_door(mount.upstream, args.boot_timeout):
                 _log("front", "no application answers on door %s" % args.app_door)
                 return 1
             what = "the application on door %s" % args.app_door
+        elif args.transport in ("cgi", "inprocess"):  # no app process to supervise
+            try:
+                mount.upstream = make_upstream(args.transport, args.app, self.backend, args.timeout)
+            except AppLoadError as exc:
+                _log("front", "cannot load the application: %s" % exc)
+                return EXIT_APP_LOAD
+            what = args.app or "the built-in hello app"
         else:
             slot = _AppSlot(mount, args.app)
             self.slots.append(slot)
@@ -1602,7 +2532,7 @@ class Supervisor:
         bound_host, bound_port = self.front.server_address[:2]
         _log("front", "serving %s at http://%s:%d/ through %s"
              % (what, bound_host if family != socket.AF_INET6 else "[%s]" % bound_host,
-                bound_port, self.backend.description))
+                bound_port, transport_description(args.transport, self.backend)))
         while True:
             try:
                 signum = self.signals.get(timeout=0.5)
@@ -1721,8 +2651,13 @@ def build_parser():
     serve.add_argument("-b", "--bind", type=_bind_address, default=("127.0.0.1", 8000, socket.AF_INET),
                        metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8000)")
     serve.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    serve.add_argument("--transport", choices=TRANSPORTS, default="door",
+                       help="how the front reaches the app: door (default), proxy (HTTP/1.1), "
+                            "fastcgi, cgi (a process per request), or inprocess (no IPC; a "
+                            "reference for benchmarks)")
     serve.add_argument("--app-door", metavar="PATH",
-                       help="front an app role started separately on this door; spawn none")
+                       help="front an app role started separately on this door (or socket, "
+                            "with --transport proxy or fastcgi); spawn none")
     serve.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                        help="answer 504 when the app takes longer than this (default 30)")
     serve.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
@@ -1754,13 +2689,21 @@ def build_parser():
                               description="Serve a WSGI application on a door; each door "
                                           "invocation runs on a thread the OS provides.")
     app.add_argument("app", nargs="?", type=_app_spec, help=app_help)
-    app.add_argument("--door", required=True, metavar="PATH", help="where to create the door")
+    app.add_argument("--door", "--socket", dest="door", required=True, metavar="PATH",
+                     help="where to create the door (or the Unix socket of proxy and fastcgi)")
     app.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    app.add_argument("--transport", choices=("door", "proxy", "fastcgi"), default="door",
+                     help="serve a door (default), HTTP/1.1 (proxy pass) or FastCGI on a Unix socket")
     app.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                      help="accept door calls from this euid too (default: only the app's own)")
     app.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                      help="on SIGTERM, time given to calls in flight (default 30)")
     app.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+
+    cgi = commands.add_parser("cgi", help="answer one request as a CGI program (run by serve --transport cgi)",
+                              description="Answer the request in the environment (RFC 3875) "
+                                          "through a WSGI application, as a CGI program.")
+    cgi.add_argument("app", nargs="?", type=_app_spec, help=app_help)
     return parser
 
 
@@ -1769,6 +2712,11 @@ def main(argv=None):
     try:
         if args.command == "app":
             return run_app(args)
+        if args.command == "cgi":
+            return run_cgi(args)
+        if args.app_door and args.transport in ("cgi", "inprocess"):
+            sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")
+            return EXIT_USAGE
         return Supervisor(args).run()
     except DoorError as exc:
         sys.stderr.write("doordown: error: %s\n" % exc.strerror)
