@@ -21,11 +21,14 @@ import argparse
 import array
 import collections
 import errno
+import http.client
 import io
 import json
 import os
 import queue
 import re
+import selectors
+import shutil
 import signal
 import socket
 import socketserver
@@ -39,6 +42,7 @@ import time
 import traceback
 from http.server import ThreadingHTTPServer
 from urllib.parse import unquote_to_bytes
+from xml.sax.saxutils import escape
 from wsgiref.util import FileWrapper
 
 __version__ = "0.1.0"
@@ -2487,7 +2491,6 @@ class Supervisor:
                     slot.process.stop(args.graceful_timeout)
                 if slot.mount.upstream is not None:
                     slot.mount.upstream.close()
-            import shutil
             shutil.rmtree(self.door_dir, ignore_errors=True)
 
     def _run(self):
@@ -2580,6 +2583,734 @@ def app_stats(door_path, doors="auto"):
 
 
 ###############################################################################
+# Benchmark ##################################################################
+###############################################################################
+#
+# `doordown.py bench`: every transport, and the in-process reference, against the same
+# workloads under the same load, measured the same way.  For each workload and transport
+# it starts `serve`, checks the answer (status and exact body) before timing anything,
+# measures the idle stack, then for each concurrency: warms up, runs the load, and reads
+# requests/s, p50/p99 latency, errors and non-2xx from the load generator; CPU seconds
+# of the whole stack (front, app, children) from the kernel's accounting; RSS and PSS of
+# the whole stack idle and at peak; the app's thread count at the end.
+#
+# Load: wrk when it is on PATH (a Python client under-reports a Python server), else a
+# built-in generator: forked processes, raw sockets, keep-alive.  --pinned puts the server
+# stack on CPU 0 and the load on CPU 1; free (the default) lets the OS place them.  The two
+# rank servers differently (shared notes, benchmarking.md): never compare across them.
+
+def block_2ms_app(environ, start_response):
+    """The I/O-bound workload: blocks 2 ms, as a query to a database would."""
+    time.sleep(0.002)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12")])
+    return [b"Slept 2 ms.\n"]
+
+
+_PAYLOAD_64K = bytes(range(256)) * 256
+
+
+def payload_64k_app(environ, start_response):
+    """The bulk workload: a 64 KiB response."""
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(len(_PAYLOAD_64K)))])
+    return [_PAYLOAD_64K]
+
+
+# name -> (application spec, the exact body every answer must have)
+BENCH_WORKLOADS = collections.OrderedDict((
+    ("hello", (None, b"Well, hello to you too!\n")),
+    ("block-2ms", ("doordown:block_2ms_app", b"Slept 2 ms.\n")),
+    ("64k", ("doordown:payload_64k_app", _PAYLOAD_64K)),
+))
+
+
+# -- what the stack uses: CPU, memory, threads, from the kernel ----------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# illumos psinfo_t (sys/procfs.h), LP64, up to pr_ctime: pr_flag, pr_nlwp, pr_pid, pr_ppid,
+# pr_pgid, pr_sid, pr_uid, pr_euid, pr_gid, pr_egid (int); pr_addr, pr_size, pr_rssize,
+# pr_pad1, pr_ttydev (8 bytes each); pr_pctcpu, pr_pctmem (ushort), 4 bytes of padding;
+# pr_start, pr_time, pr_ctime (timestruc_t: seconds, nanoseconds).  136 bytes.
+_PSINFO = struct.Struct("=10i5Q2H4x6q")
+
+ProcessFacts = collections.namedtuple("ProcessFacts", "ppid cpu rss pss threads")
+
+
+def _linux_facts(pid, memory=True):
+    """ProcessFacts from /proc/PID/stat (and smaps_rollup for RSS and PSS), or None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces
+        # fields[0] is field 3 of proc(5): ppid 4, utime 14, stime 15, cutime 16, cstime 17,
+        # num_threads 20, rss 24 (pages); cutime/cstime hold the children it has reaped.
+        if fields[0] == b"Z":
+            return None
+        cpu = sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        pss = None
+        if memory:
+            try:
+                with open("/proc/%d/smaps_rollup" % pid, "rb") as f:
+                    for line in f:
+                        if line.startswith(b"Rss:"):
+                            rss = int(line.split()[1]) * 1024
+                        elif line.startswith(b"Pss:"):
+                            pss = int(line.split()[1]) * 1024
+            except OSError:
+                pass  # before Linux 4.14: RSS from stat, no PSS
+        return ProcessFacts(int(fields[1]), cpu, rss, pss, int(fields[17]))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _illumos_facts(pid, memory=True):
+    """ProcessFacts from /proc/PID/psinfo (illumos has no PSS: pss is None), or None if gone.
+
+    Written from illumos' sys/procfs.h for a 64-bit Python; it cannot run off illumos, so
+    it has not run here.
+    """
+    try:
+        with open("/proc/%d/psinfo" % pid, "rb") as f:
+            data = f.read(_PSINFO.size)
+        fields = _PSINFO.unpack(data)
+    except (OSError, struct.error):
+        return None
+    nlwp, ppid, rss_kb = fields[1], fields[3], fields[12]
+    time_s, time_ns, ctime_s, ctime_ns = fields[-4:]
+    if nlwp == 0:
+        return None  # a zombie
+    return ProcessFacts(ppid, time_s + ctime_s + (time_ns + ctime_ns) / 1e9, rss_kb * 1024, None, nlwp)
+
+
+def process_facts(pid, memory=True):
+    if is_illumos():
+        return _illumos_facts(pid, memory) if struct.calcsize("P") == 8 else None
+    return _linux_facts(pid, memory)
+
+
+def process_tree(root):
+    """`root` and every live descendant of it, from the parent links in /proc."""
+    children = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            facts = process_facts(int(entry), memory=False)
+            if facts is not None:
+                children[facts.ppid].append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+StackUsage = collections.namedtuple("StackUsage", "cpu rss pss processes")
+
+
+def stack_usage(root):
+    """CPU seconds, RSS and PSS (None where not known) summed over a process tree."""
+    cpu = rss = 0
+    pss = 0
+    processes = 0
+    for pid in process_tree(root):
+        facts = process_facts(pid)
+        if facts is None:
+            continue
+        processes += 1
+        cpu += facts.cpu
+        rss += facts.rss
+        pss = None if pss is None or facts.pss is None else pss + facts.pss
+    return StackUsage(cpu, rss, pss, processes)
+
+
+def _pin(cpus):
+    """A preexec_fn binding the child (and all it starts) to `cpus`; None if not pinning.
+
+    Linux: sched_setaffinity before exec, so no thread ever runs elsewhere.  illumos has no
+    sched_setaffinity; the child is bound after it starts instead (see _pin_started).
+    """
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _pin_started(pid, cpus):
+    """illumos: bind a started process to one CPU with pbind(1M); its LWPs and children follow."""
+    if cpus and is_illumos():
+        subprocess.run(["pbind", "-b", str(min(cpus)), str(pid)], stdout=subprocess.DEVNULL, check=False)
+
+
+# -- load generators ---------------------------------------------------------------
+
+LoadResult = collections.namedtuple("LoadResult", "requests seconds latencies errors non_2xx")
+
+_WRK_REPORT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("DOORDOWN-WRK %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    math.floor(latency:percentile(50)), math.floor(latency:percentile(99)),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+class WrkLoad:
+    """wrk (keep-alive, C, epoll): the load generator to trust for ceilings."""
+
+    name = "wrk"
+
+    def __init__(self, path, pinned, cpus):
+        self.path, self.cpus = path, cpus
+        self.threads = 1 if pinned else (os.cpu_count() or 2)
+        self.script = tempfile.NamedTemporaryFile("w", prefix="doordown-wrk-", suffix=".lua", delete=False)
+        self.script.write(_WRK_REPORT)
+        self.script.close()
+        version = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.version = version.stdout.decode("utf-8", "replace").split("\n", 1)[0].split(" Copyright")[0]
+
+    def describe(self):
+        return "%s, -t%d" % (self.version, self.threads)
+
+    def start(self, port, connections, seconds):
+        # wrk takes whole seconds; --timeout so that slow transports count as slow, not failed
+        command = [self.path, "-t%d" % min(self.threads, connections), "-c%d" % connections,
+                   "-d%ds" % max(1, round(seconds)), "--timeout", "30s", "-s", self.script.name,
+                   "http://127.0.0.1:%d/" % port]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, preexec_fn=_pin(self.cpus))
+        _pin_started(process.pid, self.cpus)
+        return process
+
+    def running(self, process):
+        return process.poll() is None
+
+    def result(self, process):
+        output = process.communicate()[0].decode("utf-8", "replace")
+        match = re.search(r"DOORDOWN-WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", output)
+        if match is None:
+            raise RuntimeError("wrk failed: %s" % output.strip()[-300:])
+        requests, micros, p50, p99, errors, bad_status = map(int, match.groups())
+        # wrk counts statuses of 400 and over as errors.status: reported as non-2xx
+        return LoadResult(requests, micros / 1e6, (p50, p99), errors, bad_status)
+
+    def close(self):
+        os.unlink(self.script.name)
+
+
+class _LoadConnection:
+    """One keep-alive connection of a built-in load process, one request in flight."""
+
+    __slots__ = ("sock", "buf", "sent", "end", "closing")
+
+    def __init__(self, sock, sent):
+        self.sock, self.sent = sock, sent
+        self.buf = bytearray()
+        self.end = -1  # where the response in buf ends, once its head is parsed
+        self.closing = False
+
+
+def _load_worker(port, connections, seconds, out_path):
+    """One built-in load process: `connections` keep-alive connections, one request in flight
+    on each, for `seconds`; writes its counts and latencies (µs) to `out_path`."""
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+    content_length = re.compile(rb"\r\ncontent-length: *([0-9]+)")
+    selector = selectors.DefaultSelector()
+    latencies = array.array("I")
+    counts = {"requests": 0, "errors": 0, "non_2xx": 0}
+    clock = time.perf_counter
+
+    def connect():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(request)
+        except OSError:
+            counts["errors"] += 1
+            return
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, _LoadConnection(sock, clock()))
+
+    def reconnect(conn, failed):
+        counts["errors"] += failed
+        selector.unregister(conn.sock)
+        conn.sock.close()
+        connect()
+
+    for _ in range(connections):
+        connect()
+    began = time.monotonic()
+    deadline = began + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not selector.get_map():
+            break
+        for key, _ in selector.select(left):
+            conn = key.data
+            try:
+                data = conn.sock.recv(262144)
+            except OSError:
+                data = b""
+            if not data:
+                reconnect(conn, 1)
+                continue
+            conn.buf += data
+            if conn.end < 0:
+                head_end = conn.buf.find(b"\r\n\r\n")
+                if head_end < 0:
+                    continue
+                head = bytes(conn.buf[:head_end]).lower()
+                length = content_length.search(head)
+                if length is None:  # every workload answers with a length: anything else is wrong
+                    reconnect(conn, 1)
+                    continue
+                conn.end = head_end + 4 + int(length.group(1))
+                conn.closing = b"\r\nconnection: close" in head
+                if not head.startswith(b"http/1.1 2"):
+                    counts["non_2xx"] += 1
+            if len(conn.buf) < conn.end:
+                continue
+            now = clock()
+            latencies.append(min(int((now - conn.sent) * 1e6), 0xFFFFFFFF))
+            counts["requests"] += 1
+            if conn.closing:
+                reconnect(conn, 0)
+                continue
+            del conn.buf[:conn.end]
+            conn.sent, conn.end = now, -1
+            try:
+                conn.sock.send(request)
+            except OSError:
+                reconnect(conn, 1)
+    counts["seconds"] = time.monotonic() - began
+    with open(out_path, "wb") as out:
+        out.write(json.dumps(counts).encode() + b"\n")
+        out.write(latencies.tobytes())
+
+
+class BuiltinLoad:
+    """The stdlib load generator: forked processes, raw sockets, keep-alive.  Fine for slow
+    servers and for latency at low concurrency; it competes with the server for the CPUs and
+    tops out far below wrk, so do not read ceilings from it."""
+
+    name = "builtin"
+
+    def __init__(self, pinned, cpus):
+        self.cpus = cpus
+        self.processes = 1 if pinned else (os.cpu_count() or 2)
+
+    def describe(self):
+        return "built-in (stdlib, %d process%s, keep-alive)" % (self.processes, "" if self.processes == 1 else "es")
+
+    def start(self, port, connections, seconds):
+        workers = []
+        count = min(self.processes, connections)
+        for i in range(count):
+            share = connections // count + (1 if i < connections % count else 0)
+            fd, out_path = tempfile.mkstemp(prefix="doordown-load-")
+            os.close(fd)
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the caller's code
+                code = 0
+                try:
+                    if self.cpus and hasattr(os, "sched_setaffinity"):
+                        os.sched_setaffinity(0, self.cpus)
+                    _load_worker(port, share, seconds, out_path)
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            _pin_started(pid, self.cpus)
+            workers.append([pid, out_path, None])
+        return workers
+
+    def running(self, workers):
+        for worker in workers:
+            if worker[2] is None:
+                pid, status = os.waitpid(worker[0], os.WNOHANG)
+                if pid:
+                    worker[2] = status
+        return any(worker[2] is None for worker in workers)
+
+    def result(self, workers):
+        requests = errors = non_2xx = 0
+        rate = 0.0
+        latencies = array.array("I")
+        for pid, out_path, status in workers:
+            if status is None:
+                os.waitpid(pid, 0)
+            with open(out_path, "rb") as f:
+                counts = json.loads(f.readline())
+                latencies.frombytes(f.read())
+            os.unlink(out_path)
+            requests += counts["requests"]
+            errors += counts["errors"]
+            non_2xx += counts["non_2xx"]
+            rate += counts["requests"] / counts["seconds"]
+        ordered = sorted(latencies)
+        percentiles = tuple(ordered[int(q * (len(ordered) - 1))] if ordered else 0 for q in (0.5, 0.99))
+        return LoadResult(requests, requests / rate if rate else 0.0, percentiles, errors, non_2xx)
+
+    def close(self):
+        pass
+
+
+# -- one server stack under test ----------------------------------------------------
+
+class BenchServer:
+    """`doordown.py serve` for one transport and workload, on a free port; its log in a file."""
+
+    def __init__(self, transport, spec, doors, cpus):
+        self.transport, self.spec, self.doors, self.cpus = transport, spec, doors, cpus
+        self.log = tempfile.TemporaryFile()
+        self.proc = None
+        self.port = None
+        self.app_pid = None
+
+    def start(self, timeout=60):
+        command = [sys.executable, os.path.abspath(__file__), "serve", "--transport", self.transport,
+                   "--bind", "127.0.0.1:0", "--access-log", "off", "--doors", self.doors]
+        if self.spec:
+            command.append(self.spec)
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log, preexec_fn=_pin(self.cpus))
+        _pin_started(self.proc.pid, self.cpus)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = re.search(r"serving .*? at http://[^ ]+:(\d+)/", self.output())
+            if ready:
+                self.port = int(ready.group(1))
+                app = re.search(r"\(app pid (\d+),", self.output())
+                self.app_pid = int(app.group(1)) if app else self.proc.pid
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise RuntimeError("serve --transport %s did not start:\n%s" % (self.transport, self.output()[-2000:]))
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    def check(self, expected):
+        """None if GET / answers 200 with exactly `expected`, else what is wrong."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return "no answer: %s" % exc
+        finally:
+            conn.close()
+        if response.status != 200 or body != expected:
+            return "answered %d with %d bytes %r" % (response.status, len(body), body[:60])
+        return None
+
+    def stop(self):
+        if self.proc is None:
+            return
+        tree = process_tree(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in tree[1:]:  # an app or CGI child the front did not take down with it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.close()
+
+
+# -- the run -----------------------------------------------------------------------------
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _megabytes(size):
+    return None if size is None else round(size / 1048576, 1)
+
+
+def run_bench(args):
+    """The `bench` command."""
+    concurrency = args.concurrency or ([16] if args.quick else [1, 16, 64])
+    duration = args.duration or (1.0 if args.quick else 10.0)
+    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    if not os.path.isdir("/proc"):
+        _log("bench", "no /proc here: CPU, memory and threads cannot be measured")
+        return 1
+    server_cpus = load_cpus = None
+    if args.pinned:
+        if (os.cpu_count() or 1) < 2:
+            _log("bench", "--pinned needs two CPUs")
+            return EXIT_USAGE
+        server_cpus, load_cpus = {0}, {1}
+    wrk = shutil.which("wrk") if args.load != "builtin" else None
+    if args.load == "wrk" and wrk is None:
+        _log("bench", "--load wrk, but wrk is not on PATH")
+        return EXIT_USAGE
+    load = WrkLoad(wrk, args.pinned, load_cpus) if wrk else BuiltinLoad(args.pinned, load_cpus)
+    backend = door_backend(args.doors)
+    placement = ("pinned (server stack on CPU 0, load on CPU 1)" if args.pinned
+                 else "free (no pinning: the OS places server and load)")
+    report = {
+        "doordown": __version__,
+        "command": " ".join(["python3 doordown.py bench"] + args.argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {"platform": sys.platform, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                    "kernel": " ".join(os.uname()[2:3]), "load_average_before": _load_average()},
+        "config": {"transports": args.transports, "workloads": args.workloads,
+                   "concurrency": concurrency, "duration_s": duration, "warmup_s": warmup,
+                   "placement": "pinned" if args.pinned else "free", "load": load.describe(),
+                   "doors": backend.description},
+        "results": [],
+    }
+    cells = len(args.workloads) * len(args.transports) * len(concurrency)
+    _log("bench", "%d runs of %ss after %ss of warm-up; load: %s; %s; doors: %s"
+         % (cells, duration, warmup, load.describe(), placement, backend.description))
+    done = 0
+    try:
+        for workload in args.workloads:
+            spec, expected = BENCH_WORKLOADS[workload]
+            for transport in args.transports:
+                server = BenchServer(transport, spec, args.doors, server_cpus)
+                first = done
+                try:
+                    server.start()
+                    problem = server.check(expected)
+                    if problem is not None:
+                        raise RuntimeError("wrong answer before timing: %s" % problem)
+                    time.sleep(0.3)  # let start-up settle before the idle figures
+                    idle = stack_usage(server.proc.pid)
+                    for connections in concurrency:
+                        done += 1
+                        row = _bench_cell(load, server, workload, connections, duration, warmup, idle)
+                        report["results"].append(row)
+                        _log("bench", _progress_line(done, cells, row))
+                except RuntimeError as exc:
+                    _log("bench", "%s over %s: %s" % (workload, transport, exc))
+                    done = first + len(concurrency)
+                    report["results"].append({"workload": workload, "transport": transport,
+                                              "failed": str(exc)})
+                finally:
+                    server.stop()
+    finally:
+        load.close()
+    report["machine"]["load_average_after"] = _load_average()
+    sys.stdout.write(bench_markdown(report))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(bench_svg(report))
+    return 0 if all("failed" not in row for row in report["results"]) else 1
+
+
+def _progress_line(done, cells, row):
+    memory = row["pss_peak_mb"] if row["pss_peak_mb"] is not None else row["rss_peak_mb"]
+    trouble = ""
+    if row["errors"] or row["non_2xx"]:
+        trouble = "  (%d errors, %d non-2xx)" % (row["errors"], row["non_2xx"])
+    return "[%d/%d] %-9s %-9s c%-3d %8.0f req/s  p99 %7.2f ms  peak %s MB%s" % (
+        done, cells, row["workload"], row["transport"], row["concurrency"], row["requests_per_s"],
+        row["p99_ms"], memory, trouble)
+
+
+def _bench_cell(load, server, workload, connections, duration, warmup, idle):
+    """One measured run: warm-up, then the load with the stack sampled for its peak."""
+    if warmup:
+        run = load.start(server.port, connections, warmup)
+        while load.running(run):
+            time.sleep(0.05)
+        load.result(run)
+    before = stack_usage(server.proc.pid)
+    peak_rss, peak_pss = before.rss, before.pss
+    run = load.start(server.port, connections, duration)
+    while load.running(run):
+        time.sleep(0.25)
+        usage = stack_usage(server.proc.pid)
+        peak_rss = max(peak_rss, usage.rss)
+        peak_pss = None if peak_pss is None or usage.pss is None else max(peak_pss, usage.pss)
+    result = load.result(run)
+    after = stack_usage(server.proc.pid)
+    if server.proc.poll() is not None:
+        raise RuntimeError("serve exited during the run:\n%s" % server.output()[-2000:])
+    app = process_facts(server.app_pid, memory=False)
+    return {
+        "workload": workload, "transport": server.transport, "concurrency": connections,
+        "requests": result.requests,
+        "requests_per_s": round(result.requests / result.seconds, 1) if result.seconds else 0.0,
+        "p50_ms": round(result.latencies[0] / 1000, 2), "p99_ms": round(result.latencies[1] / 1000, 2),
+        "errors": result.errors, "non_2xx": result.non_2xx,
+        "cpu_s_per_1k": round((after.cpu - before.cpu) * 1000 / result.requests, 3) if result.requests else None,
+        "rss_idle_mb": _megabytes(idle.rss), "rss_peak_mb": _megabytes(peak_rss),
+        "pss_idle_mb": _megabytes(idle.pss), "pss_peak_mb": _megabytes(peak_pss),
+        "processes_peak": after.processes,
+        "app_threads": app.threads if app is not None and server.transport != "cgi" else None,
+    }
+
+
+# -- the report: Markdown and SVG ---------------------------------------------------------
+
+_BENCH_COLUMNS = (("workload", "workload"), ("transport", "transport"), ("concurrency", "c"),
+                  ("requests_per_s", "req/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+                  ("errors", "errors"), ("non_2xx", "non-2xx"), ("cpu_s_per_1k", "CPU s/1k req"),
+                  ("rss_idle_mb", "RSS idle MB"), ("rss_peak_mb", "RSS peak MB"),
+                  ("pss_idle_mb", "PSS idle MB"), ("pss_peak_mb", "PSS peak MB"),
+                  ("app_threads", "app threads"))
+
+
+def _cell_text(value):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "{:,.0f}".format(value) if value >= 1000 else "%g" % value
+    return str(value)
+
+
+def _bench_targets(rows):
+    """The issue's targets, read from the hello rows: door against proxy, FastCGI, in-process."""
+    by_key = {(r["transport"], r["concurrency"]): r for r in rows
+              if r.get("workload") == "hello" and "failed" not in r}
+    lines = []
+    for connections in sorted({c for _, c in by_key}):
+        door = by_key.get(("door", connections))
+        if door is None:
+            continue
+        parts = []
+        for other in ("proxy", "fastcgi", "inprocess"):
+            peer = by_key.get((other, connections))
+            if peer and peer["requests_per_s"]:
+                parts.append("%.2f× %s" % (door["requests_per_s"] / peer["requests_per_s"], other))
+        memory = "pss_peak_mb" if door["pss_peak_mb"] is not None else "rss_peak_mb"
+        for other in ("proxy", "fastcgi"):
+            peer = by_key.get((other, connections))
+            if peer and peer[memory] is not None:
+                parts.append("%s %s MB vs %s %s MB" % (memory.split("_")[0].upper(), door[memory],
+                                                      other, peer[memory]))
+        if parts:
+            lines.append("- hello c%d: door req/s = %s" % (connections, ", ".join(parts)))
+    return lines
+
+
+def bench_markdown(report):
+    config, machine = report["config"], report["machine"]
+    lines = ["", "`%s` — doordown %s, Python %s, %s CPUs, %s; load: %s; %s; doors: %s; "
+             "load average %s before, %s after" % (
+                 report["command"], report["doordown"], machine["python"], machine["cpus"],
+                 machine["platform"], config["load"], config["placement"], config["doors"],
+                 machine["load_average_before"], machine["load_average_after"]), ""]
+    lines.append("| " + " | ".join(title for _, title in _BENCH_COLUMNS) + " |")
+    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(_BENCH_COLUMNS))) + "|")
+    for row in report["results"]:
+        if "failed" in row:
+            lines.append("| %s | %s | failed: %s |" % (row["workload"], row["transport"],
+                                                       row["failed"].replace("|", "/").splitlines()[0]))
+        else:
+            lines.append("| " + " | ".join(_cell_text(row[key]) for key, _ in _BENCH_COLUMNS) + " |")
+    targets = _bench_targets(report["results"])
+    if targets:
+        lines += ["", *targets]
+    return "\n".join(lines) + "\n"
+
+
+_TRANSPORT_COLOURS = {"door": "#1b9e77", "proxy": "#d95f02", "fastcgi": "#7570b3", "cgi": "#e7298a",
+                      "inprocess": "#888888"}
+
+
+def _nice_ceiling(value):
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is at least `value`."""
+    if value <= 0:
+        return 1
+    power = 10 ** int(len(str(int(value))) - 1)
+    for step in (1, 2, 2.5, 5, 10):
+        if step * power >= value:
+            return step * power
+    return 10 * power
+
+
+def _svg_bars(x, y, width, height, title, unit, groups, series, value_of):
+    """A grouped bar chart: one group per concurrency, one bar per transport."""
+    top = max([value_of(g, s) or 0 for g in groups for s in series] + [0])
+    ceiling = _nice_ceiling(top)
+    plot_x, plot_y, plot_w, plot_h = x + 48, y + 24, width - 56, height - 48
+    out = ['<text x="%d" y="%d" class="title">%s</text>' % (x, y + 12, escape(title))]
+    for i in range(5):
+        value = ceiling * i / 4
+        line_y = plot_y + plot_h - plot_h * i / 4
+        out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" class="grid"/>' % (plot_x, line_y, plot_x + plot_w, line_y))
+        out.append('<text x="%d" y="%.1f" class="axis" text-anchor="end">%s</text>'
+                   % (plot_x - 4, line_y + 3, "{:,.0f}".format(value) if ceiling >= 10 else "%g" % value))
+    group_w = plot_w / max(1, len(groups))
+    bar_w = group_w * 0.8 / max(1, len(series))
+    for g, group in enumerate(groups):
+        gx = plot_x + g * group_w + group_w * 0.1
+        for s, name in enumerate(series):
+            value = value_of(group, name)
+            if value is None:
+                continue
+            bar_h = plot_h * value / ceiling
+            bx = gx + s * bar_w
+            out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s c%s: %s %s</title></rect>'
+                       % (bx, plot_y + plot_h - bar_h, bar_w - 1, bar_h, _TRANSPORT_COLOURS.get(name, "#444"),
+                          escape(name), group, _cell_text(value), escape(unit)))
+            out.append('<text x="%.1f" y="%.1f" class="value" text-anchor="middle">%s</text>'
+                       % (bx + bar_w / 2, plot_y + plot_h - bar_h - 2, _cell_text(value)))
+        out.append('<text x="%.1f" y="%d" class="axis" text-anchor="middle">c%s</text>'
+                   % (gx + group_w * 0.4, plot_y + plot_h + 14, group))
+    return out
+
+
+def _cell_lookup(cells, workload, key):
+    """value_of(concurrency, transport) for one workload's figure `key`."""
+    return lambda group, name: (cells.get((workload, name, group)) or {}).get(key)
+
+
+def bench_svg(report):
+    """A chart, by hand and stdlib only: requests/s and peak memory per transport, per workload."""
+    rows = [r for r in report["results"] if "failed" not in r]
+    workloads = [w for w in report["config"]["workloads"] if any(r["workload"] == w for r in rows)]
+    series = [t for t in report["config"]["transports"] if any(r["transport"] == t for r in rows)]
+    groups = report["config"]["concurrency"]
+    memory = "pss_peak_mb" if all(r["pss_peak_mb"] is not None for r in rows) else "rss_peak_mb"
+    cell = {(r["workload"], r["transport"], r["concurrency"]): r for r in rows}
+    panel_w, panel_h, width = 470, 220, 960
+    height = 70 + len(workloads) * (panel_h + 20) + 30
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
+           'font-family="sans-serif">' % (width, height, width, height),
+           '<style>.title{font-size:13px;font-weight:bold}.axis{font-size:10px;fill:#333}'
+           '.value{font-size:8px;fill:#333}.grid{stroke:#ddd;stroke-width:1}.note{font-size:10px;fill:#555}</style>',
+           '<rect width="100%" height="100%" fill="white"/>',
+           '<text x="10" y="20" class="title">doordown bench: %s</text>' % escape(
+               "%s, %s, doors: %s" % (report["config"]["placement"], report["config"]["load"],
+                                      report["config"]["doors"]))]
+    for i, name in enumerate(series):
+        out.append('<rect x="%d" y="32" width="12" height="12" fill="%s"/>' % (10 + i * 110, _TRANSPORT_COLOURS.get(name, "#444")))
+        out.append('<text x="%d" y="42" class="axis">%s</text>' % (26 + i * 110, escape(name)))
+    for row, workload in enumerate(workloads):
+        y = 60 + row * (panel_h + 20)
+        out += _svg_bars(10, y, panel_w, panel_h, "%s: requests/s" % workload, "req/s", groups, series,
+                         _cell_lookup(cell, workload, "requests_per_s"))
+        out += _svg_bars(10 + panel_w + 10, y, panel_w, panel_h, "%s: %s of the whole stack (MB)"
+                         % (workload, "peak PSS" if memory == "pss_peak_mb" else "peak RSS"), "MB",
+                         groups, series, _cell_lookup(cell, workload, memory))
+    out.append('<text x="10" y="%d" class="note">%s</text>' % (height - 10, escape(report["command"])))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+###############################################################################
 # Command line ###############################################################
 ###############################################################################
 
@@ -2625,6 +3356,29 @@ def _size(text):
     if match is None:
         raise argparse.ArgumentTypeError("expected a size like 100M, got %r" % text)
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+
+
+def _names(choices):
+    """A comma-separated list of some of `choices`."""
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names or any(name not in choices for name in names):
+            raise argparse.ArgumentTypeError("expected a comma-separated list of %s, got %r"
+                                             % (", ".join(choices), text))
+        return names
+    parse.__name__ = "list"
+    return parse
+
+
+def _counts(text):
+    """A comma-separated list of positive integers: 1,16,64."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError("expected positive integers like 1,16,64, got %r" % text)
+    return counts
 
 
 def _app_spec(text):
@@ -2704,16 +3458,43 @@ def build_parser():
                               description="Answer the request in the environment (RFC 3875) "
                                           "through a WSGI application, as a CGI program.")
     cgi.add_argument("app", nargs="?", type=_app_spec, help=app_help)
+
+    bench = commands.add_parser("bench", help="measure every transport against the same workloads",
+                                description="Run every transport (and the in-process reference) "
+                                            "against the same workloads; report requests/s, latency, "
+                                            "errors, CPU per request, memory and threads.")
+    bench.add_argument("--transports", type=_names(TRANSPORTS), default=list(TRANSPORTS),
+                       metavar="LIST", help="comma-separated, of %s (default: all)" % ",".join(TRANSPORTS))
+    bench.add_argument("--workloads", type=_names(tuple(BENCH_WORKLOADS)), default=list(BENCH_WORKLOADS),
+                       metavar="LIST", help="comma-separated, of %s (default: all)" % ",".join(BENCH_WORKLOADS))
+    bench.add_argument("-c", "--concurrency", type=_counts, metavar="LIST",
+                       help="connections, comma-separated (default 1,16,64; --quick: 16)")
+    bench.add_argument("-d", "--duration", type=_positive(float), metavar="SECONDS",
+                       help="length of each measured run (default 10; --quick: 1)")
+    bench.add_argument("--warmup", type=float, metavar="SECONDS",
+                       help="load before each measured run, not counted (default 2; --quick: 1; 0: none)")
+    bench.add_argument("--quick", action="store_true", help="c16 only, 1 s runs: under a minute")
+    bench.add_argument("--pinned", action="store_true",
+                       help="server stack on CPU 0, load generator on CPU 1 (default: free, no pinning)")
+    bench.add_argument("--load", choices=("auto", "wrk", "builtin"), default="auto",
+                       help="load generator: wrk if on PATH (auto, default), or the built-in one")
+    bench.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--svg", metavar="FILE", help="also write a chart of req/s and memory as SVG")
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         if args.command == "app":
             return run_app(args)
         if args.command == "cgi":
             return run_cgi(args)
+        if args.command == "bench":
+            args.argv = argv[1:]
+            return run_bench(args)
         if args.app_door and args.transport in ("cgi", "inprocess"):
             sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")
             return EXIT_USAGE

@@ -834,3 +834,43 @@ http {
         except subprocess.TimeoutExpired:
             nginx.kill()
             nginx.wait()
+
+
+# -- the bench command, end to end (no timing assertions) ---------------------------------------
+
+def _bench(tmp_path, *args):
+    report, chart = tmp_path / "bench.json", tmp_path / "bench.svg"
+    result = subprocess.run([sys.executable, DOORDOWN, "bench", *args, "--json", str(report), "--svg", str(chart)],
+                            cwd=str(tmp_path), capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(report.read_text()), chart, result.stdout.decode(), result.stderr.decode()
+
+
+def test_bench_minimal_run_reports_json_svg_and_markdown(tmp_path):
+    import xml.etree.ElementTree as ElementTree
+    report, chart, table, progress = _bench(tmp_path, "--transports", "door,inprocess", "--workloads", "hello",
+                                            "-c", "2", "-d", "0.5", "--warmup", "0.2", "--load", "builtin")
+    assert report["config"]["load"].startswith("built-in") and report["config"]["placement"] == "free"
+    assert [(r["transport"], r["concurrency"]) for r in report["results"]] == [("door", 2), ("inprocess", 2)]
+    for row in report["results"]:
+        assert row["requests"] > 0 and row["errors"] == 0 and row["non_2xx"] == 0, row
+        assert row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["cpu_s_per_1k"] is not None and row["app_threads"] >= 1
+        assert 0 < row["rss_idle_mb"] <= row["rss_peak_mb"] and row["pss_peak_mb"] > 0
+    door, inprocess = report["results"]
+    assert door["processes_peak"] == 2 and inprocess["processes_peak"] == 1  # front + app, front alone
+    root = ElementTree.parse(str(chart)).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 4
+    assert "| hello | door | 2 |" in table and "| hello | inprocess | 2 |" in table
+    assert "door req/s = " in table and "[2/2] hello" in progress
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
+def test_bench_with_wrk_checks_the_64k_answer(tmp_path):
+    report, _, table, _ = _bench(tmp_path, "--transports", "fastcgi", "--workloads", "64k",
+                                 "-c", "4", "-d", "1", "--warmup", "0", "--pinned")
+    (row,) = report["results"]
+    assert report["config"]["load"].startswith("wrk") and report["config"]["placement"] == "pinned"
+    assert row["requests"] > 0 and row["errors"] == 0 and row["non_2xx"] == 0
+    assert "| 64k | fastcgi | 4 |" in table
