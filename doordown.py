@@ -307,6 +307,21 @@ class _EmulatedDoorServer:
             self._idle_threads = []
 
 
+def _io_timeout(sock, seconds):
+    """Bound each send and receive on the blocking socket `sock` by `seconds` (None: no bound).
+
+    The kernel's SO_RCVTIMEO/SO_SNDTIMEO rather than settimeout(): a socket with a Python
+    timeout polls before every send and receive, one system call more each time (7 µs of
+    CPU per round trip, measured here: a tenth of a whole door call).  A timeout then
+    surfaces as BlockingIOError (EAGAIN) instead of socket.timeout.
+    """
+    if seconds is not None:
+        micros = max(1, round(seconds * 1e6))  # zero would mean no bound at all
+        timeval = struct.pack("ll", micros // 1000000, micros % 1000000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 class _EmulatedDoorClient:
     """A door opened by path; call() is safe from many threads at once."""
 
@@ -322,7 +337,7 @@ class _EmulatedDoorClient:
         except OSError as exc:
             sock.close()
             raise DoorGone(exc.errno, "no door server at %s (%s)" % (self.path, exc.strerror))
-        sock.settimeout(self.timeout)
+        _io_timeout(sock, self.timeout)
         return sock
 
     def call(self, data, fds=()):
@@ -335,7 +350,7 @@ class _EmulatedDoorClient:
         try:
             _send_message(sock, data, fds)
             reply = _recv_message(sock, 1 << 30)
-        except socket.timeout:
+        except BlockingIOError:  # the kernel's timeout: see _io_timeout
             sock.close()
             raise DoorTimeout(errno.ETIMEDOUT, "door call timed out after %ss" % self.timeout)
         except (EOFError, OSError) as exc:
@@ -1594,8 +1609,25 @@ class _UpstreamConnection:
         self.sock = sock
         self.buf = bytearray()
 
+    def send(self, data):
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # see _io_timeout
+            raise TimeoutError("the application did not read the request in time")
+
+    def send_file(self, fd):
+        """The whole file open on `fd` (which the caller keeps), from its start."""
+        try:
+            with os.fdopen(os.dup(fd), "rb") as body_file:
+                self.sock.sendfile(body_file, 0)
+        except BlockingIOError:
+            raise TimeoutError("the application did not read the request in time")
+
     def fill(self):
-        data = self.sock.recv(262144)
+        try:
+            data = self.sock.recv(262144)
+        except BlockingIOError:
+            raise TimeoutError("the application did not answer in time")
         if not data:
             raise TransportError("the application closed the connection")
         self.buf += data
@@ -1663,7 +1695,7 @@ class _UnixPool:
         except OSError:
             sock.close()
             raise
-        sock.settimeout(self.timeout)
+        _io_timeout(sock, self.timeout)
         return _UpstreamConnection(sock)
 
     def put(self, connection):
@@ -1816,11 +1848,10 @@ class ProxyUpstream:
         try:
             if body_fd is None:
                 head.append(body)
-                connection.sock.sendall(b"".join(head))
+                connection.send(b"".join(head))
             else:
-                connection.sock.sendall(b"".join(head))
-                with os.fdopen(os.dup(body_fd), "rb") as body_file:
-                    connection.sock.sendfile(body_file, 0)
+                connection.send(b"".join(head))
+                connection.send_file(body_fd)
             response, reusable = self._read_response(connection, head_only)
         except BaseException:
             connection.close()
@@ -2150,13 +2181,13 @@ class FastCGIUpstream:
         try:
             if fd is None:
                 message.append(fcgi_stream(_FCGI_STDIN, 1, request.body))
-                connection.sock.sendall(b"".join(message))
+                connection.send(b"".join(message))
             else:
-                connection.sock.sendall(b"".join(message))
+                connection.send(b"".join(message))
                 with os.fdopen(os.dup(fd), "rb") as body_file:
                     for piece in iter(lambda: body_file.read(_FCGI_PIECE), b""):
-                        connection.sock.sendall(fcgi_record(_FCGI_STDIN, 1, piece))
-                connection.sock.sendall(fcgi_record(_FCGI_STDIN, 1))
+                        connection.send(fcgi_record(_FCGI_STDIN, 1, piece))
+                connection.send(fcgi_record(_FCGI_STDIN, 1))
             output = self._read_reply(connection)
         except BaseException:
             connection.close()
@@ -2184,7 +2215,7 @@ class FastCGIUpstream:
     def stats(self):
         connection = self.pool.get()
         try:
-            connection.sock.sendall(fcgi_record(_FCGI_GET_VALUES, 0, fcgi_pairs([(b"DOORDOWN_STATS", b"")])))
+            connection.send(fcgi_record(_FCGI_GET_VALUES, 0, fcgi_pairs([(b"DOORDOWN_STATS", b"")])))
             kind, _, content = _read_fcgi_record(connection)
             if kind != _FCGI_GET_VALUES_RESULT:
                 raise TransportError("FastCGI record of type %d instead of GET_VALUES_RESULT" % kind)

@@ -674,7 +674,7 @@ def test_transport_sigterm_lets_slow_request_finish(started, transport):
 
 
 def test_transport_timeout_gives_504(started):
-    for transport in ("proxy", "cgi"):
+    for transport in ("door", "proxy", "fastcgi", "cgi"):
         server = serve(started, "apps:slow", "--transport", transport, "--timeout", "0.5")
         assert server.get("/?s=3")[0] == 504, transport
         assert server.get("/?s=0")[0] == 200, transport
