@@ -2665,6 +2665,7 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PSINFO = struct.Struct("=10i5Q2H4x6q")
 
 ProcessFacts = collections.namedtuple("ProcessFacts", "ppid cpu rss pss threads")
+_HAVE_SMAPS_ROLLUP = os.path.exists("/proc/self/smaps_rollup")
 
 
 def _linux_facts(pid, memory=True):
@@ -2679,16 +2680,13 @@ def _linux_facts(pid, memory=True):
         cpu = sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS
         rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
         pss = None
-        if memory:
-            try:
-                with open("/proc/%d/smaps_rollup" % pid, "rb") as f:
-                    for line in f:
-                        if line.startswith(b"Rss:"):
-                            rss = int(line.split()[1]) * 1024
-                        elif line.startswith(b"Pss:"):
-                            pss = int(line.split()[1]) * 1024
-            except OSError:
-                pass  # before Linux 4.14: RSS from stat, no PSS
+        if memory and _HAVE_SMAPS_ROLLUP:  # Linux 4.14 and later; before, RSS from stat, no PSS
+            with open("/proc/%d/smaps_rollup" % pid, "rb") as f:
+                for line in f:
+                    if line.startswith(b"Rss:"):
+                        rss = int(line.split()[1]) * 1024
+                    elif line.startswith(b"Pss:"):
+                        pss = int(line.split()[1]) * 1024
         return ProcessFacts(int(fields[1]), cpu, rss, pss, int(fields[17]))
     except (OSError, IndexError, ValueError):
         return None
@@ -3057,141 +3055,6 @@ class BenchServer:
         self.log.close()
 
 
-# -- the run -----------------------------------------------------------------------------
-
-def _load_average():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _megabytes(size):
-    return None if size is None else round(size / 1048576, 1)
-
-
-def run_bench(args):
-    """The `bench` command."""
-    concurrency = args.concurrency or ([16] if args.quick else [1, 16, 64])
-    duration = args.duration or (1.0 if args.quick else 10.0)
-    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
-    if not os.path.isdir("/proc"):
-        _log("bench", "no /proc here: CPU, memory and threads cannot be measured")
-        return 1
-    server_cpus = load_cpus = None
-    if args.pinned:
-        if (os.cpu_count() or 1) < 2:
-            _log("bench", "--pinned needs two CPUs")
-            return EXIT_USAGE
-        server_cpus, load_cpus = {0}, {1}
-    wrk = shutil.which("wrk") if args.load != "builtin" else None
-    if args.load == "wrk" and wrk is None:
-        _log("bench", "--load wrk, but wrk is not on PATH")
-        return EXIT_USAGE
-    load = WrkLoad(wrk, args.pinned, load_cpus) if wrk else BuiltinLoad(args.pinned, load_cpus)
-    backend = door_backend(args.doors)
-    placement = ("pinned (server stack on CPU 0, load on CPU 1)" if args.pinned
-                 else "free (no pinning: the OS places server and load)")
-    report = {
-        "doordown": __version__,
-        "command": " ".join(["python3 doordown.py bench"] + args.argv),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": {"platform": sys.platform, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-                    "kernel": " ".join(os.uname()[2:3]), "load_average_before": _load_average()},
-        "config": {"transports": args.transports, "workloads": args.workloads,
-                   "concurrency": concurrency, "duration_s": duration, "warmup_s": warmup,
-                   "placement": "pinned" if args.pinned else "free", "load": load.describe(),
-                   "doors": backend.description},
-        "results": [],
-    }
-    cells = len(args.workloads) * len(args.transports) * len(concurrency)
-    _log("bench", "%d runs of %ss after %ss of warm-up; load: %s; %s; doors: %s"
-         % (cells, duration, warmup, load.describe(), placement, backend.description))
-    done = 0
-    try:
-        for workload in args.workloads:
-            spec, expected = BENCH_WORKLOADS[workload]
-            for transport in args.transports:
-                server = BenchServer(transport, spec, args.doors, server_cpus)
-                first = done
-                try:
-                    server.start()
-                    problem = server.check(expected)
-                    if problem is not None:
-                        raise RuntimeError("wrong answer before timing: %s" % problem)
-                    time.sleep(0.3)  # let start-up settle before the idle figures
-                    idle = stack_usage(server.proc.pid)
-                    for connections in concurrency:
-                        done += 1
-                        row = _bench_cell(load, server, workload, connections, duration, warmup, idle)
-                        report["results"].append(row)
-                        _log("bench", _progress_line(done, cells, row))
-                except RuntimeError as exc:
-                    _log("bench", "%s over %s: %s" % (workload, transport, exc))
-                    done = first + len(concurrency)
-                    report["results"].append({"workload": workload, "transport": transport,
-                                              "failed": str(exc)})
-                finally:
-                    server.stop()
-    finally:
-        load.close()
-    report["machine"]["load_average_after"] = _load_average()
-    sys.stdout.write(bench_markdown(report))
-    sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-    if args.svg:
-        with open(args.svg, "w") as f:
-            f.write(bench_svg(report))
-    return 0 if all("failed" not in row for row in report["results"]) else 1
-
-
-def _progress_line(done, cells, row):
-    memory = row["pss_peak_mb"] if row["pss_peak_mb"] is not None else row["rss_peak_mb"]
-    trouble = ""
-    if row["errors"] or row["non_2xx"]:
-        trouble = "  (%d errors, %d non-2xx)" % (row["errors"], row["non_2xx"])
-    return "[%d/%d] %-9s %-9s c%-3d %8.0f req/s  p99 %7.2f ms  peak %s MB%s" % (
-        done, cells, row["workload"], row["transport"], row["concurrency"], row["requests_per_s"],
-        row["p99_ms"], memory, trouble)
-
-
-def _bench_cell(load, server, workload, connections, duration, warmup, idle):
-    """One measured run: warm-up, then the load with the stack sampled for its peak."""
-    if warmup:
-        run = load.start(server.port, connections, warmup)
-        while load.running(run):
-            time.sleep(0.05)
-        load.result(run)
-    before = stack_usage(server.proc.pid)
-    peak_rss, peak_pss = before.rss, before.pss
-    run = load.start(server.port, connections, duration)
-    while load.running(run):
-        time.sleep(0.25)
-        usage = stack_usage(server.proc.pid)
-        peak_rss = max(peak_rss, usage.rss)
-        peak_pss = None if peak_pss is None or usage.pss is None else max(peak_pss, usage.pss)
-    result = load.result(run)
-    after = stack_usage(server.proc.pid)
-    if server.proc.poll() is not None:
-        raise RuntimeError("serve exited during the run:\n%s" % server.output()[-2000:])
-    app = process_facts(server.app_pid, memory=False)
-    return {
-        "workload": workload, "transport": server.transport, "concurrency": connections,
-        "requests": result.requests,
-        "requests_per_s": round(result.requests / result.seconds, 1) if result.seconds else 0.0,
-        "p50_ms": round(result.latencies[0] / 1000, 2), "p99_ms": round(result.latencies[1] / 1000, 2),
-        "errors": result.errors, "non_2xx": result.non_2xx,
-        "cpu_s_per_1k": round((after.cpu - before.cpu) * 1000 / result.requests, 3) if result.requests else None,
-        "rss_idle_mb": _megabytes(idle.rss), "rss_peak_mb": _megabytes(peak_rss),
-        "pss_idle_mb": _megabytes(idle.pss), "pss_peak_mb": _megabytes(peak_pss),
-        "processes_peak": after.processes,
-        "app_threads": app.threads if app is not None and server.transport != "cgi" else None,
-    }
-
-
 # -- the report: Markdown and SVG ---------------------------------------------------------
 
 _BENCH_COLUMNS = (("workload", "workload"), ("transport", "transport"), ("concurrency", "c"),
@@ -3208,6 +3071,16 @@ def _cell_text(value):
     if isinstance(value, float):
         return "{:,.0f}".format(value) if value >= 1000 else "%g" % value
     return str(value)
+
+
+def _progress_line(done, cells, row):
+    memory = row["pss_peak_mb"] if row["pss_peak_mb"] is not None else row["rss_peak_mb"]
+    trouble = ""
+    if row["errors"] or row["non_2xx"]:
+        trouble = "  (%d errors, %d non-2xx)" % (row["errors"], row["non_2xx"])
+    return "[%d/%d] %-9s %-9s c%-3d %8.0f req/s  p99 %7s ms  peak %s MB%s" % (
+        done, cells, row["workload"], row["transport"], row["concurrency"], row["requests_per_s"],
+        _cell_text(row["p99_ms"]), memory, trouble)
 
 
 def _bench_targets(rows):
@@ -3339,6 +3212,132 @@ def bench_svg(report):
     out.append('<text x="10" y="%d" class="note">%s</text>' % (height - 10, escape(report["command"])))
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+# -- the run -----------------------------------------------------------------------------
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _megabytes(size):
+    return None if size is None else round(size / 1048576, 1)
+
+
+def _bench_cell(load, server, workload, connections, duration, warmup, idle):
+    """One measured run: warm-up, then the load with the stack sampled for its peak."""
+    if warmup:
+        run = load.start(server.port, connections, warmup)
+        while load.running(run):
+            time.sleep(0.05)
+        load.result(run)
+    before = stack_usage(server.proc.pid)
+    peak_rss, peak_pss = before.rss, before.pss
+    run = load.start(server.port, connections, duration)
+    while load.running(run):
+        time.sleep(0.25)
+        usage = stack_usage(server.proc.pid)
+        peak_rss = max(peak_rss, usage.rss)
+        peak_pss = None if peak_pss is None or usage.pss is None else max(peak_pss, usage.pss)
+    result = load.result(run)
+    after = stack_usage(server.proc.pid)
+    if server.proc.poll() is not None:
+        raise RuntimeError("serve exited during the run:\n%s" % server.output()[-2000:])
+    app = process_facts(server.app_pid, memory=False)
+    return {
+        "workload": workload, "transport": server.transport, "concurrency": connections,
+        "requests": result.requests,
+        "requests_per_s": round(result.requests / result.seconds, 1) if result.seconds else 0.0,
+        "p50_ms": round(result.latencies[0] / 1000, 2) if result.requests else None,
+        "p99_ms": round(result.latencies[1] / 1000, 2) if result.requests else None,
+        "errors": result.errors, "non_2xx": result.non_2xx,
+        "cpu_s_per_1k": round((after.cpu - before.cpu) * 1000 / result.requests, 3) if result.requests else None,
+        "rss_idle_mb": _megabytes(idle.rss), "rss_peak_mb": _megabytes(peak_rss),
+        "pss_idle_mb": _megabytes(idle.pss), "pss_peak_mb": _megabytes(peak_pss),
+        "processes_peak": after.processes,
+        "app_threads": app.threads if app is not None and server.transport != "cgi" else None,
+    }
+
+
+def run_bench(args):
+    """The `bench` command."""
+    concurrency = args.concurrency or ([16] if args.quick else [1, 16, 64])
+    duration = args.duration or (1.0 if args.quick else 10.0)
+    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    if not os.path.isdir("/proc"):
+        _log("bench", "no /proc here: CPU, memory and threads cannot be measured")
+        return 1
+    server_cpus = load_cpus = None
+    if args.pinned:
+        if (os.cpu_count() or 1) < 2:
+            _log("bench", "--pinned needs two CPUs")
+            return EXIT_USAGE
+        server_cpus, load_cpus = {0}, {1}
+    wrk = shutil.which("wrk") if args.load != "builtin" else None
+    if args.load == "wrk" and wrk is None:
+        _log("bench", "--load wrk, but wrk is not on PATH")
+        return EXIT_USAGE
+    load = WrkLoad(wrk, args.pinned, load_cpus) if wrk else BuiltinLoad(args.pinned, load_cpus)
+    backend = door_backend(args.doors)
+    placement = ("pinned (server stack on CPU 0, load on CPU 1)" if args.pinned
+                 else "free (no pinning: the OS places server and load)")
+    report = {
+        "doordown": __version__,
+        "command": " ".join(["python3 doordown.py bench"] + args.argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {"platform": sys.platform, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                    "kernel": " ".join(os.uname()[2:3]), "load_average_before": _load_average()},
+        "config": {"transports": args.transports, "workloads": args.workloads,
+                   "concurrency": concurrency, "duration_s": duration, "warmup_s": warmup,
+                   "placement": "pinned" if args.pinned else "free", "load": load.describe(),
+                   "doors": backend.description},
+        "results": [],
+    }
+    cells = len(args.workloads) * len(args.transports) * len(concurrency)
+    _log("bench", "%d runs of %ss after %ss of warm-up; load: %s; %s; doors: %s"
+         % (cells, duration, warmup, load.describe(), placement, backend.description))
+    done = 0
+    try:
+        for workload in args.workloads:
+            spec, expected = BENCH_WORKLOADS[workload]
+            for transport in args.transports:
+                server = BenchServer(transport, spec, args.doors, server_cpus)
+                first = done
+                try:
+                    server.start()
+                    problem = server.check(expected)
+                    if problem is not None:
+                        raise RuntimeError("wrong answer before timing: %s" % problem)
+                    time.sleep(0.3)  # let start-up settle before the idle figures
+                    idle = stack_usage(server.proc.pid)
+                    for connections in concurrency:
+                        done += 1
+                        row = _bench_cell(load, server, workload, connections, duration, warmup, idle)
+                        report["results"].append(row)
+                        _log("bench", _progress_line(done, cells, row))
+                except RuntimeError as exc:
+                    _log("bench", "%s over %s: %s" % (workload, transport, exc))
+                    done = first + len(concurrency)
+                    report["results"].append({"workload": workload, "transport": transport,
+                                              "failed": str(exc)})
+                finally:
+                    server.stop()
+    finally:
+        load.close()
+    report["machine"]["load_average_after"] = _load_average()
+    sys.stdout.write(bench_markdown(report))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(bench_svg(report))
+    return 0 if all("failed" not in row for row in report["results"]) else 1
 
 
 ###############################################################################
