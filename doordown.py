@@ -1497,11 +1497,10 @@ def parse_cgi_response(output):
         name, value = match.groups()
         lower = name.lower()
         if lower == b"status":
-            code = _CGI_STATUS.fullmatch(value)
-            if code is None:
+            if _CGI_STATUS.fullmatch(value) is None:
                 raise TransportError("malformed CGI Status %r" % value[:40])
             status = value if b" " in value else b"%s %s" % (
-                value, _REASONS.get(int(value), "").encode())
+                value, http.client.responses.get(int(value), "").encode())
         elif lower == b"connection":
             close = b"close" in value.lower()
         else:
@@ -1790,6 +1789,7 @@ class _ProxyAppHandler(FrontHandler):
                 framed = True
             parts += (headers[i], b": ", headers[i + 1], b"\r\n")
         code = int(status[:3])
+        close = close or not request.keep_alive  # doordown's front always keeps it open
         if request.method == b"HEAD" or code < 200 or code in (204, 304):
             body = b""
         elif not framed:
@@ -1890,7 +1890,7 @@ class ProxyUpstream:
                         raise TransportError("bad Content-Length from the app")
                     length = int(value)
                 headers += (name, value)
-        status = b"%s %s" % (code, reason or _REASONS.get(int(code), "").encode())
+        status = b"%s %s" % (code, reason or http.client.responses.get(int(code), "").encode())
         if head_only or int(code) < 200 or code in (b"204", b"304"):
             body = b""
         elif chunked:
