@@ -3069,7 +3069,7 @@ def _cell_text(value):
     if value is None:
         return "–"
     if isinstance(value, float):
-        return "{:,.0f}".format(value) if value >= 1000 else "%g" % value
+        return "{:,.0f}".format(value) if value >= 100 else "%g" % value
     return str(value)
 
 
@@ -3147,12 +3147,12 @@ def _nice_ceiling(value):
 def _svg_bars(x, y, width, height, title, unit, groups, series, value_of):
     """A grouped bar chart: one group per concurrency, one bar per transport."""
     top = max([value_of(g, s) or 0 for g in groups for s in series] + [0])
-    ceiling = _nice_ceiling(top)
+    ceiling = _nice_ceiling(top * 1.15)  # room for the labels above the bars
     plot_x, plot_y, plot_w, plot_h = x + 48, y + 24, width - 56, height - 48
     out = ['<text x="%d" y="%d" class="title">%s</text>' % (x, y + 12, escape(title))]
-    for i in range(5):
-        value = ceiling * i / 4
-        line_y = plot_y + plot_h - plot_h * i / 4
+    for i in range(6):
+        value = ceiling * i / 5
+        line_y = plot_y + plot_h - plot_h * i / 5
         out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" class="grid"/>' % (plot_x, line_y, plot_x + plot_w, line_y))
         out.append('<text x="%d" y="%.1f" class="axis" text-anchor="end">%s</text>'
                    % (plot_x - 4, line_y + 3, "{:,.0f}".format(value) if ceiling >= 10 else "%g" % value))
@@ -3169,8 +3169,11 @@ def _svg_bars(x, y, width, height, title, unit, groups, series, value_of):
             out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s c%s: %s %s</title></rect>'
                        % (bx, plot_y + plot_h - bar_h, bar_w - 1, bar_h, _TRANSPORT_COLOURS.get(name, "#444"),
                           escape(name), group, _cell_text(value), escape(unit)))
-            out.append('<text x="%.1f" y="%.1f" class="value" text-anchor="middle">%s</text>'
-                       % (bx + bar_w / 2, plot_y + plot_h - bar_h - 2, _cell_text(value)))
+            label_x, label_y = bx + bar_w / 2, plot_y + plot_h - bar_h - 2
+            turn = ' transform="rotate(-90 %.1f %.1f)"' % (label_x + 3, label_y) if bar_w < 26 else ""
+            out.append('<text x="%.1f" y="%.1f" class="value" text-anchor="%s"%s>%s</text>'
+                       % (label_x + (3 if turn else 0), label_y, "start" if turn else "middle", turn,
+                          _cell_text(value)))
         out.append('<text x="%.1f" y="%d" class="axis" text-anchor="middle">c%s</text>'
                    % (gx + group_w * 0.4, plot_y + plot_h + 14, group))
     return out
