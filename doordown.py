@@ -2692,7 +2692,7 @@ def _linux_facts(pid, memory=True):
         return None
 
 
-def _illumos_facts(pid, memory=True):
+def _illumos_facts(pid):
     """ProcessFacts from /proc/PID/psinfo (illumos has no PSS: pss is None), or None if gone.
 
     Written from illumos' sys/procfs.h for a 64-bit Python; it cannot run off illumos, so
@@ -2712,8 +2712,9 @@ def _illumos_facts(pid, memory=True):
 
 
 def process_facts(pid, memory=True):
+    """ProcessFacts of one process, or None if it is gone; memory=False skips PSS (cheaper)."""
     if is_illumos():
-        return _illumos_facts(pid, memory) if struct.calcsize("P") == 8 else None
+        return _illumos_facts(pid) if struct.calcsize("P") == 8 else None
     return _linux_facts(pid, memory)
 
 
@@ -2738,9 +2739,7 @@ StackUsage = collections.namedtuple("StackUsage", "cpu rss pss processes")
 
 def stack_usage(root):
     """CPU seconds, RSS and PSS (None where not known) summed over a process tree."""
-    cpu = rss = 0
-    pss = 0
-    processes = 0
+    cpu = rss = pss = processes = 0
     for pid in process_tree(root):
         facts = process_facts(pid)
         if facts is None:
