@@ -22,6 +22,7 @@ import array
 import collections
 import ctypes
 import errno
+import http.client
 import io
 import ipaddress
 import itertools
@@ -30,6 +31,7 @@ import os
 import queue
 import random
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -45,6 +47,7 @@ import traceback
 import weakref
 from http.server import ThreadingHTTPServer
 from urllib.parse import unquote_to_bytes
+from xml.sax.saxutils import escape
 from wsgiref.util import FileWrapper
 
 __version__ = "0.1.0"
@@ -339,6 +342,21 @@ class _EmulatedDoorServer:
             self._idle_threads = []
 
 
+def _io_timeout(sock, seconds):
+    """Bound each send and receive on the blocking socket `sock` by `seconds` (None: no bound).
+
+    The kernel's SO_RCVTIMEO/SO_SNDTIMEO rather than settimeout(): a socket with a Python
+    timeout polls before every send and receive, one system call more each time (measured
+    here: 5 % more door calls per second through the whole stack).  A timeout then surfaces
+    as BlockingIOError (EAGAIN) instead of socket.timeout.
+    """
+    if seconds is not None:
+        micros = max(1, round(seconds * 1e6))  # zero would mean no bound at all
+        timeval = struct.pack("ll", micros // 1000000, micros % 1000000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 class _EmulatedDoorClient:
     """A door opened by path; call() is safe from many threads at once."""
 
@@ -355,7 +373,7 @@ class _EmulatedDoorClient:
         except OSError as exc:
             sock.close()
             raise DoorRevoked(exc.errno, "no door server at %s (%s)" % (self.path, exc.strerror))
-        sock.settimeout(self.timeout)
+        _io_timeout(sock, self.timeout)
         return sock
 
     def call(self, data, fds=()):
@@ -372,7 +390,7 @@ class _EmulatedDoorClient:
             raise DoorRevoked(errno.EBADF, "door at %s revoked" % self.path)
         try:
             reply, reply_fds, revoked_after = _recv_message(sock, 1 << 30)
-        except socket.timeout:
+        except BlockingIOError:  # the kernel's timeout: see _io_timeout
             sock.close()
             raise DoorTimeout(errno.ETIMEDOUT, "door call timed out after %ss" % self.timeout)
         except (EOFError, OSError) as exc:
@@ -984,16 +1002,64 @@ class _Buffered:
         self.size = 0
 
 
-class WSGIGateway:
-    """Runs door invocations through a WSGI application (PEP 3333).
+def cgi_variables(fields, headers, body_length):
+    """The RFC 3875 meta-variables of a request, as PEP 3333 strings (latin-1 of the bytes).
 
-    The whole response is collected before it is returned: one door call, one reply.
+    `fields` are the request fields of the wire format (method ... script_name), `headers`
+    the header name, value pairs.  Every transport builds its environ from this, so an
+    application sees the same environ whichever way its requests arrive.
+    """
+    (method, target, version, _scheme, remote_addr, remote_port, server_name, server_port,
+     script_name) = fields[:9]
+    path, _, query = target.partition(b"?")
+    if not path.startswith(b"/") and b"://" in path:  # absolute-form
+        path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
+    path = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+    script = script_name.decode("latin-1")
+    if script and path.startswith(script):
+        path = path[len(script):]
+    env = {
+        "REQUEST_METHOD": method.decode("latin-1"),
+        "SCRIPT_NAME": script,
+        "PATH_INFO": path,
+        "QUERY_STRING": query.decode("latin-1"),
+        "SERVER_NAME": server_name.decode("latin-1"),
+        "SERVER_PORT": server_port.decode("latin-1"),
+        "SERVER_PROTOCOL": version.decode("latin-1"),
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "REMOTE_ADDR": remote_addr.decode("latin-1"),
+        "REMOTE_PORT": remote_port.decode("latin-1"),
+    }
+    if body_length or method not in (b"GET", b"HEAD"):
+        env["CONTENT_LENGTH"] = str(body_length)
+    for i in range(0, len(headers), 2):
+        name = headers[i].decode("latin-1").upper().replace("-", "_")
+        value = headers[i + 1].decode("latin-1")
+        if name == "CONTENT_TYPE":
+            env["CONTENT_TYPE"] = value
+            continue
+        if name == "CONTENT_LENGTH":
+            continue  # the front decoded the body; its true length is set above
+        key = "HTTP_" + name
+        env[key] = env[key] + "," + value if key in env else value
+    return env
+
+
+class WSGIGateway:
+    """Runs requests through a WSGI application (PEP 3333).
+
+    respond() is the WSGI part, the same for every transport; the door handler (__call__)
+    packs its result into one door reply, other transports frame it their own way.  The
+    whole response is collected before it is returned: one door call, one reply.
     Configuration is class attributes, overridable per instance.
     """
 
     server_name = "localhost"
     allowed_uids = None  # None: the app's own euid only
     error_body = b"Internal Server Error\n"
+    wsgi_keys = {"wsgi.version": (1, 0), "wsgi.input_terminated": True, "wsgi.multithread": True,
+                 "wsgi.multiprocess": False, "wsgi.run_once": False,
+                 "wsgi.file_wrapper": FileWrapper}
 
     def __init__(self, app, allowed_uids=None, stuck_after=30.0):
         self.app = app
@@ -1020,13 +1086,15 @@ class WSGIGateway:
             _log("app", "bad door message: %s" % exc)
             return pack_message(KIND_FAIL, 0, [b"400", str(exc).encode()]), []
 
-    def stats_message(self):
+    def stats(self):
         now = time.monotonic()
         stuck = sum(1 for started in list(self._running.values()) if now - started > self.stuck_after)
-        stats = {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.requests,
-                 "running": len(self._running), "stuck": stuck,
-                 "python_threads": threading.active_count()}
-        return pack_message(KIND_STATS, 0, [json.dumps(stats).encode()])
+        return {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.requests,
+                "running": len(self._running), "stuck": stuck,
+                "python_threads": threading.active_count()}
+
+    def stats_message(self):
+        return pack_message(KIND_STATS, 0, [json.dumps(self.stats()).encode()])
 
     def handle_request(self, flags, fields, fds):
         if len(fields) < _REQUEST_FIXED or len(fields) % 2:
@@ -1042,64 +1110,44 @@ class WSGIGateway:
             _close_fds(fds)
             body_input = io.BytesIO(fields[9])
             body_length = len(fields[9])
-        self.requests += 1
         environ = self.environ(fields, body_input, body_length)
-        thread = threading.get_ident()
-        self._running[thread] = time.monotonic()
         try:
             return self.run(environ)
         finally:
-            del self._running[thread]
             body_input.close()
 
     def environ(self, fields, body_input, body_length):
-        (method, target, version, scheme, remote_addr, remote_port, server_name, server_port,
-         script_name, _body) = fields[:_REQUEST_FIXED]
-        path, _, query = target.partition(b"?")
-        if not path.startswith(b"/") and b"://" in path:  # absolute-form
-            path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
-        path = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
-        script = script_name.decode("latin-1")
-        if script and path.startswith(script):
-            path = path[len(script):]
-        env = {
-            "REQUEST_METHOD": method.decode("latin-1"),
-            "SCRIPT_NAME": script,
-            "PATH_INFO": path,
-            "QUERY_STRING": query.decode("latin-1"),
-            "SERVER_NAME": server_name.decode("latin-1"),
-            "SERVER_PORT": server_port.decode("latin-1"),
-            "SERVER_PROTOCOL": version.decode("latin-1"),
-            "SERVER_SOFTWARE": SERVER_SOFTWARE,
-            "REMOTE_ADDR": remote_addr.decode("latin-1"),
-            "REMOTE_PORT": remote_port.decode("latin-1"),
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": scheme.decode("latin-1"),
-            "wsgi.input": body_input,
-            "wsgi.input_terminated": True,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-        }
-        if body_length or method not in (b"GET", b"HEAD"):
-            env["CONTENT_LENGTH"] = str(body_length)
-        headers = fields[_REQUEST_FIXED:]
-        for i in range(0, len(headers), 2):
-            name = headers[i].decode("latin-1").upper().replace("-", "_")
-            value = headers[i + 1].decode("latin-1")
-            if name == "CONTENT_TYPE":
-                env["CONTENT_TYPE"] = value
-                continue
-            if name == "CONTENT_LENGTH":
-                continue  # the front decoded the body; its true length is set above
-            key = "HTTP_" + name
-            env[key] = env[key] + "," + value if key in env else value
+        env = cgi_variables(fields, fields[_REQUEST_FIXED:], body_length)
+        env.update(self.wsgi_keys)
+        env["wsgi.url_scheme"] = fields[3].decode("latin-1")
+        env["wsgi.input"] = body_input
+        env["wsgi.errors"] = sys.stderr
         return env
 
     def run(self, environ):
-        """Call the application; return (response message, descriptors)."""
+        """Call the application; return the door reply (response message, descriptors)."""
+        status, headers, body, close = self.respond(environ)
+        flags = FLAG_CLOSE if close else 0
+        if len(body) > INLINE_BODY_MAX:
+            return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
+                                [status, b"", *headers]), [spool_body(body)]
+        return pack_message(KIND_RESPONSE, flags, [status, body, *headers]), []
+
+    def respond(self, environ):
+        """Call the application: (status, header fields, body, close), whatever the transport.
+
+        `close` asks the front to close the client connection after this response (the
+        application broke its own framing).  Exceptions become a 500; close() is always called.
+        """
+        thread = threading.get_ident()
+        self._running[thread] = time.monotonic()  # for stats(): requests stuck past --timeout
+        try:
+            return self._call_app(environ)
+        finally:
+            del self._running[thread]
+
+    def _call_app(self, environ):
+        self.requests += 1
         out = _Buffered()
 
         def write(data):
@@ -1135,14 +1183,14 @@ class WSGIGateway:
         except Exception:
             _log("app", "error in %s %s:\n%s" % (environ["REQUEST_METHOD"], environ["PATH_INFO"],
                                                   traceback.format_exc().rstrip()))
-            return self.error_response(), []
+            return self.error_reply()
         finally:
             if hasattr(result, "close"):
                 try:
                     result.close()
                 except Exception:
                     _log("app", "error in close():\n" + traceback.format_exc().rstrip())
-        return self.response_message(environ, out)
+        return self.framed(environ, out)
 
     @staticmethod
     def checked_status(status, headers):
@@ -1164,8 +1212,9 @@ class WSGIGateway:
             fields.append(value.encode("latin-1"))
         return status.encode("latin-1"), fields
 
-    def response_message(self, environ, out):
-        flags = 0
+    def framed(self, environ, out):
+        """The collected response, its body cut to what HEAD and Content-Length allow."""
+        close = False
         body = b"".join(out.chunks)
         length = None
         for i in range(0, len(out.headers), 2):
@@ -1177,21 +1226,17 @@ class WSGIGateway:
             if not length.isdigit() or int(length) < len(body):
                 _log("app", "Content-Length %r but %d bytes of body: closing after it"
                      % (length, len(body)))
-                flags |= FLAG_CLOSE
+                close = True
                 if length.isdigit():
                     body = body[:int(length)]
             elif int(length) > len(body):
-                flags |= FLAG_CLOSE  # the client sees a short body, then the close
-        if len(body) > INLINE_BODY_MAX:
-            return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
-                                [out.status, b"", *out.headers]), [spool_body(body)]
-        return pack_message(KIND_RESPONSE, flags, [out.status, body, *out.headers]), []
+                close = True  # the client sees a short body, then the close
+        return out.status, out.headers, body, close
 
-    def error_response(self):
-        return pack_message(KIND_RESPONSE, 0, [
-            b"500 Internal Server Error", self.error_body,
-            b"Content-Type", b"text/plain", b"Content-Length", str(len(self.error_body)).encode()])
-
+    def error_reply(self):
+        return (b"500 Internal Server Error",
+                [b"Content-Type", b"text/plain", b"Content-Length", str(len(self.error_body)).encode()],
+                self.error_body, False)
 
 def run_app(args):
     """The `app` command: serve one WSGI application on a door until SIGTERM/SIGINT."""
@@ -1204,15 +1249,20 @@ def run_app(args):
         _log("app", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()))
         return EXIT_APP_LOAD
     gateway = WSGIGateway(app, args.allow_uid, args.timeout)
+    backend = None
     try:
-        backend = door_backend(args.doors)
-        server = backend.serve(args.door, gateway)
+        if args.transport == "door":
+            backend = door_backend(args.doors)
+            server = backend.serve(args.door, gateway)
+            where = "door %s (%s)" % (args.door, backend.description)
+        else:
+            server = APP_SERVERS[args.transport](args.door, gateway)
+            where = "socket %s (%s)" % (args.door, server.description)
     except (OSError, ValueError) as exc:
-        _log("app", "cannot create the door at %s: %s" % (args.door, exc))
+        _log("app", "cannot listen at %s: %s" % (args.door, exc))
         return EXIT_DOOR_FAILED
     gateway.door_threads = lambda: server.threads
-    _log("app", "serving %s on door %s (%s)" % (args.app or "the built-in hello app",
-                                                  args.door, backend.description))
+    _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -1224,7 +1274,7 @@ def run_app(args):
     server.close(args.graceful_timeout)
     _close_every_per_thread()
     _log("app", "stopped after %d requests" % gateway.requests)
-    if backend.exit_hard:
+    if backend is not None and backend.exit_hard:
         os._exit(0)
     return 0
 
@@ -1866,6 +1916,16 @@ def _log_escape(raw):
     return raw.decode("latin-1").encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
+def request_fields(request, env):
+    """The wire format's request fields for `request`: method ... body, then header pairs."""
+    fields = [request.method, request.target, request.version, env.scheme,
+              env.remote_addr, env.remote_port, env.server_name, env.server_port,
+              env.script_name, request.body]
+    for name, value in request.headers:
+        fields += (name, value)
+    return fields
+
+
 class DoorUpstream:
     """Forwards requests to an application over its door."""
 
@@ -1876,11 +1936,7 @@ class DoorUpstream:
         self.client = backend.open(path, timeout)
 
     def forward(self, request, env):
-        fields = [request.method, request.target, request.version, env.scheme,
-                  env.remote_addr, env.remote_port, env.server_name, env.server_port,
-                  env.script_name, request.body]
-        for name, value in request.headers:
-            fields += (name, value)
+        fields = request_fields(request, env)
         flags = FLAG_BODY_IN_FD if request.body_fd is not None else 0
         fds = [request.body_fd] if request.body_fd is not None else []
         reply, reply_fds = self.client.call(pack_message(KIND_REQUEST, flags, fields), fds)
@@ -2041,7 +2097,7 @@ class FrontServer(ThreadingHTTPServer):
                     if upstream is None:
                         return self.unavailable(request, mount)
             return self.unavailable(request, mount)
-        except DoorTimeout as exc:
+        except (DoorTimeout, TimeoutError, socket.timeout) as exc:  # socket.timeout: Python 3.9
             self.log_failure(request, exc)
             return plain_response(504, "the application did not answer in time", close=True)
         except (DoorError, WireError, OSError) as exc:
@@ -2116,6 +2172,940 @@ def _is_ip(text):
 
 
 ###############################################################################
+# Other transports ###########################################################
+###############################################################################
+#
+# The usual ways of putting an application behind a front, each a usable transport
+# between the same front and the same WSGIGateway (`serve --transport NAME`):
+#
+#   proxy      the app role serves HTTP/1.1 on a Unix socket with its own threaded server;
+#              the front forwards over pooled keep-alive connections (nginx's proxy_pass
+#              with upstream keepalive).
+#   fastcgi    the app role is a FastCGI 1.0 responder on a Unix socket; the front is its
+#              client over pooled connections (FCGI_KEEP_CONN).  nginx's fastcgi_pass can
+#              be its client just as well.
+#   cgi        the front runs `doordown.py cgi module:app` for every request (RFC 3875).
+#   inprocess  the front calls the application itself, with no IPC at all: the reference
+#              the benchmark measures the others against, not a way to deploy.
+#
+# Whatever the transport, the application gets the environ of cgi_variables(), and a
+# failure reaches FrontServer.dispatch as an OSError (502) or a timeout (504).
+
+class TransportError(ConnectionError):
+    """A peer went away in the middle of a message or broke its protocol."""
+
+
+def cgi_response(status, headers, body, close):
+    """A response in CGI form (RFC 3875 section 6): Status and header lines, a blank line, the body."""
+    parts = [b"Status: ", status, b"\r\n"]
+    for i in range(0, len(headers), 2):
+        parts += (headers[i], b": ", headers[i + 1], b"\r\n")
+    if close:
+        parts.append(b"Connection: close\r\n")  # the app broke its framing: the front closes
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+_CGI_STATUS = re.compile(rb"([1-9][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+
+
+def parse_cgi_response(output):
+    """The Response in a CGI program's output: header lines (CRLF or LF), a blank line, the body."""
+    end, skip = output.find(b"\r\n\r\n"), 4
+    bare = output.find(b"\n\n")
+    if bare >= 0 and (end < 0 or bare < end):
+        end, skip = bare, 2
+    if end < 0:
+        raise TransportError("the CGI response has no end of headers")
+    status = None
+    headers = []
+    close = False
+    for line in output[:end].split(b"\n"):
+        match = _FIELD.fullmatch(line[:-1] if line.endswith(b"\r") else line)
+        if match is None:
+            raise TransportError("malformed CGI response header %r" % line[:40])
+        name, value = match.groups()
+        lower = name.lower()
+        if lower == b"status":
+            if _CGI_STATUS.fullmatch(value) is None:
+                raise TransportError("malformed CGI Status %r" % value[:40])
+            status = value if b" " in value else b"%s %s" % (
+                value, http.client.responses.get(int(value), "").encode())
+        elif lower == b"connection":
+            close = b"close" in value.lower()
+        else:
+            if lower == b"location" and status is None:
+                status = b"302 Found"  # RFC 3875 6.2.3: a client redirect
+            headers += (name, value)
+    return Response(status or b"200 OK", headers, output[end + skip:], None, close)
+
+
+def _body_input(body, body_fd):
+    """(wsgi.input, its length) for a body in memory or on a descriptor the caller keeps."""
+    if body_fd is None:
+        return io.BytesIO(body), len(body)
+    return os.fdopen(os.dup(body_fd), "rb"), os.fstat(body_fd).st_size
+
+
+# -- the app end: a threaded server on a Unix socket ---------------------------
+
+class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """An app role's server on a Unix socket: one thread per connection from the front.
+
+    It keeps the door's rules: the socket file is born 0600, connections from any euid but
+    the app's own (and --allow-uid) are refused, close() lets requests in flight finish.
+    The front keeps its connections open, so `threads` follows its concurrency high-water
+    mark, like door server threads.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+    description = ""
+
+    def __init__(self, path, gateway, handler):
+        self.path = path
+        self.gateway = gateway
+        self.threads = 0
+        self.in_flight = 0
+        self.closing = False
+        self._lock = threading.Lock()
+        self._connections = {}  # socket -> True while a request is being answered
+        old_umask = os.umask(0o177)
+        try:
+            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # left by a killed app
+            socketserver.UnixStreamServer.__init__(self, path, handler)
+        finally:
+            os.umask(old_umask)
+        threading.Thread(target=self.serve_forever, name="app-accept", daemon=True).start()
+
+    def verify_request(self, request, client_address):
+        try:
+            caller = _peer_credentials(request)
+        except OSError:
+            return False
+        if caller.euid not in self.gateway.allowed_uids:
+            _log("app", "refused a connection from euid %d pid %d" % (caller.euid, caller.pid))
+            return False
+        return True
+
+    def process_request_thread(self, request, client_address):
+        with self._lock:
+            self._connections[request] = False
+            self.threads += 1
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+        finally:
+            with self._lock:
+                self._connections.pop(request, None)
+                self.threads -= 1
+
+    def handle_error(self, request, client_address):
+        _log("app", "error on a connection from the front:\n" + traceback.format_exc().rstrip())
+
+    def busy(self, sock, busy):
+        with self._lock:
+            self._connections[sock] = busy
+            self.in_flight += 1 if busy else -1
+
+    def close(self, grace=10.0):
+        """Refuse new connections, close idle ones, let requests in flight finish (up to `grace`)."""
+        self.closing = True
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        with self._lock:
+            idle = [sock for sock, busy in self._connections.items() if not busy]
+        for sock in idle:
+            _shutdown(sock)
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+# -- the front end: pooled connections to a Unix socket ------------------------
+
+class _UpstreamConnection:
+    """One connection from the front to an app's Unix socket, with its read buffer."""
+
+    __slots__ = ("sock", "buf")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def send(self, data):
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # see _io_timeout
+            raise TimeoutError("the application did not read the request in time")
+
+    def send_file(self, fd):
+        """The whole file open on `fd` (which the caller keeps), from its start."""
+        try:
+            with os.fdopen(os.dup(fd), "rb") as body_file:
+                self.sock.sendfile(body_file, 0)
+        except BlockingIOError:
+            raise TimeoutError("the application did not read the request in time")
+
+    def fill(self):
+        try:
+            data = self.sock.recv(262144)
+        except BlockingIOError:
+            raise TimeoutError("the application did not answer in time")
+        if not data:
+            raise TransportError("the application closed the connection")
+        self.buf += data
+
+    def read_exact(self, size):
+        while len(self.buf) < size:
+            self.fill()
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data
+
+    def read_until(self, separator, limit):
+        """Bytes up to `separator` (which is consumed, not returned)."""
+        start = 0
+        while True:
+            end = self.buf.find(separator, start)
+            if end >= 0:
+                data = bytes(self.buf[:end])
+                del self.buf[:end + len(separator)]
+                return data
+            if len(self.buf) > limit:
+                raise TransportError("no %r within %d bytes" % (separator, limit))
+            start = max(0, len(self.buf) - len(separator) + 1)
+            self.fill()
+
+    def read_at_most(self, size):
+        """Up to `size` bytes, fewer if the peer closes first: (data, complete)."""
+        try:
+            return self.read_exact(size), True
+        except TransportError:
+            data = bytes(self.buf)
+            del self.buf[:]
+            return data, False
+
+    def read_to_end(self):
+        while True:
+            try:
+                self.fill()
+            except TransportError:
+                data = bytes(self.buf)
+                del self.buf[:]
+                return data
+
+    def close(self):
+        self.sock.close()
+
+
+class _UnixPool:
+    """Idle connections to one Unix socket, reused LIFO (the hot one first), opened on demand."""
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.timeout = timeout
+        self._idle = []  # list append/pop are atomic
+        self._closed = False
+
+    def get(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        _io_timeout(sock, self.timeout)
+        return _UpstreamConnection(sock)
+
+    def put(self, connection):
+        if self._closed or connection.buf:
+            connection.close()  # bytes nobody asked for: the connection is out of step
+        else:
+            self._idle.append(connection)
+
+    def close(self):
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+# -- proxy pass: HTTP/1.1 over a Unix socket -----------------------------------
+#
+# The front sends the request as it received it (line, headers, the decoded body with a
+# Content-Length) plus one header of its own, Doordown-Forwarded: scheme, client address
+# and port, server name and port, mount prefix.  It drops any header a client sent whose
+# name starts with Doordown-, so a client can never forge it; the app trusts it because
+# only its own user can connect.  The app answers without Date or Server: the front adds
+# its own, as nginx does with what an upstream sends.
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
+_PROXY_DROPPED = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+
+
+class _ProxyAppHandler(FrontHandler):
+    """The app end of proxy pass: requests parsed by the front's own strict parser."""
+
+    def setup(self):
+        self.reader = _ClientReader(self.request)
+        self.limits = self.server.limits
+
+    def handle(self):
+        server = self.server
+        while not server.closing:
+            try:
+                request = self.read_request()
+            except HTTPError as exc:
+                reason = _REASONS.get(exc.status, "Error").encode()
+                self.request.sendall(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                                     % (exc.status, reason))
+                return
+            except (_ClientGone, OSError):
+                return
+            if request is None:
+                return
+            server.busy(self.request, True)
+            try:
+                keep_open = self.answer(request)
+            finally:
+                server.busy(self.request, False)
+                if request.body_fd is not None:
+                    os.close(request.body_fd)
+            if not keep_open:
+                return
+
+    def answer(self, request):
+        """Run one request through the gateway and send the reply; False to close after it."""
+        gateway = self.server.gateway
+        forwarded = None
+        headers = []
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"doordown-forwarded":
+                forwarded = value
+            elif lower == b"doordown-stats":
+                body = json.dumps(gateway.stats()).encode()
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                return True
+            else:
+                headers += (name, value)
+        env_fields = forwarded.split(b" ", 5) if forwarded is not None else []
+        if len(env_fields) == 5:
+            env_fields.append(b"")  # no mount prefix
+        if len(env_fields) != 6:
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+            return False
+        body_input, length = _body_input(request.body, request.body_fd)
+        fields = [request.method, request.target, request.version, *env_fields, b"", *headers]
+        try:
+            status, headers, body, close = gateway.respond(gateway.environ(fields, body_input, length))
+        finally:
+            body_input.close()
+        parts = [b"HTTP/1.1 ", status, b"\r\n"]
+        framed = False
+        for i in range(0, len(headers), 2):
+            if headers[i].lower() == b"content-length":
+                framed = True
+            parts += (headers[i], b": ", headers[i + 1], b"\r\n")
+        code = int(status[:3])
+        close = close or not request.keep_alive  # doordown's front always keeps it open
+        if request.method == b"HEAD" or code < 200 or code in (204, 304):
+            body = b""
+        elif not framed:
+            if request.version == b"HTTP/1.1":
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+            else:
+                close = True  # HTTP/1.0 without a length: the close ends the body
+        if close:
+            parts.append(b"Connection: close\r\n")
+        parts += (b"\r\n", body)
+        self.request.sendall(b"".join(parts))
+        return not close
+
+
+class ProxyAppServer(_UnixAppServer):
+    """The app role of `--transport proxy`: HTTP/1.1 on a Unix socket, a thread per connection."""
+
+    description = "proxy pass: HTTP/1.1"
+    # The front has checked the request against the user's limits already; these only bound
+    # a broken peer.  Idle connections stay open: the front's pool decides when to close.
+    limits = Limits(keepalive=86400.0, header_timeout=60.0, body_timeout=60.0, max_line=1 << 16,
+                    max_headers=10000, max_header_size=1 << 24, max_body=1 << 62)
+
+    def __init__(self, path, gateway):
+        _UnixAppServer.__init__(self, path, gateway, _ProxyAppHandler)
+
+
+class ProxyUpstream:
+    """Forwards requests over pooled keep-alive HTTP/1.1 connections to a ProxyAppServer."""
+
+    transport = "proxy"
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.pool = _UnixPool(path, timeout)
+
+    def forward(self, request, env):
+        head = [request.method, b" ", request.target, b" ", request.version, b"\r\n"]
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower not in _PROXY_DROPPED and not lower.startswith(b"doordown-"):
+                head += (name, b": ", value, b"\r\n")
+        fd = request.body_fd
+        size = len(request.body) if fd is None else os.fstat(fd).st_size
+        head.append(b"Doordown-Forwarded: %s %s %s %s %s %s\r\nContent-Length: %d\r\n" % (
+            env.scheme, env.remote_addr, env.remote_port, env.server_name, env.server_port,
+            env.script_name, size))
+        if request.version == b"HTTP/1.0":
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        return self._exchange(head, request.body, fd, request.method == b"HEAD")
+
+    def _exchange(self, head, body, body_fd, head_only):
+        connection = self.pool.get()
+        try:
+            if body_fd is None:
+                head.append(body)
+                connection.send(b"".join(head))
+            else:
+                connection.send(b"".join(head))
+                connection.send_file(body_fd)
+            response, reusable = self._read_response(connection, head_only)
+        except BaseException:
+            connection.close()
+            raise
+        if reusable:
+            self.pool.put(connection)
+        else:
+            connection.close()
+        return response
+
+    def _read_response(self, connection, head_only):
+        """(Response, whether the connection can be reused) from the app's reply."""
+        lines = connection.read_until(b"\r\n\r\n", 1 << 20).split(b"\r\n")
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            raise TransportError("malformed status line from the app: %r" % lines[0][:40])
+        code, reason = match.groups()
+        headers = []
+        length = None
+        chunked = close = False
+        for line in lines[1:]:
+            field = _FIELD.fullmatch(line)
+            if field is None:
+                raise TransportError("malformed header from the app: %r" % line[:40])
+            name, value = field.groups()
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                chunked = value.lower() == b"chunked"
+                if not chunked:
+                    raise TransportError("unsupported transfer coding from the app: %r" % value)
+            elif lower == b"connection":
+                close = b"close" in value.lower()
+            elif lower not in (b"date", b"server"):
+                if lower == b"content-length":
+                    if not _DIGITS.fullmatch(value) or length is not None:
+                        raise TransportError("bad Content-Length from the app")
+                    length = int(value)
+                headers += (name, value)
+        status = b"%s %s" % (code, reason or http.client.responses.get(int(code), "").encode())
+        if head_only or int(code) < 200 or code in (b"204", b"304"):
+            body = b""
+        elif chunked:
+            body = self._read_chunked(connection)
+        elif length is not None:
+            body, complete = connection.read_at_most(length)
+            close = close or not complete  # a short body: the client sees it, then the close
+        else:
+            body, close = connection.read_to_end(), True
+        return Response(status, headers, body, None, close), not close
+
+    @staticmethod
+    def _read_chunked(connection):
+        chunks = []
+        while True:
+            line = _CHUNK_LINE.fullmatch(connection.read_until(b"\r\n", 4096))
+            if line is None:
+                raise TransportError("malformed chunk from the app")
+            size = int(line.group(1), 16)
+            if size == 0:
+                break
+            chunks.append(connection.read_exact(size))
+            if connection.read_exact(2) != b"\r\n":
+                raise TransportError("chunk from the app longer than its size")
+        while connection.read_until(b"\r\n", 65536):
+            pass  # trailer fields: none expected, dropped
+        return b"".join(chunks)
+
+    def stats(self):
+        head = [b"OPTIONS * HTTP/1.1\r\nHost: app\r\nDoordown-Stats: 1\r\n\r\n"]
+        return json.loads(self._exchange(head, b"", None, False).body)
+
+    def close(self):
+        self.pool.close()
+
+
+# -- FastCGI 1.0 -----------------------------------------------------------------
+#
+# Records: version 1, type, request id, content length, padding length, then content and
+# padding (to a multiple of 8, as the specification recommends).  One request at a time
+# per connection (FCGI_MPXS_CONNS is 0; a second BEGIN_REQUEST gets CANT_MPX_CONN); the
+# connection stays open after END_REQUEST only if the client set FCGI_KEEP_CONN.  What
+# the application writes to wsgi.errors travels back as FCGI_STDERR, which nginx puts in
+# its error log and doordown's front in its own.
+
+_FCGI_HEADER = struct.Struct("!BBHHBx")
+_FCGI_BEGIN = struct.Struct("!HB5x")
+_FCGI_END = struct.Struct("!IB3x")
+_FCGI_LONG_LENGTH = struct.Struct("!I")
+(_FCGI_BEGIN_REQUEST, _FCGI_ABORT_REQUEST, _FCGI_END_REQUEST, _FCGI_PARAMS, _FCGI_STDIN,
+ _FCGI_STDOUT, _FCGI_STDERR, _FCGI_DATA, _FCGI_GET_VALUES, _FCGI_GET_VALUES_RESULT,
+ _FCGI_UNKNOWN_TYPE) = range(1, 12)
+_FCGI_RESPONDER = 1
+_FCGI_KEEP_CONN = 1
+_FCGI_REQUEST_COMPLETE, _FCGI_CANT_MPX_CONN, _FCGI_OVERLOADED, _FCGI_UNKNOWN_ROLE = range(4)
+_FCGI_PIECE = 65528  # the largest multiple of 8 a record can carry: no padding in a long stream
+
+
+def fcgi_record(kind, request_id, content=b""):
+    """One record (content of at most 65535 bytes), padded to a multiple of 8."""
+    padding = -len(content) % 8
+    return b"".join((_FCGI_HEADER.pack(1, kind, request_id, len(content), padding), content,
+                     b"\0" * padding))
+
+
+def fcgi_stream(kind, request_id, data):
+    """`data` as a stream of records, ended by the empty record."""
+    records = [fcgi_record(kind, request_id, data[i:i + _FCGI_PIECE])
+               for i in range(0, len(data), _FCGI_PIECE)]
+    records.append(fcgi_record(kind, request_id))
+    return b"".join(records)
+
+
+def _fcgi_length(size):
+    return bytes((size,)) if size < 128 else _FCGI_LONG_LENGTH.pack(size | 0x80000000)
+
+
+def fcgi_pairs(pairs):
+    """Name-value pairs (bytes) in FastCGI's encoding: lengths of 1 byte, or 4 with the high bit."""
+    parts = []
+    for name, value in pairs:
+        parts += (_fcgi_length(len(name)), _fcgi_length(len(value)), name, value)
+    return b"".join(parts)
+
+
+def parse_fcgi_pairs(data):
+    """The name-value pairs in `data`, as a dict of bytes; TransportError if they do not add up."""
+    pairs = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        sizes = []
+        for _ in range(2):
+            if pos >= end:
+                raise TransportError("truncated FastCGI name-value pair")
+            size = data[pos]
+            if size & 0x80:
+                if pos + 4 > end:
+                    raise TransportError("truncated FastCGI name-value pair")
+                size = _FCGI_LONG_LENGTH.unpack_from(data, pos)[0] & 0x7FFFFFFF
+                pos += 4
+            else:
+                pos += 1
+            sizes.append(size)
+        name_end = pos + sizes[0]
+        if name_end + sizes[1] > end:
+            raise TransportError("truncated FastCGI name-value pair")
+        pairs[bytes(data[pos:name_end])] = bytes(data[name_end:name_end + sizes[1]])
+        pos = name_end + sizes[1]
+    return pairs
+
+
+def _read_fcgi_record(connection):
+    """(type, request id, content) of the next record on an _UpstreamConnection."""
+    version, kind, request_id, size, padding = _FCGI_HEADER.unpack(
+        connection.read_exact(_FCGI_HEADER.size))
+    if version != 1:
+        raise TransportError("FastCGI record of version %d" % version)
+    content = connection.read_exact(size + padding)
+    return kind, request_id, content[:size] if padding else content
+
+
+class _FastCGIErrors:
+    """wsgi.errors of one FastCGI request: what the app writes goes back as FCGI_STDERR."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def write(self, text):
+        self.chunks.append(text.encode("utf-8", "replace"))
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+
+class _FastCGIRequest:
+    """What a responder gathers for one request before running it."""
+
+    __slots__ = ("request_id", "keep_conn", "params", "params_done", "stdin", "stdin_done",
+                 "body", "body_fd")
+
+    def __init__(self, request_id, keep_conn):
+        self.request_id, self.keep_conn = request_id, keep_conn
+        self.params = bytearray()
+        self.stdin = _BodySink(1 << 62)  # the client (front or nginx) bounds the body
+        self.params_done = self.stdin_done = False
+        self.body, self.body_fd = b"", None
+
+
+class _FastCGIHandler(socketserver.BaseRequestHandler):
+    """One connection to the responder: requests one after another until the client is done."""
+
+    def handle(self):
+        connection = _UpstreamConnection(self.request)
+        server = self.server
+        while not server.closing:
+            try:
+                request = self.read_request(connection)
+            except (TransportError, OSError):
+                return
+            if request is None:
+                continue  # aborted before it ran
+            server.busy(self.request, True)
+            try:
+                self.request.sendall(self.run(request))
+            except OSError:
+                return
+            finally:
+                server.busy(self.request, False)
+                if request.body_fd is not None:
+                    os.close(request.body_fd)
+            if not request.keep_conn:
+                return
+
+    def read_request(self, connection):
+        """The next complete request (params and stdin), or None if the client aborted it."""
+        request = None
+        while request is None or not (request.params_done and request.stdin_done):
+            kind, request_id, content = _read_fcgi_record(connection)
+            if request_id == 0:
+                self.management_reply(kind, content)
+            elif kind == _FCGI_BEGIN_REQUEST:
+                role, flags = _FCGI_BEGIN.unpack(content[:_FCGI_BEGIN.size])
+                if request is not None:
+                    self.end_request(request_id, _FCGI_CANT_MPX_CONN)
+                elif role != _FCGI_RESPONDER:
+                    self.end_request(request_id, _FCGI_UNKNOWN_ROLE)
+                else:
+                    request = _FastCGIRequest(request_id, bool(flags & _FCGI_KEEP_CONN))
+            elif request is None or request_id != request.request_id:
+                continue  # a record of a request that is not (or no longer) active: ignored
+            elif kind == _FCGI_PARAMS:
+                if content:
+                    request.params += content
+                else:
+                    request.params_done = True
+            elif kind == _FCGI_STDIN:
+                if content:
+                    request.stdin.write(content)
+                else:
+                    request.stdin_done = True
+            elif kind == _FCGI_ABORT_REQUEST:
+                self.end_request(request_id, _FCGI_REQUEST_COMPLETE)
+                if not request.keep_conn:
+                    raise TransportError("request aborted")
+                return None
+        request.stdin.finish(request)
+        return request
+
+    def management_reply(self, kind, content):
+        if kind != _FCGI_GET_VALUES:
+            self.request.sendall(fcgi_record(_FCGI_UNKNOWN_TYPE, 0, bytes((kind,)) + b"\0" * 7))
+            return
+        known = {b"FCGI_MAX_CONNS": b"%d" % self.server.request_queue_size,
+                 b"FCGI_MAX_REQS": b"%d" % self.server.request_queue_size,
+                 b"FCGI_MPXS_CONNS": b"0",
+                 b"DOORDOWN_STATS": json.dumps(self.server.gateway.stats()).encode()}
+        asked = parse_fcgi_pairs(content)
+        self.request.sendall(fcgi_record(_FCGI_GET_VALUES_RESULT, 0, fcgi_pairs(
+            (name, known[name]) for name in asked if name in known)))
+
+    def end_request(self, request_id, protocol_status, app_status=0):
+        self.request.sendall(fcgi_record(_FCGI_END_REQUEST, request_id,
+                                         _FCGI_END.pack(app_status, protocol_status)))
+
+    def run(self, request):
+        """The reply records for one request: STDERR if any, STDOUT, END_REQUEST."""
+        gateway = self.server.gateway
+        environ = {name.decode("latin-1"): value.decode("latin-1")
+                   for name, value in parse_fcgi_pairs(request.params).items()}
+        body_input, length = _body_input(request.body, request.body_fd)
+        if length and not environ.get("CONTENT_LENGTH"):
+            environ["CONTENT_LENGTH"] = str(length)
+        errors = _FastCGIErrors()
+        environ.update(gateway.wsgi_keys)
+        environ["wsgi.url_scheme"] = "https" if environ.get("HTTPS") in ("on", "1") \
+            else environ.get("REQUEST_SCHEME", "http")
+        environ["wsgi.input"] = body_input
+        environ["wsgi.errors"] = errors
+        environ.setdefault("PATH_INFO", "")
+        environ.setdefault("SCRIPT_NAME", "")
+        environ.setdefault("QUERY_STRING", "")
+        try:
+            output = cgi_response(*gateway.respond(environ))
+        finally:
+            body_input.close()
+        request_id = request.request_id
+        records = [fcgi_stream(_FCGI_STDERR, request_id, b"".join(errors.chunks))] if errors.chunks else []
+        records += (fcgi_stream(_FCGI_STDOUT, request_id, output),
+                    fcgi_record(_FCGI_END_REQUEST, request_id, _FCGI_END.pack(0, _FCGI_REQUEST_COMPLETE)))
+        return b"".join(records)
+
+
+class FastCGIAppServer(_UnixAppServer):
+    """The app role of `--transport fastcgi`: a FastCGI 1.0 responder on a Unix socket."""
+
+    description = "FastCGI responder"
+
+    def __init__(self, path, gateway):
+        _UnixAppServer.__init__(self, path, gateway, _FastCGIHandler)
+
+
+class FastCGIUpstream:
+    """The front as a FastCGI client: one request per pooled connection at a time, KEEP_CONN."""
+
+    transport = "fastcgi"
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.pool = _UnixPool(path, timeout)
+
+    def forward(self, request, env):
+        fields = request_fields(request, env)
+        fd = request.body_fd
+        size = len(request.body) if fd is None else os.fstat(fd).st_size
+        params = [(name.encode("latin-1"), value.encode("latin-1"))
+                  for name, value in cgi_variables(fields, fields[_REQUEST_FIXED:], size).items()]
+        params += ((b"GATEWAY_INTERFACE", b"CGI/1.1"), (b"REQUEST_SCHEME", env.scheme),
+                   (b"REQUEST_URI", request.target))
+        if env.scheme == b"https":
+            params.append((b"HTTPS", b"on"))
+        message = [fcgi_record(_FCGI_BEGIN_REQUEST, 1, _FCGI_BEGIN.pack(_FCGI_RESPONDER, _FCGI_KEEP_CONN)),
+                   fcgi_stream(_FCGI_PARAMS, 1, fcgi_pairs(params))]
+        connection = self.pool.get()
+        try:
+            if fd is None:
+                message.append(fcgi_stream(_FCGI_STDIN, 1, request.body))
+                connection.send(b"".join(message))
+            else:
+                connection.send(b"".join(message))
+                with os.fdopen(os.dup(fd), "rb") as body_file:
+                    for piece in iter(lambda: body_file.read(_FCGI_PIECE), b""):
+                        connection.send(fcgi_record(_FCGI_STDIN, 1, piece))
+                connection.send(fcgi_record(_FCGI_STDIN, 1))
+            output = self._read_reply(connection)
+        except BaseException:
+            connection.close()
+            raise
+        self.pool.put(connection)
+        return parse_cgi_response(output)
+
+    def _read_reply(self, connection):
+        stdout = []
+        while True:
+            kind, request_id, content = _read_fcgi_record(connection)
+            if request_id != 1:
+                continue  # management records we did not ask for
+            if kind == _FCGI_STDOUT:
+                stdout.append(content)
+            elif kind == _FCGI_STDERR and content:
+                _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip())
+            elif kind == _FCGI_END_REQUEST:
+                app_status, protocol_status = _FCGI_END.unpack(content[:_FCGI_END.size])
+                if protocol_status != _FCGI_REQUEST_COMPLETE:
+                    raise TransportError("the FastCGI app refused the request (protocol status %d)"
+                                         % protocol_status)
+                return b"".join(stdout)
+
+    def stats(self):
+        connection = self.pool.get()
+        try:
+            connection.send(fcgi_record(_FCGI_GET_VALUES, 0, fcgi_pairs([(b"DOORDOWN_STATS", b"")])))
+            kind, _, content = _read_fcgi_record(connection)
+            if kind != _FCGI_GET_VALUES_RESULT:
+                raise TransportError("FastCGI record of type %d instead of GET_VALUES_RESULT" % kind)
+            stats = parse_fcgi_pairs(content).get(b"DOORDOWN_STATS")
+        except BaseException:
+            connection.close()
+            raise
+        self.pool.put(connection)
+        if stats is None:  # a responder other than doordown's: it answers, but says nothing more
+            return {"pid": None, "threads": None, "requests": None}
+        return json.loads(stats)
+
+    def close(self):
+        self.pool.close()
+
+
+# -- CGI ---------------------------------------------------------------------------
+
+class CGIUpstream:
+    """Runs `doordown.py cgi module:app` for every request: environment and stdin in, stdout out.
+
+    The child inherits the front's environment (virtualenv, settings module), less any
+    HTTP_* variable, plus the request's RFC 3875 variables; its stderr is the front's.
+    A child that fails before answering, or is killed, gets the client a 502.
+    """
+
+    transport = "cgi"
+
+    def __init__(self, spec, timeout=None):
+        self.command = [sys.executable, os.path.abspath(__file__), "cgi"] + ([spec] if spec else [])
+        self.timeout = timeout
+        self.requests = 0
+        self.environ = {name: value for name, value in os.environb.items()
+                        if not name.startswith(b"HTTP_")}
+
+    def forward(self, request, env):
+        fields = request_fields(request, env)
+        fd = request.body_fd
+        size = len(request.body) if fd is None else os.fstat(fd).st_size
+        variables = dict(self.environ)
+        for name, value in cgi_variables(fields, fields[_REQUEST_FIXED:], size).items():
+            variables[name.encode("latin-1")] = value.encode("latin-1")
+        variables.update({b"GATEWAY_INTERFACE": b"CGI/1.1", b"REQUEST_SCHEME": env.scheme,
+                          b"REQUEST_URI": request.target})
+        if env.scheme == b"https":
+            variables[b"HTTPS"] = b"on"
+        # Its own session: a Ctrl-C at the terminal must not kill requests in flight.
+        child = subprocess.Popen(self.command, stdin=subprocess.PIPE if fd is None else fd,
+                                 stdout=subprocess.PIPE, env=variables, start_new_session=True)
+        try:
+            output, _ = child.communicate(request.body if fd is None else None, self.timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise TimeoutError("the CGI program did not answer within %ss" % self.timeout)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        if child.returncode != 0:
+            raise TransportError("the CGI program stopped without answering (%s)"
+                                 % _describe_exit(child.returncode))
+        self.requests += 1
+        return parse_cgi_response(output)
+
+    def stats(self):
+        return {"pid": None, "threads": 0, "requests": self.requests}
+
+    def close(self):
+        pass
+
+
+def run_cgi(args):
+    """The `cgi` command: answer the one request in the environment, as an RFC 3875 program."""
+    environ = {name.decode("latin-1"): value.decode("latin-1")
+               for name, value in os.environb.items()}
+    if "REQUEST_METHOD" not in environ:
+        _log("cgi", "no REQUEST_METHOD in the environment: run by a web server, not by hand")
+        return EXIT_USAGE
+    try:
+        app = load_app(args.app)
+    except BaseException:
+        _log("cgi", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()))
+        return EXIT_APP_LOAD
+    gateway = WSGIGateway(app)
+    environ.update(gateway.wsgi_keys)
+    environ.update({"wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": True,
+                    "wsgi.input": sys.stdin.buffer, "wsgi.errors": sys.stderr,
+                    "wsgi.url_scheme": "https" if environ.get("HTTPS") in ("on", "1") else "http"})
+    for name in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING"):
+        environ.setdefault(name, "")
+    sys.stdout.buffer.write(cgi_response(*gateway.respond(environ)))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+# -- in-process: the reference -------------------------------------------------------
+
+class InProcessUpstream:
+    """The front calls the application itself, on the connection's thread: no IPC at all.
+
+    For reference only (the benchmark's yardstick): the application shares the front's
+    process, its memory and its fate.
+    """
+
+    transport = "inprocess"
+
+    def __init__(self, spec):
+        self.gateway = WSGIGateway(load_app(spec))
+
+    def forward(self, request, env):
+        fields = request_fields(request, env)
+        body_input, length = _body_input(request.body, request.body_fd)
+        try:
+            status, headers, body, close = self.gateway.respond(
+                self.gateway.environ(fields, body_input, length))
+        finally:
+            body_input.close()
+        return Response(status, headers, body, None, close)
+
+    def stats(self):
+        return dict(self.gateway.stats(), threads=threading.active_count())
+
+    def close(self):
+        pass
+
+
+# -- the table `serve` and `app` choose from -------------------------------------------
+
+TRANSPORTS = ("door", "proxy", "fastcgi", "cgi", "inprocess")
+APP_SERVERS = {"proxy": ProxyAppServer, "fastcgi": FastCGIAppServer}  # the door's is the backend's
+
+
+def transport_description(transport, backend):
+    """How `serve` names the way it reaches its application, at start-up."""
+    if transport == "door":
+        return backend.description
+    return {"proxy": "proxy pass (HTTP/1.1 over a Unix socket, pooled keep-alive)",
+            "fastcgi": "FastCGI (over a Unix socket, pooled connections)",
+            "cgi": "CGI (a process per request)",
+            "inprocess": "no IPC (the app in the front's process: a reference, not a deployment)"}[transport]
+
+
+def make_upstream(transport, target, backend, timeout=None):
+    """The front's upstream for `transport`: `target` is the door or socket path, or for
+    cgi and inprocess the application spec."""
+    if transport == "door":
+        return DoorUpstream(backend, target, timeout)
+    if transport == "proxy":
+        return ProxyUpstream(target, timeout)
+    if transport == "fastcgi":
+        return FastCGIUpstream(target, timeout)
+    if transport == "cgi":
+        return CGIUpstream(target, timeout)
+    if transport == "inprocess":
+        return InProcessUpstream(target)
+    raise ValueError("unknown transport %r" % transport)
+
+
+###############################################################################
 # Supervisor #################################################################
 ###############################################################################
 #
@@ -2134,8 +3124,9 @@ class AppProcess:
     def start(self):
         args = self.args
         command = [sys.executable, os.path.abspath(__file__), "app", "--door", self.door_path,
-                   "--doors", self.backend.name, "--graceful-timeout", str(args.graceful_timeout),
-                   "--timeout", str(args.timeout), "--exit-with-parent"]
+                   "--doors", self.backend.name, "--transport", args.transport,
+                   "--graceful-timeout", str(args.graceful_timeout), "--timeout", str(args.timeout),
+                   "--exit-with-parent"]
         for uid in args.allow_uid or ():
             command += ["--allow-uid", str(uid)]
         if self.spec:
@@ -2253,15 +3244,16 @@ class Supervisor:
         slot.generation += 1
         slot.score.add(1)
         slot.load_failed = False
-        path = os.path.join(self.door_dir, "app-%d.door" % slot.generation)
+        path = os.path.join(self.door_dir, "app-%d.%s" % (
+            slot.generation, "door" if args.transport == "door" else "sock"))
         process = AppProcess(slot.spec, path, self.backend, args).start()
-        upstream = DoorUpstream(self.backend, path, args.timeout)
+        upstream = make_upstream(args.transport, path, self.backend, args.timeout)
         if wait_for_door(upstream, args.boot_timeout, process):
             old = slot.mount.upstream
             slot.process = process
             if slot.health is not None:
                 slot.health.close()
-            slot.health = DoorUpstream(self.backend, path, self.health_timeout)
+            slot.health = make_upstream(args.transport, path, self.backend, self.health_timeout)
             limit = args.max_requests + random.randint(0, args.max_requests_jitter) if args.max_requests else 0
             slot.mount.replace(upstream, limit)
             if old is not None:
@@ -2359,11 +3351,20 @@ class Supervisor:
     def _run(self):
         args = self.args
         if args.app_door:
-            mount = Mount("", DoorUpstream(self.backend, args.app_door, args.timeout), supervised=False)
+            mount = Mount("", make_upstream(args.transport, args.app_door, self.backend, args.timeout),
+                          supervised=False)
             if not wait_for_door(mount.upstream, args.boot_timeout):
                 _log("front", "no application answers on door %s" % args.app_door)
                 return 1
             what = "the application on door %s" % args.app_door
+        elif args.transport in ("cgi", "inprocess"):  # no app process to supervise
+            try:
+                mount = Mount("", make_upstream(args.transport, args.app, self.backend, args.timeout),
+                              supervised=False)
+            except AppLoadError as exc:
+                _log("front", "cannot load the application: %s" % exc)
+                return EXIT_APP_LOAD
+            what = args.app or "the built-in hello app"
         else:
             mount = Mount("")
             slot = _AppSlot(mount, args.app)
@@ -2395,7 +3396,7 @@ class Supervisor:
         bound_host, bound_port = self.front.server_address[:2]
         _log("front", "serving %s at http://%s:%d/ through %s"
              % (what, bound_host if family != socket.AF_INET6 else "[%s]" % bound_host,
-                bound_port, self.backend.description))
+                bound_port, transport_description(args.transport, self.backend)))
         next_check = time.monotonic() + self.health_interval
         while True:
             try:
@@ -2460,6 +3461,735 @@ def app_stats(door_path, doors="auto"):
         return upstream.stats()
     finally:
         upstream.close()
+
+
+###############################################################################
+# Benchmark ##################################################################
+###############################################################################
+#
+# `doordown.py bench`: every transport, and the in-process reference, against the same
+# workloads under the same load, measured the same way.  For each workload and transport
+# it starts `serve`, checks the answer (status and exact body) before timing anything,
+# measures the idle stack, then for each concurrency: warms up, runs the load, and reads
+# requests/s, p50/p99 latency, errors and non-2xx from the load generator; CPU seconds
+# of the whole stack (front, app, children) from the kernel's accounting; RSS and PSS of
+# the whole stack idle and at peak; the app's thread count at the end.
+#
+# Load: wrk when it is on PATH (a Python client under-reports a Python server), else a
+# built-in generator: forked processes, raw sockets, keep-alive.  --pinned puts the server
+# stack on CPU 0 and the load on CPU 1; free (the default) lets the OS place them.  The two
+# rank servers differently (shared notes, benchmarking.md): never compare across them.
+
+def block_2ms_app(environ, start_response):
+    """The I/O-bound workload: blocks 2 ms, as a query to a database would."""
+    time.sleep(0.002)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12")])
+    return [b"Slept 2 ms.\n"]
+
+
+_PAYLOAD_64K = bytes(range(256)) * 256
+
+
+def payload_64k_app(environ, start_response):
+    """The bulk workload: a 64 KiB response."""
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(len(_PAYLOAD_64K)))])
+    return [_PAYLOAD_64K]
+
+
+# name -> (application spec, the exact body every answer must have)
+BENCH_WORKLOADS = collections.OrderedDict((
+    ("hello", (None, b"Well, hello to you too!\n")),
+    ("block-2ms", ("doordown:block_2ms_app", b"Slept 2 ms.\n")),
+    ("64k", ("doordown:payload_64k_app", _PAYLOAD_64K)),
+))
+
+
+# -- what the stack uses: CPU, memory, threads, from the kernel ----------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# illumos psinfo_t (sys/procfs.h), LP64, up to pr_ctime: pr_flag, pr_nlwp, pr_pid, pr_ppid,
+# pr_pgid, pr_sid, pr_uid, pr_euid, pr_gid, pr_egid (int); pr_addr, pr_size, pr_rssize,
+# pr_pad1, pr_ttydev (8 bytes each); pr_pctcpu, pr_pctmem (ushort), 4 bytes of padding;
+# pr_start, pr_time, pr_ctime (timestruc_t: seconds, nanoseconds).  136 bytes.
+_PSINFO = struct.Struct("=10i5Q2H4x6q")
+
+ProcessFacts = collections.namedtuple("ProcessFacts", "ppid cpu rss pss threads")
+_HAVE_SMAPS_ROLLUP = os.path.exists("/proc/self/smaps_rollup")
+
+
+def _linux_facts(pid, memory=True):
+    """ProcessFacts from /proc/PID/stat (and smaps_rollup for RSS and PSS), or None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces
+        # fields[0] is field 3 of proc(5): ppid 4, utime 14, stime 15, cutime 16, cstime 17,
+        # num_threads 20, rss 24 (pages); cutime/cstime hold the children it has reaped.
+        if fields[0] == b"Z":
+            return None
+        cpu = sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        pss = None
+        if memory and _HAVE_SMAPS_ROLLUP:  # Linux 4.14 and later; before, RSS from stat, no PSS
+            with open("/proc/%d/smaps_rollup" % pid, "rb") as f:
+                for line in f:
+                    if line.startswith(b"Rss:"):
+                        rss = int(line.split()[1]) * 1024
+                    elif line.startswith(b"Pss:"):
+                        pss = int(line.split()[1]) * 1024
+        return ProcessFacts(int(fields[1]), cpu, rss, pss, int(fields[17]))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _illumos_facts(pid):
+    """ProcessFacts from /proc/PID/psinfo (illumos has no PSS: pss is None), or None if gone.
+
+    Written from illumos' sys/procfs.h for a 64-bit Python; it cannot run off illumos, so
+    it has not run here.
+    """
+    try:
+        with open("/proc/%d/psinfo" % pid, "rb") as f:
+            data = f.read(_PSINFO.size)
+        fields = _PSINFO.unpack(data)
+    except (OSError, struct.error):
+        return None
+    nlwp, ppid, rss_kb = fields[1], fields[3], fields[12]
+    time_s, time_ns, ctime_s, ctime_ns = fields[-4:]
+    if nlwp == 0:
+        return None  # a zombie
+    return ProcessFacts(ppid, time_s + ctime_s + (time_ns + ctime_ns) / 1e9, rss_kb * 1024, None, nlwp)
+
+
+def process_facts(pid, memory=True):
+    """ProcessFacts of one process, or None if it is gone; memory=False skips PSS (cheaper)."""
+    if is_illumos():
+        return _illumos_facts(pid) if struct.calcsize("P") == 8 else None
+    return _linux_facts(pid, memory)
+
+
+def process_tree(root):
+    """`root` and every live descendant of it, from the parent links in /proc."""
+    children = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            facts = process_facts(int(entry), memory=False)
+            if facts is not None:
+                children[facts.ppid].append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+StackUsage = collections.namedtuple("StackUsage", "cpu rss pss processes")
+
+
+def stack_usage(root):
+    """CPU seconds, RSS and PSS (None where not known) summed over a process tree."""
+    cpu = rss = pss = processes = 0
+    for pid in process_tree(root):
+        facts = process_facts(pid)
+        if facts is None:
+            continue
+        processes += 1
+        cpu += facts.cpu
+        rss += facts.rss
+        pss = None if pss is None or facts.pss is None else pss + facts.pss
+    return StackUsage(cpu, rss, pss, processes)
+
+
+def _pin(cpus):
+    """A preexec_fn binding the child (and all it starts) to `cpus`; None if not pinning.
+
+    Linux: sched_setaffinity before exec, so no thread ever runs elsewhere.  illumos has no
+    sched_setaffinity; the child is bound after it starts instead (see _pin_started).
+    """
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _pin_started(pid, cpus):
+    """illumos: bind a started process to one CPU with pbind(1M); its LWPs and children follow."""
+    if cpus and is_illumos():
+        subprocess.run(["pbind", "-b", str(min(cpus)), str(pid)], stdout=subprocess.DEVNULL, check=False)
+
+
+# -- load generators ---------------------------------------------------------------
+
+LoadResult = collections.namedtuple("LoadResult", "requests seconds latencies errors non_2xx")
+
+_WRK_REPORT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("DOORDOWN-WRK %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    math.floor(latency:percentile(50)), math.floor(latency:percentile(99)),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+class WrkLoad:
+    """wrk (keep-alive, C, epoll): the load generator to trust for ceilings."""
+
+    name = "wrk"
+
+    def __init__(self, path, pinned, cpus):
+        self.path, self.cpus = path, cpus
+        self.threads = 1 if pinned else (os.cpu_count() or 2)
+        self.script = tempfile.NamedTemporaryFile("w", prefix="doordown-wrk-", suffix=".lua", delete=False)
+        self.script.write(_WRK_REPORT)
+        self.script.close()
+        version = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.version = version.stdout.decode("utf-8", "replace").split("\n", 1)[0].split(" Copyright")[0]
+
+    def describe(self):
+        return "%s, -t%d" % (self.version, self.threads)
+
+    def start(self, port, connections, seconds):
+        # wrk takes whole seconds; --timeout so that slow transports count as slow, not failed
+        command = [self.path, "-t%d" % min(self.threads, connections), "-c%d" % connections,
+                   "-d%ds" % max(1, round(seconds)), "--timeout", "30s", "-s", self.script.name,
+                   "http://127.0.0.1:%d/" % port]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, preexec_fn=_pin(self.cpus))
+        _pin_started(process.pid, self.cpus)
+        return process
+
+    def running(self, process):
+        return process.poll() is None
+
+    def result(self, process):
+        output = process.communicate()[0].decode("utf-8", "replace")
+        match = re.search(r"DOORDOWN-WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", output)
+        if match is None:
+            raise RuntimeError("wrk failed: %s" % output.strip()[-300:])
+        requests, micros, p50, p99, errors, bad_status = map(int, match.groups())
+        # wrk counts statuses of 400 and over as errors.status: reported as non-2xx
+        return LoadResult(requests, micros / 1e6, (p50, p99), errors, bad_status)
+
+    def close(self):
+        os.unlink(self.script.name)
+
+
+class _LoadConnection:
+    """One keep-alive connection of a built-in load process, one request in flight."""
+
+    __slots__ = ("sock", "buf", "sent", "end", "closing")
+
+    def __init__(self, sock, sent):
+        self.sock, self.sent = sock, sent
+        self.buf = bytearray()
+        self.end = -1  # where the response in buf ends, once its head is parsed
+        self.closing = False
+
+
+def _load_worker(port, connections, seconds, out_path):
+    """One built-in load process: `connections` keep-alive connections, one request in flight
+    on each, for `seconds`; writes its counts and latencies (µs) to `out_path`."""
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+    content_length = re.compile(rb"\r\ncontent-length: *([0-9]+)")
+    selector = selectors.DefaultSelector()
+    latencies = array.array("I")
+    counts = {"requests": 0, "errors": 0, "non_2xx": 0}
+    clock = time.perf_counter
+
+    def connect():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(request)
+        except OSError:
+            counts["errors"] += 1
+            return
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, _LoadConnection(sock, clock()))
+
+    def reconnect(conn, failed):
+        counts["errors"] += failed
+        selector.unregister(conn.sock)
+        conn.sock.close()
+        connect()
+
+    for _ in range(connections):
+        connect()
+    began = time.monotonic()
+    deadline = began + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not selector.get_map():
+            break
+        for key, _ in selector.select(left):
+            conn = key.data
+            try:
+                data = conn.sock.recv(262144)
+            except OSError:
+                data = b""
+            if not data:
+                reconnect(conn, 1)
+                continue
+            conn.buf += data
+            if conn.end < 0:
+                head_end = conn.buf.find(b"\r\n\r\n")
+                if head_end < 0:
+                    continue
+                head = bytes(conn.buf[:head_end]).lower()
+                length = content_length.search(head)
+                if length is None:  # every workload answers with a length: anything else is wrong
+                    reconnect(conn, 1)
+                    continue
+                conn.end = head_end + 4 + int(length.group(1))
+                conn.closing = b"\r\nconnection: close" in head
+                if not head.startswith(b"http/1.1 2"):
+                    counts["non_2xx"] += 1
+            if len(conn.buf) < conn.end:
+                continue
+            now = clock()
+            latencies.append(min(int((now - conn.sent) * 1e6), 0xFFFFFFFF))
+            counts["requests"] += 1
+            if conn.closing:
+                reconnect(conn, 0)
+                continue
+            del conn.buf[:conn.end]
+            conn.sent, conn.end = now, -1
+            try:
+                conn.sock.send(request)
+            except OSError:
+                reconnect(conn, 1)
+    counts["seconds"] = time.monotonic() - began
+    with open(out_path, "wb") as out:
+        out.write(json.dumps(counts).encode() + b"\n")
+        out.write(latencies.tobytes())
+
+
+class BuiltinLoad:
+    """The stdlib load generator: forked processes, raw sockets, keep-alive.  Fine for slow
+    servers and for latency at low concurrency; it competes with the server for the CPUs and
+    tops out far below wrk, so do not read ceilings from it."""
+
+    name = "builtin"
+
+    def __init__(self, pinned, cpus):
+        self.cpus = cpus
+        self.processes = 1 if pinned else (os.cpu_count() or 2)
+
+    def describe(self):
+        return "built-in (stdlib, %d process%s, keep-alive)" % (self.processes, "" if self.processes == 1 else "es")
+
+    def start(self, port, connections, seconds):
+        workers = []
+        count = min(self.processes, connections)
+        for i in range(count):
+            share = connections // count + (1 if i < connections % count else 0)
+            fd, out_path = tempfile.mkstemp(prefix="doordown-load-")
+            os.close(fd)
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the caller's code
+                code = 0
+                try:
+                    if self.cpus and hasattr(os, "sched_setaffinity"):
+                        os.sched_setaffinity(0, self.cpus)
+                    _load_worker(port, share, seconds, out_path)
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            _pin_started(pid, self.cpus)
+            workers.append([pid, out_path, None])
+        return workers
+
+    def running(self, workers):
+        for worker in workers:
+            if worker[2] is None:
+                pid, status = os.waitpid(worker[0], os.WNOHANG)
+                if pid:
+                    worker[2] = status
+        return any(worker[2] is None for worker in workers)
+
+    def result(self, workers):
+        requests = errors = non_2xx = 0
+        rate = 0.0
+        latencies = array.array("I")
+        for pid, out_path, status in workers:
+            if status is None:
+                os.waitpid(pid, 0)
+            with open(out_path, "rb") as f:
+                counts = json.loads(f.readline())
+                latencies.frombytes(f.read())
+            os.unlink(out_path)
+            requests += counts["requests"]
+            errors += counts["errors"]
+            non_2xx += counts["non_2xx"]
+            rate += counts["requests"] / counts["seconds"]
+        ordered = sorted(latencies)
+        percentiles = tuple(ordered[int(q * (len(ordered) - 1))] if ordered else 0 for q in (0.5, 0.99))
+        return LoadResult(requests, requests / rate if rate else 0.0, percentiles, errors, non_2xx)
+
+    def close(self):
+        pass
+
+
+# -- one server stack under test ----------------------------------------------------
+
+class BenchServer:
+    """`doordown.py serve` for one transport and workload, on a free port; its log in a file."""
+
+    def __init__(self, transport, spec, doors, cpus):
+        self.transport, self.spec, self.doors, self.cpus = transport, spec, doors, cpus
+        self.log = tempfile.TemporaryFile()
+        self.proc = None
+        self.port = None
+        self.app_pid = None
+
+    def start(self, timeout=60):
+        command = [sys.executable, os.path.abspath(__file__), "serve", "--transport", self.transport,
+                   "--bind", "127.0.0.1:0", "--access-log", "off", "--doors", self.doors]
+        if self.spec:
+            command.append(self.spec)
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log, preexec_fn=_pin(self.cpus))
+        _pin_started(self.proc.pid, self.cpus)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = re.search(r"serving .*? at http://[^ ]+:(\d+)/", self.output())
+            if ready:
+                self.port = int(ready.group(1))
+                app = re.search(r"\(app pid (\d+),", self.output())
+                self.app_pid = int(app.group(1)) if app else self.proc.pid
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise RuntimeError("serve --transport %s did not start:\n%s" % (self.transport, self.output()[-2000:]))
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    def check(self, expected):
+        """None if GET / answers 200 with exactly `expected`, else what is wrong."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return "no answer: %s" % exc
+        finally:
+            conn.close()
+        if response.status != 200 or body != expected:
+            return "answered %d with %d bytes %r" % (response.status, len(body), body[:60])
+        return None
+
+    def stop(self):
+        if self.proc is None:
+            return
+        tree = process_tree(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in tree[1:]:  # an app or CGI child the front did not take down with it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.close()
+
+
+# -- the report: Markdown and SVG ---------------------------------------------------------
+
+_BENCH_COLUMNS = (("workload", "workload"), ("transport", "transport"), ("concurrency", "c"),
+                  ("requests_per_s", "req/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+                  ("errors", "errors"), ("non_2xx", "non-2xx"), ("cpu_s_per_1k", "CPU s/1k req"),
+                  ("rss_idle_mb", "RSS idle MB"), ("rss_peak_mb", "RSS peak MB"),
+                  ("pss_idle_mb", "PSS idle MB"), ("pss_peak_mb", "PSS peak MB"),
+                  ("app_threads", "app threads"))
+
+
+def _cell_text(value):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "{:,.0f}".format(value) if value >= 100 else "%g" % value
+    return str(value)
+
+
+def _progress_line(done, cells, row):
+    memory = row["pss_peak_mb"] if row["pss_peak_mb"] is not None else row["rss_peak_mb"]
+    trouble = ""
+    if row["errors"] or row["non_2xx"]:
+        trouble = "  (%d errors, %d non-2xx)" % (row["errors"], row["non_2xx"])
+    return "[%d/%d] %-9s %-9s c%-3d %8.0f req/s  p99 %7s ms  peak %s MB%s" % (
+        done, cells, row["workload"], row["transport"], row["concurrency"], row["requests_per_s"],
+        _cell_text(row["p99_ms"]), memory, trouble)
+
+
+def _bench_targets(rows):
+    """The issue's targets, read from the hello rows: door against proxy, FastCGI, in-process."""
+    by_key = {(r["transport"], r["concurrency"]): r for r in rows
+              if r.get("workload") == "hello" and "failed" not in r}
+    lines = []
+    for connections in sorted({c for _, c in by_key}):
+        door = by_key.get(("door", connections))
+        if door is None:
+            continue
+        parts = []
+        for other in ("proxy", "fastcgi", "inprocess"):
+            peer = by_key.get((other, connections))
+            if peer and peer["requests_per_s"]:
+                parts.append("%.2f× %s" % (door["requests_per_s"] / peer["requests_per_s"], other))
+        memory = "pss_peak_mb" if door["pss_peak_mb"] is not None else "rss_peak_mb"
+        for other in ("proxy", "fastcgi"):
+            peer = by_key.get((other, connections))
+            if peer and peer[memory] is not None:
+                parts.append("%s %s MB vs %s %s MB" % (memory.split("_")[0].upper(), door[memory],
+                                                      other, peer[memory]))
+        if parts:
+            lines.append("- hello c%d: door req/s = %s" % (connections, ", ".join(parts)))
+    return lines
+
+
+def bench_markdown(report):
+    config, machine = report["config"], report["machine"]
+    lines = ["", "`%s` — doordown %s, Python %s, %s CPUs, %s; load: %s; %s; doors: %s; "
+             "load average %s before, %s after" % (
+                 report["command"], report["doordown"], machine["python"], machine["cpus"],
+                 machine["platform"], config["load"], config["placement"], config["doors"],
+                 machine["load_average_before"], machine["load_average_after"]), ""]
+    lines.append("| " + " | ".join(title for _, title in _BENCH_COLUMNS) + " |")
+    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(_BENCH_COLUMNS))) + "|")
+    for row in report["results"]:
+        if "failed" in row:
+            lines.append("| %s | %s | failed: %s |" % (row["workload"], row["transport"],
+                                                       row["failed"].replace("|", "/").splitlines()[0]))
+        else:
+            lines.append("| " + " | ".join(_cell_text(row[key]) for key, _ in _BENCH_COLUMNS) + " |")
+    targets = _bench_targets(report["results"])
+    if targets:
+        lines += ["", *targets]
+    return "\n".join(lines) + "\n"
+
+
+_TRANSPORT_COLOURS = {"door": "#1b9e77", "proxy": "#d95f02", "fastcgi": "#7570b3", "cgi": "#e7298a",
+                      "inprocess": "#888888"}
+
+
+def _nice_ceiling(value):
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is at least `value`."""
+    if value <= 0:
+        return 1
+    power = 10 ** int(len(str(int(value))) - 1)
+    for step in (1, 2, 2.5, 5, 10):
+        if step * power >= value:
+            return step * power
+    return 10 * power
+
+
+def _svg_bars(x, y, width, height, title, unit, groups, series, value_of):
+    """A grouped bar chart: one group per concurrency, one bar per transport."""
+    top = max([value_of(g, s) or 0 for g in groups for s in series] + [0])
+    ceiling = _nice_ceiling(top * 1.15)  # room for the labels above the bars
+    plot_x, plot_y, plot_w, plot_h = x + 48, y + 24, width - 56, height - 48
+    out = ['<text x="%d" y="%d" class="title">%s</text>' % (x, y + 12, escape(title))]
+    for i in range(6):
+        value = ceiling * i / 5
+        line_y = plot_y + plot_h - plot_h * i / 5
+        out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" class="grid"/>' % (plot_x, line_y, plot_x + plot_w, line_y))
+        out.append('<text x="%d" y="%.1f" class="axis" text-anchor="end">%s</text>'
+                   % (plot_x - 4, line_y + 3, "{:,.0f}".format(value) if ceiling >= 10 else "%g" % value))
+    group_w = plot_w / max(1, len(groups))
+    bar_w = group_w * 0.8 / max(1, len(series))
+    for g, group in enumerate(groups):
+        gx = plot_x + g * group_w + group_w * 0.1
+        for s, name in enumerate(series):
+            value = value_of(group, name)
+            if value is None:
+                continue
+            bar_h = plot_h * value / ceiling
+            bx = gx + s * bar_w
+            out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s c%s: %s %s</title></rect>'
+                       % (bx, plot_y + plot_h - bar_h, bar_w - 1, bar_h, _TRANSPORT_COLOURS.get(name, "#444"),
+                          escape(name), group, _cell_text(value), escape(unit)))
+            label_x, label_y = bx + bar_w / 2, plot_y + plot_h - bar_h - 2
+            turn = ' transform="rotate(-90 %.1f %.1f)"' % (label_x + 3, label_y) if bar_w < 26 else ""
+            out.append('<text x="%.1f" y="%.1f" class="value" text-anchor="%s"%s>%s</text>'
+                       % (label_x + (3 if turn else 0), label_y, "start" if turn else "middle", turn,
+                          _cell_text(value)))
+        out.append('<text x="%.1f" y="%d" class="axis" text-anchor="middle">c%s</text>'
+                   % (gx + group_w * 0.4, plot_y + plot_h + 14, group))
+    return out
+
+
+def _cell_lookup(cells, workload, key):
+    """value_of(concurrency, transport) for one workload's figure `key`."""
+    return lambda group, name: (cells.get((workload, name, group)) or {}).get(key)
+
+
+def bench_svg(report):
+    """A chart, by hand and stdlib only: requests/s and peak memory per transport, per workload."""
+    rows = [r for r in report["results"] if "failed" not in r]
+    workloads = [w for w in report["config"]["workloads"] if any(r["workload"] == w for r in rows)]
+    series = [t for t in report["config"]["transports"] if any(r["transport"] == t for r in rows)]
+    groups = report["config"]["concurrency"]
+    memory = "pss_peak_mb" if all(r["pss_peak_mb"] is not None for r in rows) else "rss_peak_mb"
+    cell = {(r["workload"], r["transport"], r["concurrency"]): r for r in rows}
+    panel_w, panel_h, width = 470, 220, 960
+    height = 70 + len(workloads) * (panel_h + 20) + 30
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
+           'font-family="sans-serif">' % (width, height, width, height),
+           '<style>.title{font-size:13px;font-weight:bold}.axis{font-size:10px;fill:#333}'
+           '.value{font-size:8px;fill:#333}.grid{stroke:#ddd;stroke-width:1}.note{font-size:10px;fill:#555}</style>',
+           '<rect width="100%" height="100%" fill="white"/>',
+           '<text x="10" y="20" class="title">doordown bench: %s</text>' % escape(
+               "%s, %s, doors: %s" % (report["config"]["placement"], report["config"]["load"],
+                                      report["config"]["doors"]))]
+    for i, name in enumerate(series):
+        out.append('<rect x="%d" y="32" width="12" height="12" fill="%s"/>' % (10 + i * 110, _TRANSPORT_COLOURS.get(name, "#444")))
+        out.append('<text x="%d" y="42" class="axis">%s</text>' % (26 + i * 110, escape(name)))
+    for row, workload in enumerate(workloads):
+        y = 60 + row * (panel_h + 20)
+        out += _svg_bars(10, y, panel_w, panel_h, "%s: requests/s" % workload, "req/s", groups, series,
+                         _cell_lookup(cell, workload, "requests_per_s"))
+        out += _svg_bars(10 + panel_w + 10, y, panel_w, panel_h, "%s: %s of the whole stack (MB)"
+                         % (workload, "peak PSS" if memory == "pss_peak_mb" else "peak RSS"), "MB",
+                         groups, series, _cell_lookup(cell, workload, memory))
+    out.append('<text x="10" y="%d" class="note">%s</text>' % (height - 10, escape(report["command"])))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# -- the run -----------------------------------------------------------------------------
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _megabytes(size):
+    return None if size is None else round(size / 1048576, 1)
+
+
+def _bench_cell(load, server, workload, connections, duration, warmup, idle):
+    """One measured run: warm-up, then the load with the stack sampled for its peak."""
+    if warmup:
+        run = load.start(server.port, connections, warmup)
+        while load.running(run):
+            time.sleep(0.05)
+        load.result(run)
+    before = stack_usage(server.proc.pid)
+    peak_rss, peak_pss = before.rss, before.pss
+    run = load.start(server.port, connections, duration)
+    while load.running(run):
+        time.sleep(0.25)
+        usage = stack_usage(server.proc.pid)
+        peak_rss = max(peak_rss, usage.rss)
+        peak_pss = None if peak_pss is None or usage.pss is None else max(peak_pss, usage.pss)
+    result = load.result(run)
+    after = stack_usage(server.proc.pid)
+    if server.proc.poll() is not None:
+        raise RuntimeError("serve exited during the run:\n%s" % server.output()[-2000:])
+    app = process_facts(server.app_pid, memory=False)
+    return {
+        "workload": workload, "transport": server.transport, "concurrency": connections,
+        "requests": result.requests,
+        "requests_per_s": round(result.requests / result.seconds, 1) if result.seconds else 0.0,
+        "p50_ms": round(result.latencies[0] / 1000, 2) if result.requests else None,
+        "p99_ms": round(result.latencies[1] / 1000, 2) if result.requests else None,
+        "errors": result.errors, "non_2xx": result.non_2xx,
+        "cpu_s_per_1k": round((after.cpu - before.cpu) * 1000 / result.requests, 3) if result.requests else None,
+        "rss_idle_mb": _megabytes(idle.rss), "rss_peak_mb": _megabytes(peak_rss),
+        "pss_idle_mb": _megabytes(idle.pss), "pss_peak_mb": _megabytes(peak_pss),
+        "processes_peak": after.processes,
+        "app_threads": app.threads if app is not None and server.transport != "cgi" else None,
+    }
+
+
+def run_bench(args):
+    """The `bench` command."""
+    concurrency = args.concurrency or ([16] if args.quick else [1, 16, 64])
+    duration = args.duration or (1.0 if args.quick else 10.0)
+    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    if not os.path.isdir("/proc"):
+        _log("bench", "no /proc here: CPU, memory and threads cannot be measured")
+        return 1
+    server_cpus = load_cpus = None
+    if args.pinned:
+        if (os.cpu_count() or 1) < 2:
+            _log("bench", "--pinned needs two CPUs")
+            return EXIT_USAGE
+        server_cpus, load_cpus = {0}, {1}
+    wrk = shutil.which("wrk") if args.load != "builtin" else None
+    if args.load == "wrk" and wrk is None:
+        _log("bench", "--load wrk, but wrk is not on PATH")
+        return EXIT_USAGE
+    load = WrkLoad(wrk, args.pinned, load_cpus) if wrk else BuiltinLoad(args.pinned, load_cpus)
+    backend = door_backend(args.doors)
+    placement = ("pinned (server stack on CPU 0, load on CPU 1)" if args.pinned
+                 else "free (no pinning: the OS places server and load)")
+    report = {
+        "doordown": __version__,
+        "command": " ".join(["python3 doordown.py bench"] + args.argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {"platform": sys.platform, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                    "kernel": " ".join(os.uname()[2:3]), "load_average_before": _load_average()},
+        "config": {"transports": args.transports, "workloads": args.workloads,
+                   "concurrency": concurrency, "duration_s": duration, "warmup_s": warmup,
+                   "placement": "pinned" if args.pinned else "free", "load": load.describe(),
+                   "doors": backend.description},
+        "results": [],
+    }
+    cells = len(args.workloads) * len(args.transports) * len(concurrency)
+    _log("bench", "%d runs of %ss after %ss of warm-up; load: %s; %s; doors: %s"
+         % (cells, duration, warmup, load.describe(), placement, backend.description))
+    done = 0
+    try:
+        for workload in args.workloads:
+            spec, expected = BENCH_WORKLOADS[workload]
+            for transport in args.transports:
+                server = BenchServer(transport, spec, args.doors, server_cpus)
+                first = done
+                try:
+                    server.start()
+                    problem = server.check(expected)
+                    if problem is not None:
+                        raise RuntimeError("wrong answer before timing: %s" % problem)
+                    time.sleep(0.3)  # let start-up settle before the idle figures
+                    idle = stack_usage(server.proc.pid)
+                    for connections in concurrency:
+                        done += 1
+                        row = _bench_cell(load, server, workload, connections, duration, warmup, idle)
+                        report["results"].append(row)
+                        _log("bench", _progress_line(done, cells, row))
+                except RuntimeError as exc:
+                    _log("bench", "%s over %s: %s" % (workload, transport, exc))
+                    done = first + len(concurrency)
+                    report["results"].append({"workload": workload, "transport": transport,
+                                              "failed": str(exc)})
+                finally:
+                    server.stop()
+    finally:
+        load.close()
+    report["machine"]["load_average_after"] = _load_average()
+    sys.stdout.write(bench_markdown(report))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(bench_svg(report))
+    return 0 if all("failed" not in row for row in report["results"]) else 1
 
 
 ###############################################################################
@@ -2666,6 +4396,29 @@ def _size(text):
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
 
+def _names(choices):
+    """A comma-separated list of some of `choices`."""
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names or any(name not in choices for name in names):
+            raise argparse.ArgumentTypeError("expected a comma-separated list of %s, got %r"
+                                             % (", ".join(choices), text))
+        return names
+    parse.__name__ = "list"
+    return parse
+
+
+def _counts(text):
+    """A comma-separated list of positive integers: 1,16,64."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError("expected positive integers like 1,16,64, got %r" % text)
+    return counts
+
+
 def _app_spec(text):
     if not re.fullmatch(r"[\w.]+(:[\w.]+)?", text):
         raise argparse.ArgumentTypeError("expected module:callable, got %r" % text)
@@ -2690,8 +4443,13 @@ def build_parser():
     serve.add_argument("-b", "--bind", type=_bind_address, default=("127.0.0.1", 8000, socket.AF_INET),
                        metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8000)")
     serve.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    serve.add_argument("--transport", choices=TRANSPORTS, default="door",
+                       help="how the front reaches the app: door (default), proxy (HTTP/1.1), "
+                            "fastcgi, cgi (a process per request), or inprocess (no IPC; a "
+                            "reference for benchmarks)")
     serve.add_argument("--app-door", metavar="PATH",
-                       help="front an app role started separately on this door; spawn none")
+                       help="front an app role started separately on this door (or socket, "
+                            "with --transport proxy or fastcgi); spawn none")
     serve.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                        help="answer 504 when the app takes longer than this (default 30)")
     serve.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
@@ -2735,8 +4493,11 @@ def build_parser():
                               description="Serve a WSGI application on a door; each door "
                                           "invocation runs on a thread the OS provides.")
     app.add_argument("app", nargs="?", type=_app_spec, help=app_help)
-    app.add_argument("--door", required=True, metavar="PATH", help="where to create the door")
+    app.add_argument("--door", "--socket", dest="door", required=True, metavar="PATH",
+                     help="where to create the door (or the Unix socket of proxy and fastcgi)")
     app.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    app.add_argument("--transport", choices=("door", "proxy", "fastcgi"), default="door",
+                     help="serve a door (default), HTTP/1.1 (proxy pass) or FastCGI on a Unix socket")
     app.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                      help="accept door calls from this euid too (default: only the app's own)")
     app.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
@@ -2744,6 +4505,34 @@ def build_parser():
     app.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                      help="report requests running longer as stuck (default 30)")
     app.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+
+    cgi = commands.add_parser("cgi", help="answer one request as a CGI program (run by serve --transport cgi)",
+                              description="Answer the request in the environment (RFC 3875) "
+                                          "through a WSGI application, as a CGI program.")
+    cgi.add_argument("app", nargs="?", type=_app_spec, help=app_help)
+
+    bench = commands.add_parser("bench", help="measure every transport against the same workloads",
+                                description="Run every transport (and the in-process reference) "
+                                            "against the same workloads; report requests/s, latency, "
+                                            "errors, CPU per request, memory and threads.")
+    bench.add_argument("--transports", type=_names(TRANSPORTS), default=list(TRANSPORTS),
+                       metavar="LIST", help="comma-separated, of %s (default: all)" % ",".join(TRANSPORTS))
+    bench.add_argument("--workloads", type=_names(tuple(BENCH_WORKLOADS)), default=list(BENCH_WORKLOADS),
+                       metavar="LIST", help="comma-separated, of %s (default: all)" % ",".join(BENCH_WORKLOADS))
+    bench.add_argument("-c", "--concurrency", type=_counts, metavar="LIST",
+                       help="connections, comma-separated (default 1,16,64; --quick: 16)")
+    bench.add_argument("-d", "--duration", type=_positive(float), metavar="SECONDS",
+                       help="length of each measured run (default 10; --quick: 1)")
+    bench.add_argument("--warmup", type=float, metavar="SECONDS",
+                       help="load before each measured run, not counted (default 2; --quick: 1; 0: none)")
+    bench.add_argument("--quick", action="store_true", help="c16 only, 1 s runs: under a minute")
+    bench.add_argument("--pinned", action="store_true",
+                       help="server stack on CPU 0, load generator on CPU 1 (default: free, no pinning)")
+    bench.add_argument("--load", choices=("auto", "wrk", "builtin"), default="auto",
+                       help="load generator: wrk if on PATH (auto, default), or the built-in one")
+    bench.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--svg", metavar="FILE", help="also write a chart of req/s and memory as SVG")
 
     check = commands.add_parser("check", help="put this machine's doors through their paces",
                                 description="Create a door, attach it, make 10,000 calls and "
@@ -2755,12 +4544,21 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         if args.command == "app":
             return run_app(args)
         if args.command == "check":
             return run_check(args)
+        if args.command == "cgi":
+            return run_cgi(args)
+        if args.command == "bench":
+            args.argv = argv[1:]
+            return run_bench(args)
+        if args.app_door and args.transport in ("cgi", "inprocess"):
+            sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")
+            return EXIT_USAGE
         return Supervisor(args).run()
     except DoorError as exc:
         sys.stderr.write("doordown: error: %s\n" % exc.strerror)

@@ -1261,3 +1261,366 @@ def test_door_model_self_test(door_model):
     result = subprocess.run([sys.executable, os.path.join(SUPPORT, "model_selftest.py")],
                             capture_output=True, timeout=180)
     assert result.returncode == 0, result.stdout.decode()[-3000:] + result.stderr.decode()[-2000:]
+
+# -- every transport: the same WSGI behaviour and failure handling ------------------------------
+
+TRANSPORTS = ["door", "proxy", "fastcgi", "cgi", "inprocess"]
+APP_PROCESS_TRANSPORTS = ["door", "proxy", "fastcgi"]
+
+
+def _children(pid):
+    """Pids of the live processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_hello_head_and_stream(started, transport):
+    server = serve(started, "apps:validated", "--transport", transport)
+    assert "through %s" % doordown.transport_description(transport, doordown.door_backend(DOORS)) \
+        in server.log
+    status, headers, body = server.get("/x?q=1")
+    assert status == 200 and json.loads(body) == {"len": 0, "method": "GET", "path": "/x", "query": "q=1"}
+    assert headers["Server"] == "doordown" and list(headers).count("Date") == 1
+    status, headers, body = server.get("/h", "HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    status, headers, body = server.get("/stream")  # no Content-Length from the app: chunked
+    assert (status, body, headers.get("Transfer-Encoding")) == (200, b"one two three", "chunked")
+    assert server.get("/write")[::2] == (200, b"hello world")
+    assert "Traceback" not in server.log and "Warning" not in server.log
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_post_bodies_and_environ(started, transport):
+    server = serve(started, "apps:echo", "--transport", transport, "--max-body", "8M")
+    status, _, body = server.get("/a%20b?x=1", "POST", b"payload",
+                                 {"Content-Type": "text/x-test", "X-Custom": "v1",
+                                  "Doordown-Forwarded": "https 6.6.6.6 1 evil 2 /x"})
+    env = json.loads(body)
+    assert status == 200
+    assert (env["REQUEST_METHOD"], env["PATH_INFO"], env["QUERY_STRING"], env["SCRIPT_NAME"]) == \
+        ("POST", "/a b", "x=1", "")
+    assert (env["CONTENT_TYPE"], env["CONTENT_LENGTH"], env["HTTP_X_CUSTOM"]) == ("text/x-test", "7", "v1")
+    assert (env["REMOTE_ADDR"], env["SERVER_PORT"], env["wsgi.url_scheme"]) == ("127.0.0.1", str(server.port), "http")
+    assert env["SERVER_PROTOCOL"] == "HTTP/1.1" and env["body_head"] == "payload"
+    payload = os.urandom(2 << 20)  # over the inline limit: spooled by the front
+    status, _, body = server.get("/", "POST", payload)
+    assert status == 200 and json.loads(body)["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    chunked = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    reply = server.raw(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                       b"Connection: close\r\n\r\n" + chunked)
+    env = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert env["body_head"] == "hello world" and env["CONTENT_LENGTH"] == "11"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_app_exception_is_500(started, transport):
+    server = serve(started, "apps:crash", "--transport", transport)
+    assert server.get("/")[::2] == (500, b"Internal Server Error\n")
+    server.wait_for(r"RuntimeError: the app fell over on purpose")
+    assert server.get("/")[0] == 500
+
+
+@pytest.mark.parametrize("transport", APP_PROCESS_TRANSPORTS)
+def test_transport_app_killed_gives_502_then_recovers(started, transport):
+    server = serve(started, "apps:slow", "--transport", transport)
+    old = server.app_pid()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.get, "/?s=5")
+        time.sleep(0.5)
+        os.kill(old, signal.SIGKILL)
+        assert pending.result(10)[0] == 502
+    deadline = time.monotonic() + 10
+    statuses = []
+    while time.monotonic() < deadline:
+        status, _, body = server.get("/?s=0")
+        statuses.append(status)
+        if status == 200:
+            break
+        time.sleep(0.05)
+    assert statuses[-1] == 200 and set(statuses[:-1]) <= {502, 503}, statuses
+    assert json.loads(body)["pid"] != old
+
+
+def test_cgi_child_killed_gives_502_next_request_served(started):
+    server = serve(started, "apps:slow", "--transport", "cgi")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.get, "/?s=5")
+        deadline = time.monotonic() + 10
+        while not _children(server.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        for pid in _children(server.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        assert pending.result(10)[0] == 502
+    status, _, body = server.get("/?s=0")
+    assert status == 200 and json.loads(body)["pid"] not in (server.proc.pid, os.getpid())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_sigterm_lets_slow_request_finish(started, transport):
+    server = serve(started, "apps:slow", "--transport", transport)
+    app_pid = server.app_pid() if transport in APP_PROCESS_TRANSPORTS else None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.get, "/?s=1.5")
+        time.sleep(0.7)
+        server.proc.send_signal(signal.SIGTERM)
+        status, _, body = pending.result(10)
+    assert status == 200 and json.loads(body)["slept"] == 1.5
+    assert server.proc.wait(15) == 0
+    if app_pid is not None:
+        assert not _pid_alive(app_pid)
+        socket_path = server.wait_for(r"on (?:door|socket) (\S+) \(").group(1)
+        assert not os.path.exists(os.path.dirname(socket_path))
+
+
+def test_transport_timeout_gives_504(started):
+    for transport in ("door", "proxy", "fastcgi", "cgi"):
+        server = serve(started, "apps:slow", "--transport", transport, "--timeout", "0.5")
+        assert server.get("/?s=3")[0] == 504, transport
+        assert server.get("/?s=0")[0] == 200, transport
+
+
+@pytest.mark.parametrize("transport", ["proxy", "fastcgi"])
+def test_socket_app_keeps_the_door_rules(started, tmp_path, transport):
+    path = str(tmp_path / "app.sock")
+    app = started("app", "apps:counter", "--transport", transport, "--socket", path,
+                  ready=r"serving apps:counter on socket")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    front = serve(started, "--transport", transport, "--app-door", path)
+    status, _, body = front.get("/")
+    assert status == 200 and json.loads(body)["pid"] == app.proc.pid
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.proc.wait(10) == 0 and not os.path.exists(path)
+    assert front.get("/")[0] == 502
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="calling as another user needs root")
+@pytest.mark.parametrize("transport", ["proxy", "fastcgi"])
+def test_socket_app_refuses_another_euid(started, transport):
+    directory = tempfile.mkdtemp(prefix="doordown-test-")
+    try:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "app.sock")
+        app = started("app", "apps:counter", "--transport", transport, "--socket", path,
+                      ready=r"serving apps:counter on socket")
+        os.chmod(path, 0o666)  # let the file mode pass, so that the credential check is what refuses
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child, as nobody
+            code = 2
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(5)
+                    sock.connect(path)
+                    try:
+                        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                        code = 0 if sock.recv(100) == b"" else 1
+                    except (ConnectionResetError, BrokenPipeError):
+                        code = 0  # closed unanswered, with our request unread
+            finally:
+                os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0, "the app answered a caller of another euid"
+        app.wait_for(r"refused a connection from euid 65534")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- the FastCGI and CGI encodings on their own ------------------------------------------------
+
+def test_fastcgi_records_and_pairs_round_trip():
+    pairs = [(b"A", b""), (b"LONG_VALUE", b"v" * 300), (b"N" * 200, b"x")]
+    encoded = doordown.fcgi_pairs(pairs)
+    assert encoded[:3] == b"\x01\x00A" and doordown.parse_fcgi_pairs(encoded) == dict(pairs)
+    with pytest.raises(doordown.TransportError):
+        doordown.parse_fcgi_pairs(encoded[:-1])
+    record = doordown.fcgi_record(6, 1, b"abc")
+    assert record == b"\x01\x06\x00\x01\x00\x03\x05\x00abc\x00\x00\x00\x00\x00"
+    stream = doordown.fcgi_stream(6, 1, b"x" * 70000)
+    assert len(stream) == 8 + 65528 + 8 + 4472 + 8  # two records, no padding needed, then the end
+
+
+@pytest.mark.parametrize("output,status,headers,body,close", [
+    (b"Status: 404 Not Here\r\nContent-Type: text/plain\r\n\r\nnope", b"404 Not Here",
+     [b"Content-Type", b"text/plain"], b"nope", False),
+    (b"Content-Type: text/plain\n\nbody\n\nmore", b"200 OK", [b"Content-Type", b"text/plain"],
+     b"body\n\nmore", False),
+    (b"Location: http://x/\r\n\r\n", b"302 Found", [b"Location", b"http://x/"], b"", False),
+    (b"Status: 201\r\nConnection: close\r\n\r\n", b"201 Created", [], b"", True),
+])
+def test_cgi_response_parsing(output, status, headers, body, close):
+    response = doordown.parse_cgi_response(output)
+    assert (response.status, response.headers, response.body, response.close) == (status, headers, body, close)
+
+
+@pytest.mark.parametrize("output", [b"Status: 200 OK\r\n", b"Bad Header\r\n\r\n", b"Status: 99\r\n\r\n",
+                                    b"X: a\rb\r\n\r\n"])
+def test_cgi_response_parsing_refuses_damage(output):
+    with pytest.raises(doordown.TransportError):
+        doordown.parse_cgi_response(output)
+
+
+# -- FastCGI against a real peer: nginx's fastcgi_pass ----------------------------------------
+
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                        if os.path.exists(p)), None)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian package nginx; .ci/run installs it)")
+def test_fastcgi_responder_behind_nginx(started, tmp_path):
+    app_socket = str(tmp_path / "app.sock")
+    app = started("app", "apps:echo", "--transport", "fastcgi", "--socket", app_socket,
+                  ready=r"serving apps:echo on socket")
+    warn = started("app", "apps:warn", "--transport", "fastcgi", "--socket", str(tmp_path / "warn.sock"),
+                   ready=r"serving apps:warn on socket")
+    port = _free_port()
+    params = "\n".join("        fastcgi_param %s %s;" % pair for pair in (
+        ("QUERY_STRING", "$query_string"), ("REQUEST_METHOD", "$request_method"),
+        ("CONTENT_TYPE", "$content_type"), ("CONTENT_LENGTH", "$content_length"),
+        ("SCRIPT_NAME", '""'), ("PATH_INFO", "$uri"), ("REQUEST_URI", "$request_uri"),
+        ("SERVER_PROTOCOL", "$server_protocol"), ("REQUEST_SCHEME", "$scheme"),
+        ("GATEWAY_INTERFACE", "CGI/1.1"), ("REMOTE_ADDR", "$remote_addr"),
+        ("REMOTE_PORT", "$remote_port"), ("SERVER_NAME", "$server_name"), ("SERVER_PORT", "$server_port")))
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp_path / name).mkdir()
+    config = tmp_path / "nginx.conf"
+    config.write_text("""
+%(user)s
+daemon off;
+worker_processes 1;
+pid %(tmp)s/nginx.pid;
+error_log %(tmp)s/error.log info;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path %(tmp)s/client_body;
+    proxy_temp_path %(tmp)s/proxy;
+    fastcgi_temp_path %(tmp)s/fastcgi;
+    uwsgi_temp_path %(tmp)s/uwsgi;
+    scgi_temp_path %(tmp)s/scgi;
+    upstream doordown_app { server unix:%(app)s; keepalive 4; }
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / {
+            fastcgi_pass doordown_app;
+            fastcgi_keep_conn on;
+%(params)s
+        }
+        location /closing/ {
+            fastcgi_pass unix:%(app)s;
+%(params)s
+        }
+        location /warn/ {
+            fastcgi_pass unix:%(warn)s;
+%(params)s
+        }
+    }
+}
+""" % {"user": "user root;" if os.geteuid() == 0 else "", "tmp": tmp_path, "app": app_socket,
+       "warn": tmp_path / "warn.sock", "port": port, "params": params})
+    nginx = subprocess.Popen([NGINX, "-c", str(config), "-p", str(tmp_path), "-e", str(tmp_path / "error.log")],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if nginx.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("nginx did not start: %s %s" % (
+                        nginx.stdout.read().decode(), (tmp_path / "error.log").read_text()))
+                time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for prefix in ("/", "/closing/"):  # with FCGI_KEEP_CONN (pooled) and without (a connection each)
+            for i in range(3):
+                payload = os.urandom(100000 + i)
+                conn.request("POST", prefix + "p%d?x=%d" % (i, i), body=payload, headers={"X-Custom": "v"})
+                response = conn.getresponse()
+                env = json.loads(response.read())
+                assert response.status == 200
+                assert env["body_sha256"] == hashlib.sha256(payload).hexdigest()
+                assert (env["PATH_INFO"], env["QUERY_STRING"], env["HTTP_X_CUSTOM"]) == \
+                    (prefix + "p%d" % i, "x=%d" % i, "v")
+                assert env["pid"] == app.proc.pid
+        conn.request("GET", "/warn/now")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"warned")
+        conn.close()
+        deadline = time.monotonic() + 5
+        while "warned about /warn/now" not in (tmp_path / "error.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "error.log").read_text()
+            time.sleep(0.05)
+        assert "FastCGI sent in stderr" in (tmp_path / "error.log").read_text()
+        assert "refused" not in app.log and "Traceback" not in app.log + warn.log
+    finally:
+        nginx.terminate()
+        try:
+            nginx.wait(10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+            nginx.wait()
+
+
+# -- the bench command, end to end (no timing assertions) ---------------------------------------
+
+def _bench(tmp_path, *args):
+    report, chart = tmp_path / "bench.json", tmp_path / "bench.svg"
+    # Its own process group: on a time-out, the bench and the servers it started go together.
+    bench = subprocess.Popen([sys.executable, DOORDOWN, "bench", *args, "--json", str(report), "--svg", str(chart)],
+                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        out, err = bench.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(bench.pid, signal.SIGKILL)
+        bench.communicate()
+        raise
+    assert bench.returncode == 0, err.decode()
+    return json.loads(report.read_text()), chart, out.decode(), err.decode()
+
+
+def test_bench_minimal_run_reports_json_svg_and_markdown(tmp_path):
+    import xml.etree.ElementTree as ElementTree
+    report, chart, table, progress = _bench(tmp_path, "--transports", "door,inprocess", "--workloads", "hello",
+                                            "-c", "2", "-d", "0.5", "--warmup", "0.2", "--load", "builtin")
+    assert report["config"]["load"].startswith("built-in") and report["config"]["placement"] == "free"
+    assert [(r["transport"], r["concurrency"]) for r in report["results"]] == [("door", 2), ("inprocess", 2)]
+    for row in report["results"]:
+        assert row["requests"] > 0 and row["errors"] == 0 and row["non_2xx"] == 0, row
+        assert row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["cpu_s_per_1k"] is not None and row["app_threads"] >= 1
+        assert 0 < row["rss_idle_mb"] <= row["rss_peak_mb"] and row["pss_peak_mb"] > 0
+    door, inprocess = report["results"]
+    assert door["processes_peak"] == 2 and inprocess["processes_peak"] == 1  # front + app, front alone
+    root = ElementTree.parse(str(chart)).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 4
+    assert "| hello | door | 2 |" in table and "| hello | inprocess | 2 |" in table
+    assert "door req/s = " in table and "[2/2] hello" in progress
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
+def test_bench_with_wrk_checks_the_64k_answer(tmp_path):
+    report, _, table, _ = _bench(tmp_path, "--transports", "fastcgi", "--workloads", "64k",
+                                 "-c", "4", "-d", "1", "--warmup", "0", "--pinned")
+    (row,) = report["results"]
+    assert report["config"]["load"].startswith("wrk") and report["config"]["placement"] == "pinned"
+    assert row["requests"] > 0 and row["errors"] == 0 and row["non_2xx"] == 0
+    assert "| 64k | fastcgi | 4 |" in table

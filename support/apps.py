@@ -50,7 +50,7 @@ def slow(environ, start_response):
     """Sleeps ?s seconds (default 0.5) and says which door thread served it."""
     seconds = float(environ.get("QUERY_STRING", "").partition("s=")[2] or 0.5)
     time.sleep(seconds)
-    return _reply(start_response, {"slept": seconds, "thread": threading.get_ident()})
+    return _reply(start_response, {"slept": seconds, "thread": threading.get_ident(), "pid": os.getpid()})
 
 
 def counter(environ, start_response):
@@ -96,6 +96,12 @@ def big(environ, start_response):
     size = int(environ.get("QUERY_STRING", "").partition("n=")[2] or 3 << 20)
     body = (b"0123456789abcdef" * (size // 16 + 1))[:size]
     return _reply(start_response, body, content_type="application/octet-stream")
+
+
+def warn(environ, start_response):
+    """Writes a line to wsgi.errors (FastCGI sends it back as FCGI_STDERR)."""
+    environ["wsgi.errors"].write("warned about %s\n" % environ["PATH_INFO"])
+    return _reply(start_response, b"warned", content_type="text/plain")
 
 
 def bad_headers(environ, start_response):
