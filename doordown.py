@@ -3678,13 +3678,14 @@ class WrkLoad:
 class _LoadConnection:
     """One keep-alive connection of a built-in load process, one request in flight."""
 
-    __slots__ = ("sock", "buf", "sent", "end", "closing")
+    __slots__ = ("sock", "buf", "sent", "end", "closing", "answered")
 
     def __init__(self, sock, sent):
         self.sock, self.sent = sock, sent
         self.buf = bytearray()
         self.end = -1  # where the response in buf ends, once its head is parsed
         self.closing = False
+        self.answered = False  # a connection never answered may never have been accepted
 
 
 def _load_worker(port, connections, seconds, out_path):
@@ -3694,7 +3695,7 @@ def _load_worker(port, connections, seconds, out_path):
     content_length = re.compile(rb"\r\ncontent-length: *([0-9]+)")
     selector = selectors.DefaultSelector()
     latencies = array.array("I")
-    counts = {"requests": 0, "errors": 0, "non_2xx": 0}
+    counts = {"requests": 0, "errors": 0, "non_2xx": 0, "unaccepted": 0}
     clock = time.perf_counter
 
     def connect():
@@ -3703,13 +3704,13 @@ def _load_worker(port, connections, seconds, out_path):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(request)
         except OSError:
-            counts["errors"] += 1
+            counts["unaccepted"] += 1  # refused, or reset by a listener that has closed
             return
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, _LoadConnection(sock, clock()))
 
     def reconnect(conn, failed):
-        counts["errors"] += failed
+        counts["errors" if conn.answered else "unaccepted"] += failed
         selector.unregister(conn.sock)
         conn.sock.close()
         connect()
@@ -3750,6 +3751,7 @@ def _load_worker(port, connections, seconds, out_path):
             now = clock()
             latencies.append(min(int((now - conn.sent) * 1e6), 0xFFFFFFFF))
             counts["requests"] += 1
+            conn.answered = True
             if conn.closing:
                 reconnect(conn, 0)
                 continue
@@ -3822,7 +3824,7 @@ class BuiltinLoad:
                 latencies.frombytes(f.read())
             os.unlink(out_path)
             requests += counts["requests"]
-            errors += counts["errors"]
+            errors += counts["errors"] + counts["unaccepted"]
             non_2xx += counts["non_2xx"]
             rate += counts["requests"] / counts["seconds"]
         ordered = sorted(latencies)
@@ -3838,8 +3840,9 @@ class BuiltinLoad:
 class BenchServer:
     """`doordown.py serve` for one transport and workload, on a free port; its log in a file."""
 
-    def __init__(self, transport, spec, doors, cpus):
+    def __init__(self, transport, spec, doors, cpus, options=()):
         self.transport, self.spec, self.doors, self.cpus = transport, spec, doors, cpus
+        self.options = list(options)
         self.log = tempfile.TemporaryFile()
         self.proc = None
         self.port = None
@@ -3847,7 +3850,7 @@ class BenchServer:
 
     def start(self, timeout=60):
         command = [sys.executable, os.path.abspath(__file__), "serve", "--transport", self.transport,
-                   "--bind", "127.0.0.1:0", "--access-log", "off", "--doors", self.doors]
+                   "--bind", "127.0.0.1:0", "--access-log", "off", "--doors", self.doors] + self.options
         if self.spec:
             command.append(self.spec)
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log,
@@ -4114,8 +4117,91 @@ def _bench_cell(load, server, workload, connections, duration, warmup, idle):
     }
 
 
+# -- faults: load while the app is killed, replaced and stopped ---------------------
+
+def _fault_kill(server):
+    os.kill(server.app_pid, signal.SIGKILL)
+
+
+def _fault_reload(server):
+    server.proc.send_signal(signal.SIGHUP)
+
+
+def _fault_stop(server):
+    server.proc.send_signal(signal.SIGTERM)
+
+
+FAULTS = (
+    # (event, extra serve options, what to do half-way through the load)
+    ("app killed (SIGKILL)", (), _fault_kill),
+    ("reload (SIGHUP), new app process", (), _fault_reload),
+    ("--max-requests 2000: replaced about every 2000", ("--max-requests", "2000"), None),
+    ("stop (SIGTERM)", (), _fault_stop),
+)
+
+
+def _read_load_counts(workers):
+    """The built-in load processes' raw counts, summed (failures apart from unaccepted)."""
+    totals = collections.Counter()
+    for pid, out_path, status in workers:
+        if status is None:
+            os.waitpid(pid, 0)
+        with open(out_path, "rb") as f:
+            totals.update(json.loads(f.readline()))
+        os.unlink(out_path)
+    return totals
+
+
+def run_faults(args):
+    """`bench --faults`: 16 keep-alive connections on the door transport while the app is
+    killed, reloaded, replaced by --max-requests and stopped; requests attempted and failed
+    for each event.  A failure is a request sent on an accepted connection that got no
+    answer or a non-2xx one; a connection refused (or reset before any answer) after the
+    front has closed its listening socket was never accepted, and is counted apart."""
+    seconds = args.duration or 4.0
+    rows = []
+    backend = door_backend(args.doors)
+    _log("bench", "faults on the door transport (%s), built-in load, 16 connections, %ss each"
+         % (backend.description, seconds))
+    for event, options, act in FAULTS:
+        server = BenchServer("door", None, args.doors, None, options).start()
+        load = BuiltinLoad(False, None)
+        workers = load.start(server.port, 16, seconds)
+        time.sleep(seconds / 2)
+        acted = time.monotonic()
+        if act is not None:
+            act(server)
+        while load.running(workers):
+            time.sleep(0.05)
+        counts = _read_load_counts(workers)
+        log = server.output()
+        server.stop()
+        failed = counts["errors"] + counts["non_2xx"]
+        rows.append({"event": event, "attempted": counts["requests"] + counts["errors"],
+                     "answered_2xx": counts["requests"] - counts["non_2xx"], "failed": failed,
+                     "unaccepted": counts["unaccepted"],
+                     "app_processes": len(set(re.findall(r"\[doordown app (\d+)\] serving", log)))})
+        _log("bench", "%s: %d attempted, %d failed, %d unaccepted (%.1fs)" % (
+            event, rows[-1]["attempted"], failed, counts["unaccepted"], time.monotonic() - acted))
+    lines = ["| event | requests attempted | failed | answered 2xx | not accepted (after stop) | app processes |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append("| %s | %d | %d | %d | %d | %d |" % (
+            row["event"], row["attempted"], row["failed"], row["answered_2xx"], row["unaccepted"],
+            row["app_processes"]))
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(["python3 doordown.py bench"] + args.argv),
+                       "doors": backend.description, "faults": rows}, f, indent=1)
+            f.write("\n")
+    return 0
+
+
 def run_bench(args):
     """The `bench` command."""
+    if args.faults:
+        return run_faults(args)
     concurrency = args.concurrency or ([16] if args.quick else [1, 16, 64])
     duration = args.duration or (1.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
@@ -4531,6 +4617,9 @@ def build_parser():
     bench.add_argument("--load", choices=("auto", "wrk", "builtin"), default="auto",
                        help="load generator: wrk if on PATH (auto, default), or the built-in one")
     bench.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+    bench.add_argument("--faults", action="store_true",
+                       help="instead: load the door transport while the app is killed, reloaded, "
+                            "replaced and stopped; report requests attempted and failed per event")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--svg", metavar="FILE", help="also write a chart of req/s and memory as SVG")
 
