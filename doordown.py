@@ -1266,9 +1266,10 @@ def run_app(args):
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    parent = os.getppid()
+    # The front's pid comes on the command line: had the front died before this line ran,
+    # os.getppid() would already name init, and the app would outlive it unnoticed.
     while not stop.wait(0.5):
-        if args.exit_with_parent and os.getppid() != parent:
+        if args.parent_pid and os.getppid() != args.parent_pid:
             _log("app", "the front went away: stopping")
             break
     server.close(args.graceful_timeout)
@@ -3126,7 +3127,7 @@ class AppProcess:
         command = [sys.executable, os.path.abspath(__file__), "app", "--door", self.door_path,
                    "--doors", self.backend.name, "--transport", args.transport,
                    "--graceful-timeout", str(args.graceful_timeout), "--timeout", str(args.timeout),
-                   "--exit-with-parent"]
+                   "--parent-pid", str(os.getpid())]
         for uid in args.allow_uid or ():
             command += ["--allow-uid", str(uid)]
         if self.spec:
@@ -4590,7 +4591,7 @@ def build_parser():
                      help="on SIGTERM, time given to calls in flight (default 30)")
     app.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                      help="report requests running longer as stuck (default 30)")
-    app.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    app.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # stop when this front dies
 
     cgi = commands.add_parser("cgi", help="answer one request as a CGI program (run by serve --transport cgi)",
                               description="Answer the request in the environment (RFC 3875) "
