@@ -3,6 +3,8 @@
 
     python3 doordown.py serve [module:app]     HTTP front; spawns the app role itself
     python3 doordown.py app [module:app] --door PATH    the app role alone
+    python3 doordown.py bench [--faults]       measure the transports, or the failures
+    python3 doordown.py check                  put this machine's doors through their paces
 
 A web front and a web application talk over *doors*: a synchronous IPC in which a
 client thread calls into another process and the kernel picks, or creates, the
@@ -13,8 +15,10 @@ On illumos the doors are real (ctypes into libc).  Everywhere else the same API
 is served by a faithful emulation over Unix-domain sockets, chosen automatically
 and named at start-up.  One file, the standard library only, Python 3.9 or newer.
 
-The file reads in the order data flows:
-door layer -> wire format -> app role -> front role -> supervisor -> command line.
+The file reads in the order data flows: door layer (emulated, then native) -> wire
+format -> app role (with per-thread resources) -> front role -> the other transports
+(proxy, FastCGI, CGI, in-process: the comparison) -> supervisor -> benchmark -> door
+check -> command line.
 """
 
 import argparse
