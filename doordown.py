@@ -1058,8 +1058,6 @@ class WSGIGateway:
     Configuration is class attributes, overridable per instance.
     """
 
-    server_name = "localhost"
-    allowed_uids = None  # None: the app's own euid only
     error_body = b"Internal Server Error\n"
     wsgi_keys = {"wsgi.version": (1, 0), "wsgi.input_terminated": True, "wsgi.multithread": True,
                  "wsgi.multiprocess": False, "wsgi.run_once": False,
@@ -1067,7 +1065,7 @@ class WSGIGateway:
 
     def __init__(self, app, allowed_uids=None, stuck_after=30.0):
         self.app = app
-        self.allowed_uids = frozenset(allowed_uids or (os.geteuid(),))
+        self.allowed_uids = frozenset((os.geteuid(), *(allowed_uids or ())))  # own euid, and any allowed
         self.stuck_after = stuck_after  # a request running longer is reported as stuck
         self.requests = 0
         self.door_threads = lambda: 0
