@@ -845,7 +845,9 @@ def test_door_refuses_other_users(started, tmp_path):
     door = str(door_dir / "app.door")
     app = started("app", "apps:counter", "--door", door, "--doors", DOORS, ready=r"serving apps:counter")
 
-    def call_as_nobody():
+    backend = doordown.door_backend(DOORS)  # loaded as root, like the front's
+
+    def call_as_nobody(door=door):
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
@@ -853,7 +855,7 @@ def test_door_refuses_other_users(started, tmp_path):
                 os.setgid(65534)
                 os.setuid(65534)
                 try:
-                    reply, _ = doordown.door_backend(DOORS).open(door).call(
+                    reply, _ = backend.open(door).call(
                         doordown.pack_message(doordown.KIND_PING, 0, []))
                     outcome = doordown.unpack_message(reply, (doordown.KIND_FAIL, doordown.KIND_STATS))[2][0]
                 except doordown.DoorError as exc:
@@ -871,6 +873,13 @@ def test_door_refuses_other_users(started, tmp_path):
     os.chmod(door, 0o777)
     assert call_as_nobody() == b"403"  # and the credential check refuses them anyway
     app.wait_for(r"refused a door call from euid 65534")
+    # --allow-uid lets that user in, and the app's own euid (the front's) stays allowed.
+    allowed = str(door_dir / "allowed.door")
+    started("app", "apps:counter", "--door", allowed, "--doors", DOORS, "--allow-uid", "65534",
+            ready=r"serving apps:counter")
+    os.chmod(allowed, 0o777)
+    assert json.loads(call_as_nobody(allowed))["pid"] > 0
+    assert doordown.app_stats(allowed, DOORS)["pid"] > 0
     shutil.rmtree(str(base), ignore_errors=True)
 
 
