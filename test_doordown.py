@@ -1139,9 +1139,9 @@ def _assert_one_connection_per_thread(server, replies, total):
     # depletion before the new ones have parked), as illumos's does.
     ceiling = 33 if DOORS == "emulated" else 40
     assert len(uses) <= stats["threads_seen"] <= door_threads and len(uses) <= ceiling, (uses, stats, door_threads)
-    # Nine in ten connections are reused at least 10 times.  Not all: under a burst the
-    # door pool may overshoot (illumos's does too), and a late thread may serve only once.
-    assert total / len(uses) >= 100 and sorted(uses.values())[len(uses) // 10] >= 10, uses
+    # Most connections are reused many times.  Not all: under a burst the door pool may
+    # overshoot (illumos's does too), and a late thread may serve only a few requests.
+    assert total / len(uses) >= 100 and sorted(uses.values())[len(uses) // 2] >= 50, uses
     return stats
 
 
