@@ -469,6 +469,7 @@ DOOR_UNREF_DATA = 1  # argp of an unreferenced notification: (void *)1, not a bu
 DOOR_NO_CANCEL = 0x80  # an interrupted client must never pthread_cancel a Python thread
 DOOR_DESCRIPTOR = 0x10000
 DOOR_RELEASE = 0x40000
+DOOR_PARAM_DESC_MAX, DOOR_PARAM_DATA_MAX = 1, 2
 
 
 class door_arg_t(ctypes.Structure):  # not packed: 48 bytes
@@ -590,6 +591,8 @@ def _load_door_library():
             ("ucred_geteuid", _c_uint, [_c_void_p]),
             ("ucred_getpid", c_int, [_c_void_p]),
             ("ucred_free", None, [_c_void_p]),
+            ("door_getparam", c_int, [c_int, c_int, ctypes.POINTER(_c_size_t)]),
+            ("door_setparam", c_int, [c_int, c_int, _c_size_t]),
             ("fattach", c_int, [c_int, c_char_p]),
             ("fdetach", c_int, [c_char_p])):
         function = getattr(lib, name)
@@ -621,8 +624,11 @@ class _NativeDoorServer:
         procedure = _executable(_trampoline_code(ctypes.cast(self._callback, _c_void_p).value,
                                                  ctypes.cast(lib.door_return, _c_void_p).value,
                                                  ctypes.addressof(self._active)))
-        # The server threads libc creates inherit this thread's signal mask: block every
-        # signal around door_create so that none lands on a thread parked in the kernel.
+        # libc's own creator of server threads is kept (no door_server_create): detached
+        # threads, cancellation disabled, each parked in door_return from native code.  A
+        # creator of ours would need native start code too: Python never calls door_return.
+        # Those threads inherit this thread's signal mask: block every signal around
+        # door_create so that none lands on a thread parked in the kernel.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             self._fd = lib.door_create(procedure, None, DOOR_NO_CANCEL)
@@ -630,6 +636,10 @@ class _NativeDoorServer:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if self._fd < 0:
             raise _failed("door_create")
+        # Let the kernel refuse what the wire format never sends (ENOBUFS, ENFILE), before
+        # copying it onto a server thread's stack.
+        lib.door_setparam(self._fd, DOOR_PARAM_DATA_MAX, DOOR_CALL_MAX)
+        lib.door_setparam(self._fd, DOOR_PARAM_DESC_MAX, 1)
         lib.fdetach(path.encode())  # a stale attachment from a killed server (EINVAL if none)
         try:
             os.unlink(path)
