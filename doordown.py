@@ -4560,7 +4560,7 @@ def build_parser():
     serve.add_argument("--header-timeout", type=_positive(float), default=Limits.header_timeout,
                        metavar="SECONDS", help="time for a request line and headers to arrive (default 10)")
     serve.add_argument("--body-timeout", type=_positive(float), default=Limits.body_timeout,
-                       metavar="SECONDS", help="time a request body may stall (default 30)")
+                       metavar="SECONDS", help="time for a request body to start arriving (default 30)")
     serve.add_argument("--max-connections", type=_positive(int), default=Limits.max_connections,
                        metavar="N", help="connections served at once; more wait in the backlog (default 1000)")
     serve.add_argument("--max-body", type=_size, default=Limits.max_body, metavar="SIZE",
