@@ -389,21 +389,6 @@ def test_sequential_requests_reuse_one_thread_and_its_locals(started):
     assert counts == list(range(counts[0], counts[0] + len(counts))) and len(counts) > 900
 
 
-def test_sigterm_lets_slow_request_finish(started):
-    server = serve(started, "apps:slow")
-    door = server.door_path()
-    app_pid = server.app_pid()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(server.get, "/?s=1.5")
-        time.sleep(0.5)
-        server.proc.send_signal(signal.SIGTERM)
-        status, _, body = pending.result(10)
-    assert status == 200 and json.loads(body)["slept"] == 1.5
-    assert server.proc.wait(15) == 0
-    assert not os.path.exists(door) and not os.path.exists(os.path.dirname(door))
-    assert not _pid_alive(app_pid)
-
-
 def test_front_for_separately_started_app(started, tmp_path):
     door = str(tmp_path / "app.door")
     app = started("app", "apps:counter", "--door", door, "--doors", DOORS, ready=r"serving apps:counter")
