@@ -35,6 +35,7 @@ import os
 import queue
 import random
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -1466,8 +1467,10 @@ class _ReadTimeout(_ClientGone):
     """The client did not send what it had to in time."""
 
 
-_REASONS = {100: "Continue", 400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
-            414: "URI Too Long", 417: "Expectation Failed", 431: "Request Header Fields Too Large",
+_REASONS = {100: "Continue", 301: "Moved Permanently", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
+            414: "URI Too Long", 416: "Range Not Satisfiable", 417: "Expectation Failed",
+            431: "Request Header Fields Too Large",
             500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 
@@ -1499,13 +1502,17 @@ class Request:
 
 
 class Response:
-    """What an upstream answers: status line tail, header pairs, body bytes or descriptor."""
+    """What an upstream answers: status line tail, header pairs, and the body: bytes, or
+    `body_length` bytes of the file on `body_fd` from `body_offset` (all of it when the
+    length is None), sent with sendfile."""
 
-    __slots__ = ("status", "headers", "body", "body_fd", "close")
+    __slots__ = ("status", "headers", "body", "body_fd", "close", "body_offset", "body_length")
 
-    def __init__(self, status, headers, body=b"", body_fd=None, close=False):
+    def __init__(self, status, headers, body=b"", body_fd=None, close=False, body_offset=0,
+                 body_length=None):
         self.status, self.headers, self.body, self.body_fd, self.close = (
             status, headers, body, body_fd, close)
+        self.body_offset, self.body_length = body_offset, body_length
 
 
 def plain_response(code, text=None, close=False):
@@ -1864,7 +1871,12 @@ class FrontHandler(socketserver.BaseRequestHandler):
             parts.append(b"\r\n")
         fd = response.body_fd
         body = response.body
-        size = os.fstat(fd).st_size if fd is not None else len(body)
+        if fd is None:
+            size = len(body)
+        else:
+            size = response.body_length
+            if size is None:
+                size = os.fstat(fd).st_size - response.body_offset
         if request is not None:
             request.keep_alive = not close
         response.close = close
@@ -1882,15 +1894,45 @@ class FrontHandler(socketserver.BaseRequestHandler):
                 if chunked:
                     parts.append(b"%x\r\n" % size)
                 self.request.sendall(b"".join(parts))
-                with os.fdopen(os.dup(fd), "rb") as body_file:
-                    self.request.sendfile(body_file, 0)
-                if chunked:
+                self.sent = send_file(self.request, fd, response.body_offset, size)
+                if self.sent < size:  # the file shrank under us: the close tells the client
+                    response.close = True
+                    if request is not None:
+                        request.keep_alive = False
+                elif chunked:
                     self.request.sendall(b"\r\n0\r\n\r\n")
         finally:
             if fd is not None:
                 os.close(fd)
         if request is not None:
             self.server.log_access(self.client_address, request, response, self.sent)
+
+
+def _poll_one(fd, events, timeout):
+    """Wait up to `timeout` seconds (None: no limit) for `events` on `fd`; the events seen."""
+    poller = select.poll()
+    poller.register(fd, events)
+    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+    return ready[0][1] if ready else 0
+
+
+def send_file(sock, fd, offset, count):
+    """Send `count` bytes of the file on `fd` from `offset` with sendfile, so that no byte
+    passes through Python; the bytes sent (fewer if the file ends first).  The socket's
+    timeout bounds each wait for room to write."""
+    sockno, timeout = sock.fileno(), sock.gettimeout()
+    sent = 0
+    while sent < count:
+        try:
+            done = os.sendfile(sockno, fd, offset + sent, min(count - sent, 1 << 30))
+        except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+            if not _poll_one(sockno, select.POLLOUT, timeout):
+                raise socket.timeout("timed out")
+            continue
+        if not done:
+            break
+        sent += done
+    return sent
 
 
 _date_cache = [0, b""]
@@ -2020,6 +2062,194 @@ class Mount:
             self.on_limit(self)
 
 
+# -- static files, served by the front itself ------------------------------------------------
+#
+# `--static-map /URL=DIR` (uWSGI's option): requests under /URL are answered from DIR by the
+# front, with sendfile, and never reach the application.  What a path may name is decided
+# on the raw request path before anything is opened: an encoded slash or backslash (%2f,
+# %5c), a NUL, a backslash, or a "." or ".." segment (also when percent-encoded) is a 404;
+# the file found must, once every symlink is resolved, still lie under DIR.  Directories
+# are never listed; with `--static-index NAME` (uWSGI's too) a directory's NAME is served,
+# after a redirect that adds the trailing slash.  Conditional requests and ranges follow
+# RFC 9110 sections 13 and 14.
+
+_STATIC_REFUSED = re.compile(rb"%(?:2[fF]|5[cC]|00)|[\\\x00]")
+_BYTE_RANGE = re.compile(rb"([0-9]{0,18})-([0-9]{0,18})")
+_TEXT_TYPES = ("text/", "application/javascript", "application/json", "image/svg+xml")
+
+
+class StaticFiles:
+    """One `--static-map`: files under `root` answered at `prefix` (GET and HEAD)."""
+
+    def __init__(self, prefix, root, index=()):
+        self.prefix = prefix.rstrip("/").encode("latin-1")
+        self.root = os.path.realpath(root).encode()
+        self.index = [name.encode() for name in index]
+
+    def matches(self, path):
+        return path == self.prefix or path.startswith(self.prefix + b"/")
+
+    def answer(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            response = plain_response(405)
+            response.headers += (b"Allow", b"GET, HEAD")
+            return response
+        raw = request.path[len(self.prefix):]  # "" or "/...": matches() saw to it
+        if _STATIC_REFUSED.search(raw):
+            return plain_response(404)
+        segments = unquote_to_bytes(raw).split(b"/")
+        if any(segment in (b".", b"..") for segment in segments):
+            return plain_response(404)
+        path = os.path.join(self.root, *[segment for segment in segments if segment])
+        opened = self.open(path)
+        if opened is not None and stat.S_ISDIR(opened[1].st_mode):
+            os.close(opened[0])
+            opened = None
+            for name in self.index:
+                opened = self.open(os.path.join(path, name))
+                if opened is not None and stat.S_ISREG(opened[1].st_mode):
+                    path = os.path.join(path, name)
+                    break
+                if opened is not None:
+                    os.close(opened[0])
+                    opened = None
+            if opened is not None and not raw.endswith(b"/"):  # relative links in it need the slash
+                os.close(opened[0])
+                response = plain_response(301)
+                query = request.target.partition(b"?")[2]
+                response.headers += (b"Location", request.path + b"/" + (b"?" + query if query else b""))
+                return response
+        if opened is None or not stat.S_ISREG(opened[1].st_mode):
+            if opened is not None:
+                os.close(opened[0])
+            return plain_response(404)
+        fd, info = opened
+        try:
+            return self.respond(request, path, fd, info)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def open(self, path):
+        """(fd, stat) of `path` if it resolves to something under the root, else None."""
+        real = os.path.realpath(path)
+        if real != self.root and not real.startswith(self.root + b"/"):
+            return None  # a symlink out of the root
+        try:
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        return fd, os.fstat(fd)
+
+    def respond(self, request, path, fd, info):
+        size = info.st_size
+        etag = b'"%x-%x"' % (info.st_mtime_ns, size)
+        modified = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(info.st_mtime)).encode()
+        headers = [b"Last-Modified", modified, b"ETag", etag, b"Accept-Ranges", b"bytes"]
+        fields = {}
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in (b"if-none-match", b"if-modified-since", b"range", b"if-range"):
+                fields[lower] = fields[lower] + b"," + value if lower in fields else value
+        if self.not_modified(fields, etag, int(info.st_mtime)):
+            os.close(fd)
+            return Response(b"304 Not Modified", headers)
+        content_type = _static_type(path)
+        headers[:0] = (b"Content-Type", content_type)
+        offset, length = 0, size
+        status = b"200 OK"
+        wanted = fields.get(b"range")
+        if wanted is not None and request.method == b"GET" and self.range_applies(fields, etag, modified):
+            ranges = _byte_ranges(wanted, size)
+            if ranges == []:
+                os.close(fd)
+                response = plain_response(416)
+                response.headers += (b"Content-Range", b"bytes */%d" % size)
+                return response
+            if ranges is not None and len(ranges) == 1:
+                (offset, last), = ranges
+                length = last - offset + 1
+                status = b"206 Partial Content"
+                headers += (b"Content-Range", b"bytes %d-%d/%d" % (offset, last, size))
+        headers += (b"Content-Length", b"%d" % length)
+        return Response(status, headers, b"", fd, body_offset=offset, body_length=length)
+
+    @staticmethod
+    def not_modified(fields, etag, mtime):
+        """RFC 9110 13.1.2 and 13.1.3: If-None-Match first; If-Modified-Since only without it."""
+        match = fields.get(b"if-none-match")
+        if match is not None:
+            tags = [tag.strip(b" \t") for tag in match.split(b",")]
+            return b"*" in tags or any(tag[2:] == etag if tag.startswith(b"W/") else tag == etag
+                                       for tag in tags)  # weak comparison
+        since = fields.get(b"if-modified-since")
+        if since is not None:
+            when = _parse_http_date(since)
+            return when is not None and mtime <= when
+        return False
+
+    @staticmethod
+    def range_applies(fields, etag, modified):
+        """RFC 9110 13.1.5: an If-Range that does not match (strongly) means the whole file."""
+        condition = fields.get(b"if-range")
+        if condition is None:
+            return True
+        condition = condition.strip(b" \t")
+        return condition == etag if condition.startswith(b'"') else condition == modified
+
+
+def _byte_ranges(value, size):
+    """The satisfiable (first, last) ranges of a Range value (RFC 9110 14.1.2), or None
+    when it is not a valid bytes range set (then it is ignored, as 14.2 allows)."""
+    unit, _, ranges = value.partition(b"=")
+    if unit.strip(b" \t").lower() != b"bytes" or not ranges:
+        return None
+    found = []
+    specs = ranges.split(b",")
+    if len(specs) > 100:
+        return None  # a client that asks for that many pieces gets the whole file
+    for spec in specs:
+        match = _BYTE_RANGE.fullmatch(spec.strip(b" \t"))
+        if match is None or match.group(1) == match.group(2) == b"":
+            return None
+        first, last = match.groups()
+        if first == b"":  # the last N bytes
+            if int(last) and size:
+                found.append((max(0, size - int(last)), size - 1))
+            continue
+        first = int(first)
+        if last and int(last) < first:
+            return None
+        if first < size:
+            found.append((first, min(int(last), size - 1) if last else size - 1))
+    return found
+
+
+def _static_type(path):
+    import mimetypes  # only a front with --static-map reads the types table
+    content_type, encoding = mimetypes.guess_type(path.decode("utf-8", "surrogateescape"), strict=False)
+    if content_type is None or encoding is not None:  # x.tar.gz is gzip data, not a tar
+        return b"application/octet-stream"
+    if content_type.startswith(_TEXT_TYPES):
+        content_type += "; charset=utf-8"
+    return content_type.encode("latin-1")
+
+
+def _parse_http_date(value):
+    """Seconds since the epoch of an HTTP date (RFC 9110 5.6.7, all three forms), or None."""
+    import email.utils
+    try:
+        parsed = email.utils.parsedate_tz(value.decode("latin-1"))
+    except (TypeError, ValueError):
+        return None
+    if parsed is None:
+        return None
+    try:
+        return int(email.utils.mktime_tz(parsed))
+    except (OverflowError, ValueError):
+        return None
+
+
 class FrontServer(ThreadingHTTPServer):
     """The HTTP front: ThreadingHTTPServer's sockets and threads, our parser and dispatch."""
 
@@ -2028,9 +2258,10 @@ class FrontServer(ThreadingHTTPServer):
     request_queue_size = 1024
 
     def __init__(self, address, mounts, limits=None, access_log=None, family=socket.AF_INET,
-                 forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0):
+                 forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0, static=()):
         self.address_family = family
         self.mounts = sorted(mounts, key=lambda m: len(m.prefix), reverse=True)
+        self.static = sorted(static, key=lambda s: len(s.prefix), reverse=True)
         self.limits = limits or Limits()
         self.access_log = access_log
         self.forwarded_allow = frozenset(forwarded_allow)
@@ -2076,6 +2307,9 @@ class FrontServer(ThreadingHTTPServer):
     def dispatch(self, request, client_address):
         """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
         path = request.path
+        for files in self.static:
+            if files.matches(path):
+                return files.answer(request)
         for mount in self.mounts:
             prefix = mount.prefix
             if not prefix or path == prefix or path.startswith(prefix + b"/"):
@@ -3400,8 +3634,10 @@ class Supervisor:
                         max_line=args.max_line, max_headers=args.max_headers,
                         max_header_size=args.max_header_size)
         try:
+            static = [StaticFiles(prefix, root, args.static_index or ()) for prefix, root in args.static_map or ()]
             self.front = FrontServer((host, port), [mount], limits, access_log, family,
-                                     args.forwarded_allow_ips, upstream_wait=args.timeout)
+                                     args.forwarded_allow_ips, upstream_wait=args.timeout,
+                                     static=static)
         except OSError as exc:
             _log("front", "cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
             return 1
@@ -4518,6 +4754,22 @@ def _counts(text):
     return counts
 
 
+def _static_map(text):
+    """/URL=DIR, DIR an existing directory -> (url prefix, directory)."""
+    prefix, equals, root = text.partition("=")
+    if not equals or not prefix.startswith("/") or not root:
+        raise argparse.ArgumentTypeError("expected /URL=DIR, got %r" % text)
+    if not os.path.isdir(root):
+        raise argparse.ArgumentTypeError("%r is not a directory" % root)
+    return prefix, root
+
+
+def _static_index(text):
+    if not text or "/" in text or "\\" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError("expected a file name like index.html, got %r" % text)
+    return text
+
+
 def _app_spec(text):
     if not re.fullmatch(r"[\w.]+(:[\w.]+)?", text):
         raise argparse.ArgumentTypeError("expected module:callable, got %r" % text)
@@ -4587,6 +4839,11 @@ def build_parser():
                             "(default 127.0.0.1,::1); from others these headers are dropped")
     serve.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                        help="also accept door calls from this euid (repeatable)")
+    serve.add_argument("--static-map", type=_static_map, action="append", metavar="/URL=DIR",
+                       help="serve the files under DIR at /URL from the front itself (repeatable)")
+    serve.add_argument("--static-index", type=_static_index, action="append", metavar="NAME",
+                       help="for a directory under --static-map, serve its NAME, e.g. index.html "
+                            "(repeatable; default: none, directories get 404)")
 
     app = commands.add_parser("app", help="run the app role: serve a WSGI app on a door",
                               description="Serve a WSGI application on a door; each door "

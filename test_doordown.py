@@ -286,6 +286,67 @@ def test_django_app_unchanged(started):
                                 "body": "form-data"}
 
 
+def _collectstatic(root):
+    """Django's collectstatic for support/django_app.py (the admin's files) into `root`."""
+    subprocess.run([sys.executable, "-c", "import django_app, django.core.management as m; "
+                    "m.call_command('collectstatic', interactive=False, verbosity=0)"],
+                   cwd=SUPPORT, env=dict(os.environ, DOORDOWN_STATIC_ROOT=str(root)), check=True,
+                   timeout=60)
+
+
+def test_static_map_serves_django_admin_css_with_validators_ranges_and_no_escape(started, tmp_path):
+    django = pytest.importorskip("django", reason="Django is a test dependency: pip install django")
+    root = tmp_path / "static"
+    _collectstatic(root)
+    (tmp_path / "secret.txt").write_bytes(b"outside the root")
+    (root / "out").symlink_to(tmp_path / "secret.txt")
+    (root / "in.css").symlink_to(root / "admin" / "css" / "base.css")
+    (root / "site").mkdir()
+    (root / "site" / "index.html").write_bytes(b"<p>index</p>")
+    server = serve(started, "django_app", "--static-map", "/static=%s" % root,
+                   "--static-index", "index.html")
+    with open(os.path.join(os.path.dirname(django.__file__), "contrib", "admin", "static", "admin",
+                           "css", "base.css"), "rb") as f:
+        css = f.read()
+    status, headers, body = server.get("/static/admin/css/base.css")
+    assert (status, body, headers["Content-Type"]) == (200, css, "text/css; charset=utf-8")
+    assert int(headers["Content-Length"]) == len(css) and headers["Accept-Ranges"] == "bytes"
+    etag, modified = headers["ETag"], headers["Last-Modified"]
+    status, head_headers, body = server.get("/static/admin/css/base.css", "HEAD")
+    assert (status, body, head_headers["ETag"], head_headers["Content-Length"]) == (200, b"", etag, str(len(css)))
+    for validators in ({"If-None-Match": etag}, {"If-None-Match": 'W/%s, "other"' % etag},
+                       {"If-Modified-Since": modified}):
+        status, headers, body = server.get("/static/admin/css/base.css", headers=validators)
+        assert (status, body, headers["ETag"]) == (304, b"", etag), validators
+    for validators in ({"If-None-Match": '"other"', "If-Modified-Since": modified},
+                       {"If-Modified-Since": "Sun, 06 Nov 1994 08:49:37 GMT"}):
+        assert server.get("/static/admin/css/base.css", headers=validators)[::2] == (200, css)
+    status, headers, body = server.get("/static/admin/css/base.css", headers={"Range": "bytes=10-19"})
+    assert (status, body, headers["Content-Range"]) == (206, css[10:20], "bytes 10-19/%d" % len(css))
+    status, headers, body = server.get("/static/in.css", headers={"Range": "bytes=-7"})
+    assert (status, body, headers["Content-Range"]) == (206, css[-7:], "bytes %d-%d/%d"
+                                                         % (len(css) - 7, len(css) - 1, len(css)))
+    status, headers, _ = server.get("/static/admin/css/base.css", headers={"Range": "bytes=%d-" % len(css)})
+    assert (status, headers["Content-Range"]) == (416, "bytes */%d" % len(css))
+    for ignored in ({"Range": "bytes=0-1,5-6"}, {"Range": "bytes=5-1"}, {"Range": "lines=1-2"},
+                    {"Range": "bytes=0-1", "If-Range": '"stale"'}):
+        assert server.get("/static/admin/css/base.css", headers=ignored)[::2] == (200, css), ignored
+    assert server.get("/static/admin/css/base.css", headers={"Range": "bytes=0-1", "If-Range": etag})[0] == 206
+    for path in (b"/static/../doordown.py", b"/static/%2e%2e/%2e%2e/etc/passwd", b"/static/admin%2fcss%2fbase.css",
+                 b"/static/admin/css/base.css%00", b"/static/admin\\css\\base.css", b"/static/out",
+                 b"/static/./admin/css/base.css", b"/static/admin/", b"/static/admin", b"/static/nope.css"):
+        reply = server.raw(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+        assert status_of(reply) == 404 and b"outside the root" not in reply and b"DJANGO" not in reply, path
+    reply = server.raw(b"GET /static/site?a=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 301 and b"\r\nLocation: /static/site/?a=1\r\n" in reply
+    assert server.get("/static/site/")[::2] == (200, b"<p>index</p>")
+    status, headers, _ = server.get("/static/admin/css/base.css", "POST", b"x")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+    pipelined = server.raw(b"GET /static/in.css HTTP/1.1\r\nHost: x\r\n\r\n"
+                           b"GET /app HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert pipelined.count(b"HTTP/1.1 200 OK") == 2 and css in pipelined and b'"path": "/app"' in pipelined
+
+
 def test_iterable_close_always_called(started):
     server = serve(started, "apps:closing")
     assert server.get("/")[::2] == (200, b"closed later")
