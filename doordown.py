@@ -1000,11 +1000,6 @@ def load_app(spec):
     return obj
 
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_STATUS = re.compile(r"[1-9][0-9][0-9] [^\x00-\x08\x0a-\x1f\x7f]*\Z")
-
-
 class _Buffered:
     """What start_response and write() collect for one request."""
 
@@ -1208,7 +1203,10 @@ class WSGIGateway:
     @staticmethod
     def checked_status(status, headers):
         """Status and headers as bytes, refusing what would corrupt the response."""
-        if type(status) is not str or not _STATUS.match(status):
+        if type(status) is not str:
+            raise TypeError("status must be a str, not %s" % type(status).__name__)
+        encoded = status.encode("latin-1")
+        if encoded[3:4] != b" " or _STATUS.fullmatch(encoded) is None:
             raise ValueError("invalid status %r" % (status,))
         if type(headers) is not list:
             raise TypeError("headers must be a list, not %s" % type(headers).__name__)
@@ -1217,32 +1215,39 @@ class WSGIGateway:
             if type(item) is not tuple or len(item) != 2:
                 raise TypeError("header %r is not a (name, value) tuple" % (item,))
             name, value = item
-            if type(name) is not str or not _TOKEN.match(name):
+            if type(name) is not str or type(value) is not str:
+                raise TypeError("header %r is not a pair of str" % (item,))
+            name, value = name.encode("latin-1"), value.encode("latin-1")
+            if name.translate(None, _TCHARS) or not name:
                 raise ValueError("invalid header name %r" % (name,))
-            if type(value) is not str or _BAD_VALUE.search(value):
-                raise ValueError("invalid value for header %s: %r" % (name, value))
-            fields.append(name.encode("latin-1"))
-            fields.append(value.encode("latin-1"))
-        return status.encode("latin-1"), fields
+            if _HAS_CTL.search(value):
+                raise ValueError("invalid value for header %s: %r" % (name.decode("latin-1"), value))
+            fields += (name, value)
+        return encoded, fields
 
     def framed(self, environ, out):
-        """The collected response, its body cut to what HEAD and Content-Length allow."""
+        """The collected response, its body cut to what HEAD and Content-Length allow.
+
+        Two Content-Length fields, or one that is not a number, are the application's
+        error: a 500, whatever the transport (the front would refuse them with a 502).
+        """
         close = False
         body = b"".join(out.chunks)
-        length = None
-        for i in range(0, len(out.headers), 2):
-            if out.headers[i].lower() == b"content-length":
-                length = out.headers[i + 1]
+        lengths = [out.headers[i + 1] for i in range(0, len(out.headers), 2)
+                   if out.headers[i].lower() == b"content-length"]
+        if len(lengths) > 1 or (lengths and not _DIGITS.fullmatch(lengths[0])):
+            _log("app", "Content-Length %s from the application: answering 500"
+                 % ", ".join(repr(v) for v in lengths))
+            return self.error_reply()
         if environ["REQUEST_METHOD"] == "HEAD":
             body = b""
-        elif length is not None:
-            if not length.isdigit() or int(length) < len(body):
-                _log("app", "Content-Length %r but %d bytes of body: closing after it"
-                     % (length, len(body)))
+        elif lengths:
+            length = int(lengths[0])
+            if length < len(body):
+                _log("app", "Content-Length %d but %d bytes of body: closing after it" % (length, len(body)))
                 close = True
-                if length.isdigit():
-                    body = body[:int(length)]
-            elif int(length) > len(body):
+                body = body[:length]
+            elif length > len(body):
                 close = True  # the client sees a short body, then the close
         return out.status, out.headers, body, close
 
@@ -1447,6 +1452,8 @@ class Limits:
 
     def __init__(self, **overrides):
         for name, value in overrides.items():
+            if name.startswith("_") or not hasattr(Limits, name):
+                raise TypeError("Limits has no %r" % name)  # a misspelt limit must not pass unseen
             if value is not None:
                 setattr(self, name, value)
 
@@ -1474,22 +1481,381 @@ _REASONS = {100: "Continue", 301: "Moved Permanently", 400: "Bad Request", 404: 
             500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])")
-_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+
+# -- the HTTP/1.1 codec ------------------------------------------------------------
+#
+# Every rule of HTTP/1.1 message syntax (RFC 9110, RFC 9112) that doordown applies, each
+# in one place and with no I/O: the front, both ends of the proxy transport and the CGI
+# and FastCGI response parsers all call these.  The cost of each is linear in its input:
+# splits, strips, counts and regular expressions that can match a byte only one way.  (A
+# field pattern of a lazy value followed by optional whitespace, as this once had, tries
+# every split of a run of blanks: a 64 KiB head of them cost more than a second.)
+
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2
+_TCHARS = bytes(c for c in range(256) if re.fullmatch(rb"[%s]" % _TCHAR, bytes((c,))))
+_CTL = rb"\x00-\x08\x0a-\x1f\x7f"  # control characters, HTAB apart: never in a field or reason
+_HAS_CTL = re.compile(rb"[%s]" % _CTL)
+_HAS_CTL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_REQUEST_LINE = re.compile(rb"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
+_STATUS = re.compile(rb"([1-9][0-9][0-9])(?: ([^%s]*))?" % _CTL)  # code, optional reason
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] " + _STATUS.pattern)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+# RFC 9112 7.1: chunk-size [ BWS ";" chunk-ext ]: whitespace only before an extension.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^%s]*)?" % _CTL)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
 _PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                             b"x-forwarded-port", b"forwarded"))
+# Fields about one connection (RFC 9110 7.6.1), which a sender frames for itself, and the
+# two the front owns: its Date and Server replace an application's (as nginx's proxy_pass
+# hides an upstream's by default), so a client never sees two.
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
                          b"upgrade", b"proxy-connection"))
+_NOT_FORWARDED = _HOP_BY_HOP | {b"date", b"server"}
+
+
+def head_lines(head, lf_ends_lines=False):
+    """The lines of a message head (the bytes before its blank line), without line ends.
+
+    Each line must end in CRLF (a CGI program's output may use LF: RFC 3875 6.3) and no
+    control character but HTAB may stand in it; HTTPError (400) otherwise.
+    """
+    if lf_ends_lines:
+        head = head.replace(b"\r\n", b"\n")
+        if b"\r" in head:
+            raise HTTPError(400, "bare CR in the head")
+        lines = head.split(b"\n")
+    else:
+        lines = head.split(b"\r\n")
+        ends = len(lines) - 1  # every CR and every LF must belong to one of these CRLFs
+        if head.count(b"\r") != ends or head.count(b"\n") != ends:
+            raise HTTPError(400, "bare CR or LF in the head")
+    if _HAS_CTL_BUT_CRLF.search(head):
+        raise HTTPError(400, "control character in the head")
+    return lines
+
+
+def split_field(line):
+    """(name, value) of a field line already cleared by head_lines; HTTPError (400) if malformed.
+
+    The name is a token right against the colon (RFC 9112 5.1 refuses whitespace there; a
+    line that starts with it is obs-fold, refused too); the value loses its SP/HTAB ends.
+    """
+    name, colon, value = line.partition(b":")
+    if not colon or not name or name.translate(None, _TCHARS):
+        raise HTTPError(400, "malformed header field %r" % line[:40])
+    return name, value.strip(b" \t")
+
+
+def find_head_end(buf, start=0):
+    """Where the CRLF CRLF that ends a head starts in `buf` (searching from `start`), or -1.
+
+    A bare LF before it refuses the head at once (HTTPError 400; RFC 9112 2.2 lets a server
+    refuse it): a client that ends its lines so never sends CRLF CRLF and would otherwise
+    wait out the header timeout.  Callers pass back len(buf) - 3 as `start` after each read,
+    so a head that arrives a byte at a time is still scanned once.
+    """
+    start = max(0, start)
+    end = buf.find(b"\r\n\r\n", start)
+    stop = end if end >= 0 else len(buf)
+    if buf.count(b"\n", start, stop) != buf.count(b"\r\n", max(0, start - 1), stop):
+        raise HTTPError(400, "bare LF in the head")
+    return end
+
+
+def parse_request_head(head, limits):
+    """The Request in `head`, its framing included; HTTPError for what the front refuses."""
+    first = head.find(b"\r\n")
+    line = head if first < 0 else head[:first]
+    if len(line) > limits.max_line:
+        raise HTTPError(414, "request line over %d bytes" % limits.max_line)
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        raise HTTPError(400, "malformed request line")
+    method, target, major, minor = match.groups()
+    if major != b"1" or minor not in b"01":
+        raise HTTPError(505, "HTTP/%s.%s is not supported" % (major.decode(), minor.decode()))
+    if b"#" in target:  # RFC 9112 3.2: a fragment is the client's own, never sent
+        raise HTTPError(400, "fragment in the request target")
+    if not (target[:1] == b"/" or target[:7].lower() == b"http://"
+            or target[:8].lower() == b"https://" or (target == b"*" and method == b"OPTIONS")):
+        raise HTTPError(400, "unsupported request target")
+    version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
+    lines = head_lines(head)
+    if len(lines) - 1 > limits.max_headers:
+        raise HTTPError(431, "more than %d header fields" % limits.max_headers)
+    headers = []
+    special = {}
+    request_proxy = None
+    for field in lines[1:]:
+        if len(field) > limits.max_line:
+            raise HTTPError(431, "header field over %d bytes" % limits.max_line)
+        name, value = split_field(field)
+        if b"_" in name:
+            continue  # X_Foo must never alias X-Foo in the environ: drop it (as nginx does)
+        lower = name.lower()
+        if lower in _PROXY_HEADERS:
+            proxy = request_proxy if request_proxy is not None else {}
+            request_proxy = proxy
+            proxy[lower] = proxy[lower] + b"," + value if lower in proxy else value
+        elif lower in _FRAMING or lower in (b"connection", b"expect"):
+            if lower in special and lower != b"connection":
+                raise HTTPError(400, "duplicate %s header" % lower.decode())
+            special[lower] = special[lower] + b"," + value if lower in special else value
+            if lower == b"connection":
+                continue
+        headers.append((name, value))
+    if version == b"HTTP/1.1" and b"host" not in special:
+        raise HTTPError(400, "missing Host header")
+    tokens = {t.strip(b" \t").lower() for t in special.get(b"connection", b"").split(b",")}
+    keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
+    request = Request(method, target, version, headers, keep_alive, line)
+    request.proxy_headers = request_proxy
+    _request_framing(request, special, limits)
+    return request
+
+
+def _request_framing(request, special, limits):
+    """Set how the request's body is framed (RFC 9112 6.3): length, chunked, expect_continue."""
+    expect = special.get(b"expect")
+    if expect is not None:
+        if expect.lower() != b"100-continue":
+            raise HTTPError(417, "unsupported expectation")
+        request.expect_continue = request.version == b"HTTP/1.1"
+    length = special.get(b"content-length")
+    coding = special.get(b"transfer-encoding")
+    if coding is not None:
+        if length is not None:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if request.version != b"HTTP/1.1":
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip(b" \t").lower() for c in coding.split(b",")]
+        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            if any(c not in (b"chunked", b"gzip", b"deflate", b"compress", b"identity") or not c
+                   for c in codings):
+                raise HTTPError(501, "unknown transfer coding")
+            raise HTTPError(400, "chunked must be the last transfer coding, once")
+        if len(codings) != 1:
+            raise HTTPError(501, "only the chunked transfer coding is supported")
+        request.chunked = True
+    elif length is not None:
+        if not _DIGITS.fullmatch(length):
+            raise HTTPError(400, "invalid Content-Length")
+        request.length = int(length)
+        if request.length > limits.max_body:
+            raise HTTPError(413, "request body of %d bytes over %d" % (request.length, limits.max_body))
+
+
+def parse_response_fields(lines):
+    """Header pairs and framing of a response's field lines: (headers, length, chunked, close).
+
+    `headers` is [name, value, ...] without Connection and Transfer-Encoding; `length` the
+    Content-Length (None if absent).  HTTPError for anything a sender must not send: a
+    malformed field, a coding other than chunked, two or an invalid Content-Length.
+    """
+    headers = []
+    length = None
+    chunked = close = False
+    for line in lines:
+        name, value = split_field(line)
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise HTTPError(400, "unsupported transfer coding %r" % value[:40])
+            chunked = True
+        elif lower == b"connection":
+            close = close or b"close" in value.lower()
+        else:
+            if lower == b"content-length":
+                if length is not None or not _DIGITS.fullmatch(value):
+                    raise HTTPError(400, "duplicate or invalid Content-Length")
+                length = int(value)
+            headers += (name, value)
+    if chunked and length is not None:
+        raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+    return headers, length, chunked, close
+
+
+def parse_status(text):
+    """`code reason` from a status line's tail or a CGI Status value; the reason is filled in
+    when missing.  HTTPError (400) if malformed."""
+    match = _STATUS.fullmatch(text)
+    if match is None:
+        raise HTTPError(400, "malformed status %r" % text[:40])
+    code, reason = match.groups()
+    return b"%s %s" % (code, reason or http.client.responses.get(int(code), "").encode())
+
+
+def has_no_body(method, code):
+    """RFC 9110 6.4.1: a response to HEAD, and a 1xx, 204 or 304, never has a body."""
+    return method == b"HEAD" or code < 200 or code == 204 or code == 304
+
+
+class ChunkedDecoder:
+    """A chunked body (RFC 9112 7.1), decoded from a receive buffer as its bytes arrive.
+
+    decode(buf) takes from the bytearray `buf` whatever it can decode and returns the body
+    bytes found; `done` is set once the last chunk and the trailers are in.  Trailer fields
+    are checked and dropped.  HTTPError: 400 for a malformed body, 413 past `limit` bytes
+    (refused on the chunk size, before its data is read).
+    """
+
+    __slots__ = ("limit", "max_line", "max_trailers", "size", "left", "state", "trailers")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+    def __init__(self, limit, max_line=8190, max_trailers=100):
+        self.limit, self.max_line, self.max_trailers = limit, max_line, max_trailers
+        self.size = self.left = self.trailers = 0
+        self.state = self._SIZE
+
+    @property
+    def done(self):
+        return self.state == self._DONE
+
+    def decode(self, buf):
+        data = []
+        while True:
+            state = self.state
+            if state == self._DATA:
+                if not buf:
+                    break
+                piece = bytes(buf[:self.left])
+                del buf[:len(piece)]
+                data.append(piece)
+                self.left -= len(piece)
+                if self.left:
+                    break
+                self.state = self._DATA_END
+            elif state == self._DATA_END:
+                if len(buf) < 2:
+                    break
+                if buf[:2] != b"\r\n":
+                    raise HTTPError(400, "chunk data longer than its size")
+                del buf[:2]
+                self.state = self._SIZE
+            elif state == self._DONE:
+                break
+            else:
+                end = buf.find(b"\r\n", 0, self.max_line + 2)
+                if end < 0:
+                    if len(buf) > self.max_line:
+                        raise HTTPError(400, "chunk line too long")
+                    break
+                line = bytes(buf[:end])
+                del buf[:end + 2]
+                if state == self._SIZE:
+                    self._size_line(line)
+                else:
+                    self._trailer_line(line)
+        return b"".join(data) if len(data) != 1 else data[0]
+
+    def _size_line(self, line):
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None:
+            raise HTTPError(400, "malformed chunk size line")
+        size = int(match.group(1), 16)
+        if size == 0:
+            self.state = self._TRAILER
+            return
+        if self.size + size > self.limit:
+            raise HTTPError(413, "request body over %d bytes" % self.limit)
+        self.size += size
+        self.left = size
+        self.state = self._DATA
+
+    def _trailer_line(self, line):
+        if not line:
+            self.state = self._DONE
+            return
+        self.trailers += 1
+        try:
+            if self.trailers > self.max_trailers or _HAS_CTL.search(line):
+                raise HTTPError(400, "too many trailer fields, or a control character in one")
+            name, _ = split_field(line)
+        except HTTPError:
+            raise HTTPError(400, "malformed trailer field")  # never echo it: it may be the next request
+        if name.lower() in _FRAMING:
+            raise HTTPError(400, "framing header in trailers")
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def chunk_header(size):
+    return b"%x\r\n" % size
+
+
+def encode_chunk(data):
+    """`data` as one chunk of a chunked body; nothing for no data (a 0 chunk ends the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+def frame_response(status, headers, body_size, method, version, keep_alive, own=b""):
+    """How a response goes out: (head, body bytes to send, chunked, close).
+
+    `status` and `headers` ([name, value, ...]) are what an application or upstream gave;
+    `method`, `version` and `keep_alive` those of the request (method None: a refused one);
+    `own` the sender's own header lines (the front's Date and Server).  The sender frames
+    the message itself: the application's hop-by-hop fields (and Date and Server) are
+    dropped; no body for HEAD, 1xx, 204 and 304; else its Content-Length, or chunked for
+    HTTP/1.1, or the close for HTTP/1.0.  A Content-Length that disagrees with the body
+    sends what both allow, then closes.  ValueError for what cannot be sent at all: a bad
+    status, a control character in a field, two or an invalid Content-Length.
+    """
+    if _STATUS.fullmatch(status) is None:
+        raise ValueError("malformed status %r" % status[:40])
+    code = int(status[:3])
+    parts = [b"HTTP/1.1 ", status, b"\r\n", own]
+    length = None
+    close = not keep_alive
+    for i in range(0, len(headers), 2):
+        name = headers[i]
+        lower = name.lower()
+        if lower in _NOT_FORWARDED:
+            if lower == b"connection" and b"close" in headers[i + 1].lower():
+                close = True
+            continue
+        if lower == b"content-length":
+            if length is not None or not _DIGITS.fullmatch(headers[i + 1]):
+                raise ValueError("duplicate or invalid Content-Length %r" % headers[i + 1][:40])
+            length = int(headers[i + 1])
+        parts += (name, b": ", headers[i + 1], b"\r\n")
+    names = headers[::2]
+    if _HAS_CTL.search(b"".join(headers)) or b"".join(names).translate(None, _TCHARS) or not all(names):
+        raise ValueError("malformed header field in the response")
+    chunked = False
+    if has_no_body(method, code):
+        body_size = 0
+    elif length is not None:
+        if length != body_size:
+            close = True
+            body_size = min(length, body_size)
+    elif version == b"HTTP/1.1":
+        chunked = True
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        close = True  # HTTP/1.0 without a length: the close ends the body
+    if close:
+        parts.append(b"Connection: close\r\n\r\n")
+    elif version == b"HTTP/1.0":
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts), body_size, chunked, close
+
+
+def framed_bytes(head, body, size, chunked):
+    """A whole response, from frame_response's head, size and chunked and the body in memory."""
+    if chunked:
+        return b"".join((head, encode_chunk(body), LAST_CHUNK))
+    return head + (body if size == len(body) else body[:size])
 
 
 class Request:
-    """One parsed request, as the front hands it to an upstream."""
+    """One parsed request, as the front hands it to an upstream, with its framing."""
 
     __slots__ = ("method", "target", "version", "headers", "body", "body_fd", "keep_alive",
-                 "path", "line", "proxy_headers")
+                 "path", "line", "proxy_headers", "length", "chunked", "expect_continue")
 
     def __init__(self, method, target, version, headers, keep_alive, line):
         self.method, self.target, self.version = method, target, version
@@ -1499,6 +1865,9 @@ class Request:
         self.path = target.partition(b"?")[0]
         self.line = line
         self.proxy_headers = None  # {lower name: value} of X-Forwarded-* and Forwarded
+        self.length = None  # Content-Length, if the body is framed by one
+        self.chunked = False  # Transfer-Encoding: chunked
+        self.expect_continue = False  # the client waits for 100 Continue before the body
 
 
 class Response:
@@ -1586,20 +1955,6 @@ class _ClientReader:
 
     # A body must start within body_timeout, then keep up a minimum rate: each byte
     # received earns 1/min_rate more seconds (as Apache's mod_reqtimeout does).
-
-    def read_line(self, limit, clock):
-        """A CRLF-terminated line (without it), for chunked framing."""
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 2]
-                clock.earn(end + 2)
-                return line
-            if len(self.buf) > limit:
-                raise HTTPError(400, "chunk line too long")
-            if not self.fill(clock.deadline):
-                raise HTTPError(400, "connection closed inside a chunked body")
 
     def read_into(self, sink, size, clock):
         """Move `size` body bytes into `sink`."""
@@ -1691,12 +2046,14 @@ class FrontHandler(socketserver.BaseRequestHandler):
             except _ClientGone:
                 return None
         deadline = time.monotonic() + limits.header_timeout
+        scanned = 0
         while True:
-            end = buf.find(b"\r\n\r\n")
+            end = find_head_end(buf, scanned - 3)
             if end >= 0:
                 break
             if len(buf) > limits.max_header_size or (len(buf) > limits.max_line and b"\r\n" not in buf):
                 raise self.head_too_large(buf)
+            scanned = len(buf)
             try:
                 if not reader.fill(deadline):
                     raise _ClientGone("closed inside the request head")
@@ -1706,7 +2063,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
             raise self.head_too_large(buf)
         head = bytes(buf[:end])
         del buf[:end + 4]
-        request = self.parse_head(head)
+        request = parse_request_head(head, limits)
         self.read_body(request)
         return request
 
@@ -1716,159 +2073,40 @@ class FrontHandler(socketserver.BaseRequestHandler):
             return HTTPError(414, "request line over %d bytes" % self.limits.max_line)
         return HTTPError(431, "request head over %d bytes" % self.limits.max_header_size)
 
-    def parse_head(self, head):
-        limits = self.limits
-        lines = head.split(b"\r\n")
-        line = lines[0]
-        if len(line) > limits.max_line:
-            raise HTTPError(414, "request line over %d bytes" % limits.max_line)
-        match = _REQUEST_LINE.fullmatch(line)
-        if match is None:
-            raise HTTPError(400, "malformed request line")
-        method, target, major, minor = match.groups()
-        if major != b"1" or minor not in b"01":
-            raise HTTPError(505, "HTTP/%s.%s is not supported" % (major.decode(), minor.decode()))
-        version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
-        if len(lines) - 1 > limits.max_headers:
-            raise HTTPError(431, "more than %d header fields" % limits.max_headers)
-        headers = []
-        special = {}
-        request_proxy = None
-        for field in lines[1:]:
-            if len(field) > limits.max_line:
-                raise HTTPError(431, "header field over %d bytes" % limits.max_line)
-            match = _FIELD.fullmatch(field)
-            if match is None:
-                raise HTTPError(400, "malformed header field %r" % field[:40])
-            name, value = match.groups()
-            if b"_" in name:
-                continue  # X_Foo must never alias X-Foo in the environ: drop it (as nginx does)
-            lower = name.lower()
-            if lower in _PROXY_HEADERS:
-                proxy = request_proxy if request_proxy is not None else {}
-                request_proxy = proxy
-                proxy[lower] = proxy[lower] + b"," + value if lower in proxy else value
-            elif lower in _FRAMING or lower in (b"connection", b"expect"):
-                if lower in special and lower != b"connection":
-                    raise HTTPError(400, "duplicate %s header" % lower.decode())
-                special[lower] = special[lower] + b"," + value if lower in special else value
-                if lower == b"connection":
-                    continue
-            headers.append((name, value))
-        if not (target[:1] == b"/" or target[:7].lower() == b"http://"
-                or target[:8].lower() == b"https://" or (target == b"*" and method == b"OPTIONS")):
-            raise HTTPError(400, "unsupported request target")
-        if version == b"HTTP/1.1" and b"host" not in special:
-            raise HTTPError(400, "missing Host header")
-        tokens = {t.strip(b" \t").lower() for t in special.get(b"connection", b"").split(b",")}
-        keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
-        request = Request(method, target, version, headers, keep_alive, line)
-        request.proxy_headers = request_proxy
-        self.framing = special
-        return request
-
     def read_body(self, request):
-        special, limits, reader = self.framing, self.limits, self.reader
-        expect = special.get(b"expect")
-        if expect is not None and expect.lower() != b"100-continue":
-            raise HTTPError(417, "unsupported expectation")
-        length = special.get(b"content-length")
-        coding = special.get(b"transfer-encoding")
-        if coding is not None:
-            if length is not None:
-                raise HTTPError(400, "both Content-Length and Transfer-Encoding")
-            if request.version != b"HTTP/1.1":
-                raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-            codings = [c.strip(b" \t").lower() for c in coding.split(b",")]
-            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                if any(c not in (b"chunked", b"gzip", b"deflate", b"compress", b"identity") or not c
-                       for c in codings):
-                    raise HTTPError(501, "unknown transfer coding")
-                raise HTTPError(400, "chunked must be the last transfer coding, once")
-            if len(codings) != 1:
-                raise HTTPError(501, "only the chunked transfer coding is supported")
-        elif length is not None:
-            if not _DIGITS.fullmatch(length):
-                raise HTTPError(400, "invalid Content-Length")
-            length = int(length)
-            if length > limits.max_body:
-                raise HTTPError(413, "request body of %d bytes over %d" % (length, limits.max_body))
-        else:
+        limits, reader = self.limits, self.reader
+        if request.length is None and not request.chunked:
             return
-        if expect is not None and request.version == b"HTTP/1.1" and not reader.buf and length != 0:
+        if request.expect_continue and not reader.buf and request.length != 0:
             self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         sink = _BodySink(limits.max_body)
         clock = _BodyClock(limits.body_timeout, limits.min_body_rate)
         try:
-            if coding is None:
-                reader.read_into(sink, length, clock)
-            else:
+            if request.chunked:
                 self.read_chunked(sink, clock)
+            else:
+                reader.read_into(sink, request.length, clock)
         except _ReadTimeout:
             raise HTTPError(408, "request body arrived slower than %d bytes/s" % limits.min_body_rate)
         sink.finish(request)
 
     def read_chunked(self, sink, clock):
-        reader = self.reader
+        reader, buf = self.reader, self.reader.buf
+        decoder = ChunkedDecoder(sink.limit, self.limits.max_line, self.limits.max_headers)
         while True:
-            line = reader.read_line(4096, clock)
-            match = _CHUNK_LINE.fullmatch(line)
-            if match is None:
-                raise HTTPError(400, "malformed chunk size line")
-            size = int(match.group(1), 16)
-            if size == 0:
-                break
-            if sink.size + size > sink.limit:
-                raise HTTPError(413, "request body over %d bytes" % sink.limit)
-            reader.read_into(sink, size, clock)
-            if reader.read_line(0, clock) != b"":
-                raise HTTPError(400, "chunk data longer than its size")
-        trailers = 0
-        while True:  # trailer fields: checked, then dropped
-            line = reader.read_line(self.limits.max_line, clock)
-            if not line:
+            before = len(buf)
+            data = decoder.decode(buf)
+            clock.earn(before - len(buf))
+            if data:
+                sink.write(data)
+            if decoder.done:
                 return
-            trailers += 1
-            match = _FIELD.fullmatch(line)
-            if match is None or trailers > self.limits.max_headers:
-                raise HTTPError(400, "malformed trailer field")
-            if match.group(1).lower() in _FRAMING:
-                raise HTTPError(400, "framing header in trailers")
+            if not reader.fill(clock.deadline):
+                raise HTTPError(400, "connection closed inside a chunked body")
 
     # -- writing --------------------------------------------------------------------
     def send_response(self, request, response):
         """Frame and send a response in one write (plus sendfile for a body on a descriptor)."""
-        version = request.version if request is not None else b"HTTP/1.1"
-        code = int(response.status[:3])
-        parts = [b"HTTP/1.1 ", response.status, b"\r\nDate: ", http_date(),
-                 b"\r\nServer: doordown\r\n"]
-        headers = response.headers
-        has_length = False
-        close = response.close or request is None or not request.keep_alive or self.server.stopping
-        for i in range(0, len(headers), 2):
-            name = headers[i]
-            lower = name.lower()
-            if lower in _HOP_BY_HOP:
-                if lower == b"connection" and b"close" in headers[i + 1].lower():
-                    close = True
-                continue  # the front owns the connection and the framing
-            if lower == b"content-length":
-                has_length = True
-            parts += (name, b": ", headers[i + 1], b"\r\n")
-        no_body = (request is not None and request.method == b"HEAD") or code < 200 or code in (204, 304)
-        chunked = False
-        if not has_length and not no_body:
-            if version == b"HTTP/1.1":
-                chunked = True
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                close = True  # HTTP/1.0 without a length: the close ends the body
-        if close:
-            parts.append(b"Connection: close\r\n\r\n")
-        elif version == b"HTTP/1.0":
-            parts.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(b"\r\n")
         fd = response.body_fd
         body = response.body
         if fd is None:
@@ -1877,30 +2115,37 @@ class FrontHandler(socketserver.BaseRequestHandler):
             size = response.body_length
             if size is None:
                 size = os.fstat(fd).st_size - response.body_offset
+        keep_alive = (request is not None and request.keep_alive and not response.close
+                      and not self.server.stopping)
+        own = b"Date: %s\r\nServer: doordown\r\n" % http_date()
+        method, version = (request.method, request.version) if request is not None else (None, b"HTTP/1.1")
+        try:
+            head, size, chunked, close = frame_response(response.status, response.headers, size,
+                                                        method, version, keep_alive, own)
+        except ValueError as exc:
+            if fd is not None:
+                os.close(fd)
+            self.server.log_failure(request, "unusable response from the application: %s" % exc)
+            response = plain_response(502, "the application sent an unusable response", close=True)
+            fd, body = None, response.body
+            head, size, chunked, close = frame_response(response.status, response.headers, len(body),
+                                                        method, version, False, own)
         if request is not None:
             request.keep_alive = not close
         response.close = close
-        self.sent = size if not no_body else 0
+        self.sent = size
         try:
-            if no_body:
-                self.request.sendall(b"".join(parts))
-            elif fd is None:
-                if chunked:
-                    parts += (b"%x\r\n" % size, body, b"\r\n0\r\n\r\n") if size else (b"0\r\n\r\n",)
-                else:
-                    parts.append(body)
-                self.request.sendall(b"".join(parts))
+            if fd is None:
+                self.request.sendall(framed_bytes(head, body, size, chunked))
             else:
-                if chunked:
-                    parts.append(b"%x\r\n" % size)
-                self.request.sendall(b"".join(parts))
-                self.sent = send_file(self.request, fd, response.body_offset, size)
+                self.request.sendall(head + chunk_header(size) if chunked and size else head)
+                self.sent = send_file(self.request, fd, response.body_offset, size) if size else 0
                 if self.sent < size:  # the file shrank under us: the close tells the client
                     response.close = True
                     if request is not None:
                         request.keep_alive = False
                 elif chunked:
-                    self.request.sendall(b"\r\n0\r\n\r\n")
+                    self.request.sendall(b"\r\n" + LAST_CHUNK if size else LAST_CHUNK)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -2453,9 +2698,6 @@ def cgi_response(status, headers, body, close):
     return b"".join(parts)
 
 
-_CGI_STATUS = re.compile(rb"([1-9][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
-
-
 def parse_cgi_response(output):
     """The Response in a CGI program's output: header lines (CRLF or LF), a blank line, the body."""
     end, skip = output.find(b"\r\n\r\n"), 4
@@ -2465,25 +2707,21 @@ def parse_cgi_response(output):
     if end < 0:
         raise TransportError("the CGI response has no end of headers")
     status = None
-    headers = []
-    close = False
-    for line in output[:end].split(b"\n"):
-        match = _FIELD.fullmatch(line[:-1] if line.endswith(b"\r") else line)
-        if match is None:
-            raise TransportError("malformed CGI response header %r" % line[:40])
-        name, value = match.groups()
-        lower = name.lower()
-        if lower == b"status":
-            if _CGI_STATUS.fullmatch(value) is None:
-                raise TransportError("malformed CGI Status %r" % value[:40])
-            status = value if b" " in value else b"%s %s" % (
-                value, http.client.responses.get(int(value), "").encode())
-        elif lower == b"connection":
-            close = b"close" in value.lower()
-        else:
+    try:
+        fields, _, chunked, close = parse_response_fields(head_lines(output[:end], lf_ends_lines=True))
+        if chunked:
+            raise HTTPError(400, "a chunked CGI response")
+        headers = []
+        for i in range(0, len(fields), 2):
+            lower = fields[i].lower()
+            if lower == b"status":
+                status = parse_status(fields[i + 1])
+                continue
             if lower == b"location" and status is None:
                 status = b"302 Found"  # RFC 3875 6.2.3: a client redirect
-            headers += (name, value)
+            headers += fields[i:i + 2]
+    except HTTPError as exc:
+        raise TransportError("malformed CGI response: %s" % exc)
     return Response(status or b"200 OK", headers, output[end + skip:], None, close)
 
 
@@ -2712,9 +2950,7 @@ class _ProxyAppHandler(FrontHandler):
             try:
                 request = self.read_request()
             except HTTPError as exc:
-                reason = _REASONS.get(exc.status, "Error").encode()
-                self.request.sendall(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                                     % (exc.status, reason))
+                self.send(None, plain_response(exc.status, str(exc)))
                 return
             except (_ClientGone, OSError):
                 return
@@ -2741,44 +2977,31 @@ class _ProxyAppHandler(FrontHandler):
                 forwarded = value
             elif lower == b"doordown-stats":
                 body = json.dumps(gateway.stats()).encode()
-                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                return True
+                return self.send(request, Response(b"200 OK", [b"Content-Type", b"application/json",
+                                                               b"Content-Length", b"%d" % len(body)], body))
             else:
                 headers += (name, value)
         env_fields = forwarded.split(b" ", 5) if forwarded is not None else []
         if len(env_fields) == 5:
             env_fields.append(b"")  # no mount prefix
         if len(env_fields) != 6:
-            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
-            return False
+            return self.send(request, plain_response(400, "no Doordown-Forwarded header", close=True))
         body_input, length = _body_input(request.body, request.body_fd)
         fields = [request.method, request.target, request.version, *env_fields, b"", *headers]
         try:
             status, headers, body, close = gateway.respond(gateway.environ(fields, body_input, length))
         finally:
             body_input.close()
-        parts = [b"HTTP/1.1 ", status, b"\r\n"]
-        framed = False
-        for i in range(0, len(headers), 2):
-            if headers[i].lower() == b"content-length":
-                framed = True
-            parts += (headers[i], b": ", headers[i + 1], b"\r\n")
-        code = int(status[:3])
-        close = close or not request.keep_alive  # doordown's front always keeps it open
-        if request.method == b"HEAD" or code < 200 or code in (204, 304):
-            body = b""
-        elif not framed:
-            if request.version == b"HTTP/1.1":
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-                body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
-            else:
-                close = True  # HTTP/1.0 without a length: the close ends the body
-        if close:
-            parts.append(b"Connection: close\r\n")
-        parts += (b"\r\n", body)
-        self.request.sendall(b"".join(parts))
+        return self.send(request, Response(status, headers, body, None, close))
+
+    def send(self, request, response):
+        """Send `response` (framed as the front frames its own); False if the connection closes."""
+        method, version = (request.method, request.version) if request is not None else (None, b"HTTP/1.1")
+        keep_alive = request is not None and request.keep_alive and not response.close
+        body = response.body
+        head, size, chunked, close = frame_response(response.status, response.headers, len(body),
+                                                    method, version, keep_alive)
+        self.request.sendall(framed_bytes(head, body, size, chunked))
         return not close
 
 
@@ -2841,59 +3064,33 @@ class ProxyUpstream:
 
     def _read_response(self, connection, head_only):
         """(Response, whether the connection can be reused) from the app's reply."""
-        lines = connection.read_until(b"\r\n\r\n", 1 << 20).split(b"\r\n")
-        match = _STATUS_LINE.fullmatch(lines[0])
-        if match is None:
-            raise TransportError("malformed status line from the app: %r" % lines[0][:40])
-        code, reason = match.groups()
-        headers = []
-        length = None
-        chunked = close = False
-        for line in lines[1:]:
-            field = _FIELD.fullmatch(line)
-            if field is None:
-                raise TransportError("malformed header from the app: %r" % line[:40])
-            name, value = field.groups()
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                chunked = value.lower() == b"chunked"
-                if not chunked:
-                    raise TransportError("unsupported transfer coding from the app: %r" % value)
-            elif lower == b"connection":
-                close = b"close" in value.lower()
-            elif lower not in (b"date", b"server"):
-                if lower == b"content-length":
-                    if not _DIGITS.fullmatch(value) or length is not None:
-                        raise TransportError("bad Content-Length from the app")
-                    length = int(value)
-                headers += (name, value)
-        status = b"%s %s" % (code, reason or http.client.responses.get(int(code), "").encode())
-        if head_only or int(code) < 200 or code in (b"204", b"304"):
-            body = b""
-        elif chunked:
-            body = self._read_chunked(connection)
-        elif length is not None:
-            body, complete = connection.read_at_most(length)
-            close = close or not complete  # a short body: the client sees it, then the close
-        else:
-            body, close = connection.read_to_end(), True
+        try:
+            lines = head_lines(connection.read_until(b"\r\n\r\n", 1 << 20))
+            match = _STATUS_LINE.fullmatch(lines[0])
+            if match is None:
+                raise HTTPError(400, "malformed status line %r" % lines[0][:40])
+            status = parse_status(lines[0][9:])
+            headers, length, chunked, close = parse_response_fields(lines[1:])
+            if head_only or has_no_body(None, int(status[:3])):
+                body = b""
+            elif chunked:
+                body = self._read_chunked(connection)
+            elif length is not None:
+                body, complete = connection.read_at_most(length)
+                close = close or not complete  # a short body: the client sees it, then the close
+            else:
+                body, close = connection.read_to_end(), True
+        except HTTPError as exc:
+            raise TransportError("malformed reply from the app: %s" % exc)
         return Response(status, headers, body, None, close), not close
 
     @staticmethod
     def _read_chunked(connection):
-        chunks = []
-        while True:
-            line = _CHUNK_LINE.fullmatch(connection.read_until(b"\r\n", 4096))
-            if line is None:
-                raise TransportError("malformed chunk from the app")
-            size = int(line.group(1), 16)
-            if size == 0:
-                break
-            chunks.append(connection.read_exact(size))
-            if connection.read_exact(2) != b"\r\n":
-                raise TransportError("chunk from the app longer than its size")
-        while connection.read_until(b"\r\n", 65536):
-            pass  # trailer fields: none expected, dropped
+        decoder = ChunkedDecoder(1 << 62, 65536, 10000)
+        chunks = [decoder.decode(connection.buf)]
+        while not decoder.done:
+            connection.fill()
+            chunks.append(decoder.decode(connection.buf))
         return b"".join(chunks)
 
     def stats(self):

@@ -587,15 +587,69 @@ def test_corpus_refused_then_closed(echo_server, name, request_bytes, status):
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: example\r\n\r\n"
     reply = echo_server.raw(request_bytes + smuggled)
     assert status_of(reply) == status, reply[:300]
+    assert not reply.endswith(b"<timeout>"), "the connection was left open"
     assert b"Connection: close" in reply.split(b"\r\n\r\n", 1)[0]
     assert reply.count(b"HTTP/1.1 ") == 1 and b"smuggled" not in reply
 
 
-@pytest.mark.parametrize("name,request_bytes", http_corpus.ACCEPTED,
+@pytest.mark.parametrize("name,request_bytes,seen", http_corpus.ACCEPTED,
                          ids=[case[0] for case in http_corpus.ACCEPTED])
-def test_corpus_accepted(echo_server, name, request_bytes):
+def test_corpus_accepted(echo_server, name, request_bytes, seen):
     reply = echo_server.raw(request_bytes)
-    assert status_of(reply) == 200, reply[:300]
+    assert status_of(reply) == 200 and not reply.endswith(b"<timeout>"), reply[:300]
+    env = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    body = seen.pop("body")
+    assert (env["body_head"], env["body_len"]) == (body[:64], len(body))
+    assert {key: env.get(key) for key in seen} == seen
+
+
+def test_bare_lf_head_refused_at_once(echo_server):
+    """Nothing pipelined behind it: the front must not wait for a CRLF CRLF that never comes."""
+    for head in (b"GET / HTTP/1.1\nHost: example\n\n", b"GET / HTTP/1.1\r\nHost: example\n\n"):
+        begin = time.monotonic()
+        reply = echo_server.raw(head, timeout=5)
+        assert status_of(reply) == 400 and not reply.endswith(b"<timeout>"), reply[:300]
+        assert time.monotonic() - begin < 3  # the header timeout is 10 s
+
+
+def _round_trip(port, data):
+    begin = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return time.perf_counter() - begin, reply
+
+
+def test_head_cost_is_linear_in_blank_runs(echo_server):
+    """A head of long legal runs of blanks costs about what a plain head of the same size does.
+
+    A ratio measured side by side, not a time: a parser that backtracks over each run
+    (quadratic) takes hundreds of times longer on the blank head.
+    """
+    def head(filler):
+        fields = b"".join(b"X-Pad-%d: a%sb\r\n" % (i, filler) for i in range(8))
+        return b"GET / HTTP/1.1\r\nHost: example\r\n" + fields + b"Connection: close\r\n\r\n"
+    blank, plain = head(b" \t" * 3500), head(b"xy" * 3500)
+    assert len(blank) == len(plain) > 56000
+    costs = {}
+    for name, data in (("plain", plain), ("blank", blank)) * 3:
+        seconds, reply = _round_trip(echo_server.port, data)
+        assert status_of(reply) == 200, reply[:300]
+        costs[name] = min(costs.get(name, seconds), seconds)
+    assert costs["blank"] < 10 * costs["plain"], costs
+
+
+def test_limits_refuse_unknown_names():
+    assert doordown.Limits(max_body=5).max_body == 5
+    with pytest.raises(TypeError):
+        doordown.Limits(max_bdy=5)
+    with pytest.raises(TypeError):
+        doordown.Limits(__class__=5)
 
 
 def _mutate(rng, data):

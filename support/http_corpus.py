@@ -5,7 +5,8 @@ TE.CL desync, obs-fold, bare CR/LF, non-decimal lengths, duplicate framing heade
 underscores posing as dashes, trailer framing).  Each REFUSED request is sent with a
 second request pipelined behind it: the front must answer the first with the status
 given here, close the connection, and never parse the second.  ACCEPTED ones are odd
-but valid shapes that a strict parser must not refuse.
+but valid shapes that a strict parser must not refuse; each comes with what the
+application must see of it (PATH_INFO, QUERY_STRING, the body, other environ keys).
 """
 
 H = b"Host: example\r\n"
@@ -39,6 +40,8 @@ REFUSED = [
     ("nul-in-target", b"GET /\x00 HTTP/1.1\r\n" + H + END, 400),
     ("del-in-target", b"GET /\x7f HTTP/1.1\r\n" + H + END, 400),
     ("relative-target", b"GET foo HTTP/1.1\r\n" + H + END, 400),
+    ("fragment-in-target", b"GET /a?b=c#frag HTTP/1.1\r\n" + H + END, 400),
+    ("fragment-only-target", b"GET /# HTTP/1.1\r\n" + H + END, 400),
     ("asterisk-not-options", b"GET * HTTP/1.1\r\n" + H + END, 400),
     ("authority-form", b"CONNECT example:443 HTTP/1.1\r\n" + H + END, 400),
     ("bare-lf-lines", b"GET / HTTP/1.1\nHost: example\n\n", 400),
@@ -101,6 +104,9 @@ REFUSED = [
     ("chunk-data-too-long", _chunked(b"3\r\nhello\r\n0\r\n\r\n"), 400),
     ("chunk-data-bare-lf-end", _chunked(b"5\r\nhello\n0\r\n\r\n"), 400),
     ("chunk-ext-with-ctl", _chunked(b"5;a=\x00\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk-size-trailing-space", _chunked(b"0 \r\n\r\n"), 400),
+    ("chunk-size-trailing-tab", _chunked(b"5\t\r\nhello\r\n0\r\n\r\n"), 400),
+    ("chunk-size-leading-space", _chunked(b" 5\r\nhello\r\n0\r\n\r\n"), 400),
     ("last-chunk-no-final-crlf", _chunked(b"0\r\n"), 400),
     ("trailer-content-length", _chunked(b"0\r\nContent-Length: 5\r\n\r\n"), 400),
     ("trailer-transfer-encoding", _chunked(b"0\r\nTransfer-Encoding: chunked\r\n\r\n"), 400),
@@ -113,20 +119,35 @@ REFUSED = [
     ("head-too-large", b"GET / HTTP/1.1\r\n" + H + (b"X-A: " + b"b" * 8000 + b"\r\n") * 9 + END, 431),
 ]
 
+C = b"Connection: close\r\n"
+
+
+def _seen(path="/", query="", body="", **environ):
+    return dict(environ, PATH_INFO=path, QUERY_STRING=query, body=body)
+
+
 ACCEPTED = [
-    ("empty-line-before-request", b"\r\nGET / HTTP/1.1\r\n" + H + b"Connection: close\r\n" + END),
-    ("absolute-form", b"GET http://example/p?q=1 HTTP/1.1\r\n" + H + b"Connection: close\r\n" + END),
-    ("options-asterisk", b"OPTIONS * HTTP/1.1\r\n" + H + b"Connection: close\r\n" + END),
-    ("http-1.0-no-host", b"GET / HTTP/1.0\r\n" + END),
-    ("ows-around-value", b"GET / HTTP/1.1\r\nHost:\t example \t\r\nConnection: close\r\n" + END),
-    ("no-space-after-colon", b"GET / HTTP/1.1\r\nHost:example\r\nConnection: close\r\n" + END),
-    ("tab-inside-value", b"GET / HTTP/1.1\r\n" + H + b"X-A: a\tb\r\nConnection: close\r\n" + END),
-    ("latin-1-in-value", b"GET / HTTP/1.1\r\n" + H + b"X-A: caf\xe9\r\nConnection: close\r\n" + END),
-    ("te-mixed-case", _post(b"Transfer-Encoding: Chunked", b"Connection: close", body=b"5\r\nhello\r\n0\r\n\r\n")),
-    ("chunk-extension", _post(b"Transfer-Encoding: chunked", b"Connection: close",
-                              body=b"5;name=value\r\nhello\r\n0\r\nX-Trailer: ok\r\n\r\n")),
-    ("chunk-size-upper-hex", _post(b"Transfer-Encoding: chunked", b"Connection: close",
-                                   body=b"A\r\n0123456789\r\n0\r\n\r\n")),
-    ("cl-zero", _post(b"Content-Length: 0", b"Connection: close")),
-    ("lowercase-method-is-a-token", b"get / HTTP/1.1\r\n" + H + b"Connection: close\r\n" + END),
+    ("empty-line-before-request", b"\r\nGET / HTTP/1.1\r\n" + H + C + END, _seen()),
+    ("absolute-form", b"GET http://example/p?q=1 HTTP/1.1\r\n" + H + C + END, _seen("/p", "q=1")),
+    ("options-asterisk", b"OPTIONS * HTTP/1.1\r\n" + H + C + END, _seen("*", REQUEST_METHOD="OPTIONS")),
+    ("http-1.0-no-host", b"GET / HTTP/1.0\r\n" + END, _seen(SERVER_PROTOCOL="HTTP/1.0")),
+    ("percent-decoded-path", b"GET /a%20b/%41%2f?x=%20&y HTTP/1.1\r\n" + H + C + END,
+     _seen("/a b/A/", "x=%20&y")),
+    ("ows-around-value", b"GET / HTTP/1.1\r\nHost:\t example \t\r\n" + C + END, _seen(HTTP_HOST="example")),
+    ("long-blank-run-in-value", b"GET / HTTP/1.1\r\n" + H + b"X-A: a" + b" \t" * 3000 + b"b  \r\n" + C + END,
+     _seen(HTTP_X_A="a" + " \t" * 3000 + "b")),
+    ("no-space-after-colon", b"GET / HTTP/1.1\r\nHost:example\r\n" + C + END, _seen(HTTP_HOST="example")),
+    ("tab-inside-value", b"GET / HTTP/1.1\r\n" + H + b"X-A: a\tb\r\n" + C + END, _seen(HTTP_X_A="a\tb")),
+    ("latin-1-in-value", b"GET / HTTP/1.1\r\n" + H + b"X-A: caf\xe9\r\n" + C + END, _seen(HTTP_X_A="caf\xe9")),
+    ("te-mixed-case", _post(b"Transfer-Encoding: Chunked", C[:-2], body=b"5\r\nhello\r\n0\r\n\r\n"),
+     _seen(body="hello", CONTENT_LENGTH="5")),
+    ("chunk-extension", _post(b"Transfer-Encoding: chunked", C[:-2],
+                              body=b"5;name=value\r\nhello\r\n0\r\nX-Trailer: ok\r\n\r\n"), _seen(body="hello")),
+    ("chunk-bws-before-extension", _post(b"Transfer-Encoding: chunked", C[:-2],
+                                         body=b"5 \t;a=b\r\nhello\r\n0 ;last\r\n\r\n"), _seen(body="hello")),
+    ("chunk-size-upper-hex", _post(b"Transfer-Encoding: chunked", C[:-2],
+                                   body=b"A\r\n0123456789\r\n0\r\n\r\n"), _seen(body="0123456789")),
+    ("cl-zero", _post(b"Content-Length: 0", C[:-2]), _seen(CONTENT_LENGTH="0")),
+    ("cl-body", _post(b"Content-Length: 5", C[:-2], body=b"hello"), _seen(body="hello", CONTENT_LENGTH="5")),
+    ("lowercase-method-is-a-token", b"get / HTTP/1.1\r\n" + H + C + END, _seen(REQUEST_METHOD="get")),
 ]
