@@ -977,6 +977,12 @@ def load_app(spec):
         return hello_app
     module_name, _, attr = spec.partition(":")
     attr = attr or "application"
+    call = None
+    if attr.endswith(")"):
+        try:
+            attr, call = factory_call(attr)
+        except ValueError as exc:
+            raise AppLoadError("bad application %r: %s" % (spec, exc))
     if not module_name or not re.fullmatch(r"[\w.]+", module_name) \
             or not re.fullmatch(r"[\w.]+", attr):
         raise AppLoadError("bad application %r: expected module:callable" % spec)
@@ -995,9 +1001,38 @@ def load_app(spec):
             obj = getattr(obj, part)
         except AttributeError:
             raise AppLoadError("module %r has no attribute %r" % (module_name, attr))
+    if call is not None:  # an application factory: called once, here
+        obj = obj(*call[0], **call[1])
     if not callable(obj):
         raise AppLoadError("%s is not callable" % spec)
     return obj
+
+
+def factory_call(text):
+    """'create_app("arg", debug=True)' -> ("create_app", (["arg"], {"debug": True})): a
+    factory named the way gunicorn and Flask name it, literal arguments only (no eval)."""
+    import ast
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ValueError("%r is not a call like create_app() or create_app('arg')" % text)
+    if not isinstance(node, ast.Call):
+        raise ValueError("%r is not a call like create_app() or create_app('arg')" % text)
+    name, func = [], node.func
+    while isinstance(func, ast.Attribute):
+        name.insert(0, func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name):
+        raise ValueError("the factory in %r must be a name" % text)
+    name.insert(0, func.id)
+    try:
+        args = [ast.literal_eval(arg) for arg in node.args]
+        kwargs = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords}
+    except ValueError:
+        raise ValueError("the arguments in %r must be literals (strings, numbers, ...)" % text)
+    if None in kwargs:
+        raise ValueError("no **arguments in %r" % text)
+    return ".".join(name), (args, kwargs)
 
 
 class _Buffered:
@@ -1281,6 +1316,8 @@ def run_app(args):
         return EXIT_DOOR_FAILED
     gateway.door_threads = lambda: server.threads
     _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
+    if args.reload and args.parent_pid:
+        threading.Thread(target=watch_sources, args=(args.parent_pid,), name="reload", daemon=True).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -1296,6 +1333,24 @@ def run_app(args):
     if backend is not None and backend.exit_hard:
         os._exit(0)
     return 0
+
+
+def watch_sources(front_pid, interval=1.0):
+    """--reload: poll the files of every loaded module; when one changes, ask the front
+    for a new app process (SIGHUP: the zero-loss replacement, new code loaded)."""
+    seen = {}
+    while True:
+        for module in list(sys.modules.values()):
+            path = getattr(module, "__file__", None)
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except (OSError, TypeError):
+                continue
+            if seen.setdefault(path, mtime) != mtime:
+                _log("app", "%s changed: asking the front for a new app process (--reload)" % path)
+                seen[path] = mtime
+                os.kill(front_pid, signal.SIGHUP)
+        time.sleep(interval)
 
 
 ###############################################################################
@@ -1981,19 +2036,30 @@ class _BodyClock:
         self.deadline += received / self.rate
 
 
-_SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+_SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
+                       signal.SIGTTIN, signal.SIGTTOU)
+
+# An HTTP/2 client with prior knowledge (RFC 9113 3.3) opens with this line.  It is told
+# in its own protocol: the server preface, an empty SETTINGS frame (3.4), then GOAWAY
+# (6.8) with HTTP_1_1_REQUIRED (0xd); then the connection closes.
+_H2_PREFACE_LINE = b"PRI * HTTP/2.0"
+_H2_GOAWAY = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+              b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0d")
 
 
 class FrontHandler(socketserver.BaseRequestHandler):
     """One client connection: read requests, forward each, answer each, until close."""
 
+    def __init__(self, request, client_address, server, listener=None):
+        self.listener = listener  # the FrontServer listener that accepted this connection
+        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
+
     def setup(self):
-        # Signals are the supervisor's: one landing on this thread would interrupt its
-        # door call (EINTR) and fail the request.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = _ClientReader(self.request)
         self.limits = self.server.limits
+        self.line = None  # the request line, once read (the access log's, even if refused)
+        self.started = time.monotonic()  # when the current request began to arrive
+        self.sent = 0  # body bytes of the last response
 
     def handle(self):
         server = self.server
@@ -2004,7 +2070,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
                     return
                 server.busy(self.request, True)
                 try:
-                    response = server.dispatch(request, self.client_address)
+                    response = server.dispatch(request, self.client_address, self.listener)
                     self.send_response(request, response)
                 finally:
                     server.busy(self.request, False)
@@ -2018,14 +2084,22 @@ class FrontHandler(socketserver.BaseRequestHandler):
 
     def refuse(self, error):
         """Answer a request the front will not take, then the connection closes."""
+        if self.line is None:  # refused inside the head: its line, if that much arrived
+            end = self.reader.buf.find(b"\r\n")
+            if 0 < end <= self.limits.max_line:
+                self.line = bytes(self.reader.buf[:end])
         response = plain_response(error.status, "%s: %s" % (_REASONS.get(error.status, "Error"), error),
                                   close=True)
         try:
             self.request.settimeout(1.0)  # a client that does not read cannot hold us
-            self.send_response(None, response)
+            if self.line == _H2_PREFACE_LINE:
+                self.request.sendall(_H2_GOAWAY)
+                self.sent = len(_H2_GOAWAY)
+            else:
+                self.send_response(None, response)
         except OSError:
             pass
-        self.server.log_access(self.client_address, None, response)
+        self.server.log_access(self, None, response)
 
     # -- reading --------------------------------------------------------------------
     def read_request(self):
@@ -2034,6 +2108,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
         buf = reader.buf
         deadline = time.monotonic() + limits.keepalive
         skipped_empty_line = False
+        self.line = None
         while True:
             if buf[:2] == b"\r\n" and not skipped_empty_line:  # RFC 9112 2.2: ignore one
                 del buf[:2]
@@ -2045,7 +2120,8 @@ class FrontHandler(socketserver.BaseRequestHandler):
                     return None
             except _ClientGone:
                 return None
-        deadline = time.monotonic() + limits.header_timeout
+        self.started = time.monotonic()
+        deadline = self.started + limits.header_timeout
         scanned = 0
         while True:
             end = find_head_end(buf, scanned - 3)
@@ -2063,6 +2139,8 @@ class FrontHandler(socketserver.BaseRequestHandler):
             raise self.head_too_large(buf)
         head = bytes(buf[:end])
         del buf[:end + 4]
+        line = head.partition(b"\r\n")[0]
+        self.line = line if len(line) <= limits.max_line else None
         request = parse_request_head(head, limits)
         self.read_body(request)
         return request
@@ -2150,7 +2228,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
             if fd is not None:
                 os.close(fd)
         if request is not None:
-            self.server.log_access(self.client_address, request, response, self.sent)
+            self.server.log_access(self, request, response)
 
 
 def _poll_one(fd, events, timeout):
@@ -2165,6 +2243,8 @@ def send_file(sock, fd, offset, count):
     """Send `count` bytes of the file on `fd` from `offset` with sendfile, so that no byte
     passes through Python; the bytes sent (fewer if the file ends first).  The socket's
     timeout bounds each wait for room to write."""
+    if hasattr(sock, "getpeercert"):  # TLS: every byte must pass through the encryption
+        return _send_file_through(sock, fd, offset, count)
     sockno, timeout = sock.fileno(), sock.gettimeout()
     sent = 0
     while sent < count:
@@ -2177,6 +2257,18 @@ def send_file(sock, fd, offset, count):
         if not done:
             break
         sent += done
+    return sent
+
+
+def _send_file_through(sock, fd, offset, count):
+    """send_file for a socket that must see the bytes (TLS): 256 KiB at a time."""
+    sent = 0
+    while sent < count:
+        data = os.pread(fd, min(count - sent, 1 << 18), offset + sent)
+        if not data:
+            break
+        sock.sendall(data)
+        sent += len(data)
     return sent
 
 
@@ -2193,27 +2285,263 @@ def http_date():
 
 
 class AccessLog:
-    """Apache combined format: host - - [time] "request" status bytes "referer" "user-agent"."""
+    """The access log, in gunicorn's --access-logformat (Apache's combined format by default).
 
-    def __init__(self, stream):
-        self.stream = stream
+    One line per request is on every request's path, so it is built cheaply: the format
+    is compiled once into a bytes template and one getter per atom; the time string is
+    made once a second; a value is escaped only when it holds a byte that needs it.
+    Lines are buffered and written by a background thread at least every
+    `flush_interval` seconds (or once 64 KiB are pending), and at exit.
+    """
+
+    FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+    flush_interval = 1.0
+    flush_size = 65536
+
+    def __init__(self, path=None, log_format=None):
+        self.path = path  # None: stderr
+        self.fd = 2 if path is None else self._open(path)
+        self.template, self.getters, self.wanted = compile_log_format(log_format or self.FORMAT)
         self.lock = threading.Lock()
+        self.pending = []
+        self.pending_size = 0
+        self.failed = None  # why the last write failed, said once
+        self._flusher = None
 
-    def write(self, client_address, request, response, sent=0):
-        headers = dict((n.lower(), v) for n, v in request.headers) if request is not None else {}
-        line = '%s - - [%s] "%s" %s %s "%s" "%s"\n' % (
-            client_address[0], time.strftime("%d/%b/%Y:%H:%M:%S %z"),
-            _log_escape(request.line if request is not None else b"-"),
-            response.status[:3].decode(), sent or "-",
-            _log_escape(headers.get(b"referer", b"-")),
-            _log_escape(headers.get(b"user-agent", b"-")))
+    @staticmethod
+    def _open(path):
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def write(self, handler, request, response):
+        """Log one exchange: `request` None for one the front refused (handler.line says
+        what was read of it)."""
+        headers = {}  # the request headers the format names, in one pass
+        wanted = self.wanted
+        if wanted and request is not None:
+            for name, value in request.headers:
+                name = name.lower()
+                if name in wanted:
+                    headers[name] = value
+        line = self.template % tuple([get(handler, request, response, headers) for get in self.getters])
         with self.lock:
-            self.stream.write(line)
-            self.stream.flush()
+            self.pending.append(line)
+            self.pending_size += len(line)
+            if self._flusher is None:
+                self._start_flusher()
+            elif self.pending_size >= self.flush_size:
+                self._flush_locked()
+
+    def _start_flusher(self):
+        import atexit
+        atexit.register(self.flush)  # a clean stop loses no line
+        self._flusher = threading.Thread(target=self._flush_loop, name="access-log", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self):
+        while True:
+            time.sleep(self.flush_interval)
+            self.flush()
+
+    def flush(self):
+        with self.lock:
+            self._flush_locked()
+
+    def _flush_locked(self):
+        if not self.pending:
+            return
+        data = b"".join(self.pending)
+        self.pending, self.pending_size = [], 0
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            if self.failed != exc.strerror:
+                self.failed = exc.strerror
+                _log("front", "cannot write the access log: %s" % exc.strerror)
+
+    def reopen(self):
+        """SIGUSR1 (logrotate): write what is pending, then continue in a new file at the path."""
+        if self.path is None:
+            self.flush()
+            return
+        try:
+            fd = self._open(self.path)
+        except OSError as exc:
+            _log("front", "cannot reopen the access log %s: %s; writing on to the old file"
+                 % (self.path, exc.strerror))
+            return
+        with self.lock:
+            self._flush_locked()
+            self.fd, old = fd, self.fd
+        os.close(old)
 
 
-def _log_escape(raw):
-    return raw.decode("latin-1").encode("unicode_escape").decode("ascii").replace('"', '\\"')
+# Bytes a log value may carry as they are; any other is escaped (\xHH, \", \\), as
+# Apache's mod_log_config does, so a client cannot forge a line or a field.
+_LOG_SAFE = bytes(range(0x20, 0x7f)).replace(b'"', b"").replace(b"\\", b"")
+
+
+def _log_value(raw):
+    if not raw.translate(None, _LOG_SAFE):
+        return raw
+    return b"".join(bytes((c,)) if c in _LOG_SAFE else b"\\" + bytes((c,)) if c in b'"\\'
+                    else b"\\x%02x" % c for c in raw)
+
+
+_log_time_cache = [0, b""]
+
+
+def _log_time(handler, request, response, headers):
+    now = int(time.time())
+    if _log_time_cache[0] != now:
+        _log_time_cache[1] = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now)).encode()
+        _log_time_cache[0] = now
+    return _log_time_cache[1]
+
+
+def _log_request_line(handler, request, response, headers):
+    line = request.line if request is not None else handler.line
+    return _log_value(line) if line else b"-"
+
+
+def _log_request_part(pick):
+    """m U q H: `pick`(method, target, version) of the request, or of the line of one
+    that was refused."""
+    def get(handler, request, response, headers):
+        if request is not None:
+            value = pick(request.method, request.target, request.version)
+        else:
+            parts = (handler.line or b"").split(b" ")
+            value = pick(*parts) if len(parts) == 3 else b""
+        return _log_value(value) if value else b"-"
+    return get
+
+
+_LOG_METHOD = _log_request_part(lambda method, target, version: method)
+_LOG_PATH = _log_request_part(lambda method, target, version: target.partition(b"?")[0])
+_LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(b"?")[2])
+_LOG_PROTOCOL = _log_request_part(lambda method, target, version: version)
+
+
+def _log_header(name, where):
+    name = name.lower().encode("latin-1")
+
+    def from_request(handler, request, response, headers):
+        value = headers.get(name)
+        return _log_value(value) if value else b"-"
+    from_request.header = name  # AccessLog.write collects it
+
+    def from_response(handler, request, response, headers):
+        headers = response.headers
+        for i in range(0, len(headers), 2):
+            if headers[i].lower() == name:
+                return _log_value(headers[i + 1]) or b"-"
+        return b"-"
+    return from_request if where == "i" else from_response
+
+
+def _log_user(handler, request, response, headers):
+    """u: the user name of HTTP Basic authentication (RFC 7617), as gunicorn logs it."""
+    credentials = headers.get(b"authorization", b"")
+    if credentials[:6].lower() != b"basic ":
+        return b"-"
+    import binascii
+    try:
+        user = binascii.a2b_base64(credentials[6:]).partition(b":")[0]
+    except binascii.Error:
+        return b"-"
+    return _log_value(user) if user else b"-"
+
+
+def _log_elapsed(scale, text=None):
+    def get(handler, request, response, headers):
+        seconds = time.monotonic() - handler.started
+        return (text % seconds if text else str(int(seconds * scale))).encode()
+    return get
+
+
+def _log_variable(name):
+    """{NAME}e: a CGI/WSGI variable of the request as the front forwards it."""
+    key = name.lower()
+    if key.startswith("http_"):
+        return _log_header(key[5:].replace("_", "-"), "i")
+    if key in ("content_type", "content_length"):
+        return _log_header(key.replace("_", "-"), "i")
+    known = {
+        "remote_addr": lambda h, q, r, i: h.client_address[0].encode() or b"-",
+        "remote_port": lambda h, q, r, i: str(h.client_address[1]).encode() or b"-",
+        "server_name": lambda h, q, r, i: h.listener.server_name,
+        "server_port": lambda h, q, r, i: h.listener.server_port,
+        "wsgi.url_scheme": lambda h, q, r, i: h.listener.scheme,
+        "request_method": _LOG_METHOD,
+        "path_info": _LOG_PATH,
+        "query_string": _LOG_QUERY,
+        "server_protocol": _LOG_PROTOCOL,
+    }
+    if key not in known:
+        raise ValueError("%%({%s}e)s: no such variable (known: %s, http_*, content_type, "
+                         "content_length)" % (name, ", ".join(sorted(known))))
+    return known[key]
+
+
+def _log_atoms():
+    """gunicorn's access log atoms (gunicorn/glogging.py, Logger.atoms)."""
+    return {
+        "h": lambda h, q, r, i: h.client_address[0].encode() or b"-",
+        "l": b"-",
+        "u": _log_user,
+        "t": _log_time,
+        "r": _log_request_line,
+        "m": _LOG_METHOD,
+        "U": _LOG_PATH,
+        "q": _LOG_QUERY,
+        "H": _LOG_PROTOCOL,
+        "s": lambda h, q, r, i: r.status[:3],
+        "B": lambda h, q, r, i: str(h.sent).encode(),
+        "b": lambda h, q, r, i: str(h.sent).encode() if h.sent else b"-",
+        "f": _log_header("referer", "i"),
+        "a": _log_header("user-agent", "i"),
+        "T": _log_elapsed(1),
+        "M": _log_elapsed(1000),
+        "D": _log_elapsed(1000000),
+        "L": _log_elapsed(1, "%.6f"),
+        "p": ("<%d>" % os.getpid()).encode(),
+    }
+
+
+def compile_log_format(log_format):
+    """A --access-logformat as (bytes template, getters, names of the request headers
+    they read); ValueError names a bad atom."""
+    atoms = _log_atoms()
+    template, getters = [], []
+    position = 0
+    for match in re.finditer(r"%\(([^)]*)\)s|%%|%", log_format):
+        template.append(log_format[position:match.start()].encode().replace(b"%", b"%%"))
+        position = match.end()
+        if match.group(0) == "%%":
+            template.append(b"%%")
+            continue
+        name = match.group(1)
+        if name is None:
+            raise ValueError("a lone %% at column %d (write %%%% for a percent sign)" % match.start())
+        braced = re.fullmatch(r"\{([^}]+)\}([ioe])", name)
+        if braced:
+            header, where = braced.groups()
+            getter = _log_variable(header) if where == "e" else _log_header(header, where)
+        elif name in atoms:
+            getter = atoms[name]
+        else:
+            raise ValueError("unknown atom %%(%s)s (atoms: %s, {header}i, {header}o, {variable}e)"
+                             % (name, " ".join(atoms)))
+        if isinstance(getter, bytes):  # a constant: into the template
+            template.append(getter.replace(b"%", b"%%"))
+        else:
+            template.append(b"%s")
+            getters.append(getter)
+    template.append(log_format[position:].encode().replace(b"%", b"%%") + b"\n")
+    wanted = frozenset(getattr(get, "header", b"authorization" if get is _log_user else None)
+                       for get in getters) - {None}
+    return b"".join(template), tuple(getters), wanted
 
 
 def request_fields(request, env):
@@ -2495,50 +2823,296 @@ def _parse_http_date(value):
         return None
 
 
+# -- listening sockets -------------------------------------------------------------
+#
+# `serve` binds every --bind before anything else (before the app is even spawned), so
+# a port in use costs one line and no import.  The forms are gunicorn's: HOST:PORT,
+# [IPv6]:PORT, unix:PATH and fd://N; under systemd socket activation (LISTEN_FDS, see
+# sd_listen_fds(3)) the sockets systemd passes replace --bind, as gunicorn does, so the
+# front can be restarted while systemd keeps the socket and its backlog.
+
+SD_LISTEN_FDS_START = 3
+
+
+class BindError(Exception):
+    """A listening socket that could not be made: one line for the operator."""
+
+
+class Listener:
+    """One listening socket of the front, and what requests through it are told."""
+
+    def __init__(self, sock, name, path=None):
+        self.sock, self.name, self.path = sock, name, path  # path: a Unix socket's, ours to remove
+        self.unix = sock.family == socket.AF_UNIX
+        if self.unix:  # no port: PEP 3333 still wants SERVER_NAME and SERVER_PORT
+            self.server_name, self.server_port = b"localhost", b"80"
+        else:
+            host, port = sock.getsockname()[:2]
+            self.server_name, self.server_port = host.encode(), str(port).encode()
+        self.scheme = b"http"
+
+    def url(self):
+        if self.unix:
+            return "%s (unix:%s)" % (self.scheme.decode(), self.name)
+        return "%s://%s/" % (self.scheme.decode(), self.name)
+
+    def close(self):
+        self.sock.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def open_listeners(binds, backlog=2048, unix_perms=0o600, environ=os.environ):
+    """Listeners for `binds` ([("tcp", host, port) | ("unix", path) | ("fd", n)]), or the
+    sockets systemd passed.  Raises BindError; what was opened before is closed again."""
+    listeners = []
+    try:
+        if environ.get("LISTEN_PID") == str(os.getpid()) and environ.get("LISTEN_FDS", "").isdigit():
+            count = int(environ["LISTEN_FDS"])
+            for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for the app
+                environ.pop(name, None)
+            binds = [("fd", fd) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
+        for bind in binds:
+            listeners.append(_open_listener(bind, backlog, unix_perms))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _open_listener(bind, backlog, unix_perms):
+    kind = bind[0]
+    if kind == "fd":
+        fd = bind[1]
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise BindError("fd://%d: %s" % (fd, exc.strerror or exc))
+        if sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise BindError("fd://%d is not a stream socket" % fd)
+        sock.set_inheritable(False)
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.listen(backlog)
+        if sock.family == socket.AF_UNIX:
+            return Listener(sock, sock.getsockname() or "fd://%d" % fd)
+        return Listener(sock, _host_port(*sock.getsockname()[:2]))
+    if kind == "unix":
+        return _open_unix_listener(bind[1], backlog, unix_perms)
+    host, port = bind[1], bind[2]
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                                      0, socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise BindError("cannot listen on %s: %s" % (_host_port(host, port), exc.strerror))
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # [::] takes IPv6 only, so 0.0.0.0 can be bound beside it
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError("cannot listen on %s: %s" % (_host_port(host, port), exc.strerror or exc))
+    return Listener(sock, _host_port(*sock.getsockname()[:2]))
+
+
+def _host_port(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def _open_unix_listener(path, backlog, perms):
+    """A Unix socket at `path`, born with mode `perms`; a stale socket file is replaced,
+    one a live server answers on is not."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror))
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise BindError("cannot listen on unix:%s: it exists and is not a socket" % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise BindError("cannot listen on unix:%s: another server is listening there" % path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left behind by a server that is gone
+        except OSError as exc:
+            raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror or exc))
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~perms)  # no moment with a wider mode than asked
+    try:
+        sock.bind(path)
+        os.chmod(path, perms)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror or exc))
+    finally:
+        os.umask(old_umask)
+    return Listener(sock, path, path)
+
+
+class TLSContext:
+    """The front's TLS: stdlib ssl (imported only when TLS is asked for), TLS 1.2 or newer,
+    HTTP/1.1 by ALPN; with `ca_certs`, a client certificate signed by one of them is
+    required.  reload() reads the files again (on SIGHUP): new connections get the new
+    certificate, open ones keep theirs."""
+
+    def __init__(self, certfile, keyfile=None, ca_certs=None):
+        self.certfile, self.keyfile, self.ca_certs = certfile, keyfile, ca_certs
+        self.context = self._load()
+
+    def _load(self):
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile)
+            if self.ca_certs:
+                context.load_verify_locations(self.ca_certs)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise BindError("TLS: cannot load %s: %s" % (
+                " and ".join(f for f in (self.certfile, self.keyfile, self.ca_certs) if f),
+                exc.strerror or exc.reason or exc))
+        return context
+
+    def reload(self):
+        """Load the files again; on failure keep the current ones and say why."""
+        try:
+            self.context = self._load()
+        except BindError as exc:
+            _log("front", "%s; keeping the certificate loaded before" % exc)
+            return False
+        return True
+
+    def handshake(self, sock, timeout):
+        """The TLS socket for an accepted `sock` once its handshake is done within
+        `timeout` seconds, however the client paces it; None (and closed) otherwise."""
+        import select
+        import ssl
+        deadline = time.monotonic() + timeout
+        try:
+            tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            sock.close()
+            return None
+        try:
+            tls.setblocking(False)
+            poller = select.poll()
+            poller.register(tls, select.POLLIN)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    poller.modify(tls, select.POLLIN)
+                except ssl.SSLWantWriteError:
+                    poller.modify(tls, select.POLLOUT)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(remaining * 1000):
+                    raise socket.timeout("TLS handshake not done within %ss" % timeout)
+            tls.setblocking(True)
+            return tls
+        except (OSError, ValueError):
+            tls.close()
+            return None
+
+
 class FrontServer(ThreadingHTTPServer):
-    """The HTTP front: ThreadingHTTPServer's sockets and threads, our parser and dispatch."""
+    """The HTTP front: ThreadingHTTPServer's threads, our listeners, parser and dispatch."""
 
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 1024
 
-    def __init__(self, address, mounts, limits=None, access_log=None, family=socket.AF_INET,
-                 forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0, static=()):
-        self.address_family = family
+    def __init__(self, listeners, mounts, limits=None, access_log=None,
+                 forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0, static=(), tls=None):
+        socketserver.BaseServer.__init__(self, listeners[0].sock.getsockname(), FrontHandler)
+        self.listeners = listeners
+        self.socket = listeners[0].sock
         self.mounts = sorted(mounts, key=lambda m: len(m.prefix), reverse=True)
         self.static = sorted(static, key=lambda s: len(s.prefix), reverse=True)
         self.limits = limits or Limits()
         self.access_log = access_log
         self.forwarded_allow = frozenset(forwarded_allow)
         self.upstream_wait = upstream_wait
+        self.tls = tls  # a TLSContext for every listener, or None
+        if tls is not None:
+            for listener in listeners:
+                listener.scheme = b"https"
         self.stopping = False
+        self._accepting = threading.Event()
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._lock = threading.Lock()
         self._connections = {}  # socket -> True while a request is being answered
         self.in_flight = 0
-        ThreadingHTTPServer.__init__(self, address, FrontHandler)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = host.encode(), str(port).encode()
 
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)  # HTTPServer's would do a DNS lookup here
+    def serve_forever(self, poll_interval=0.25):
+        """Accept on every listener until stop_accepting()."""
+        self._accepting.set()
+        with selectors.DefaultSelector() as selector:
+            for listener in self.listeners:
+                selector.register(listener.sock, selectors.EVENT_READ, listener)
+            while not self.stopping:
+                for key, _ in selector.select(poll_interval):
+                    self.accept(key.data)
+        self._accepting.clear()
 
-    def process_request(self, request, client_address):
+    def accept(self, listener):
+        try:
+            request, client_address = listener.sock.accept()
+        except OSError:  # gone between select and accept, or the listener was closed
+            return
+        self.process_request(request, client_address, listener)
+
+    def process_request(self, request, client_address, listener):
         # At the connection cap, stop accepting: newcomers wait in the listen backlog.
         while not self._slots.acquire(timeout=0.5):
             if self.stopping:
                 self.shutdown_request(request)
                 return
+        if listener.unix:  # no peer address; a Unix-socket peer is a local proxy
+            client_address = ("", "")
         with self._lock:
             self._connections[request] = False
-        ThreadingHTTPServer.process_request(self, request, client_address)
+        threading.Thread(target=self.process_request_thread, args=(request, client_address, listener),
+                         daemon=True).start()
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request, client_address, listener):
         try:
-            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+            # Signals are the supervisor's: one landing on this thread would interrupt its
+            # door call (EINTR) and fail the request.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+            if not listener.unix:
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                # On this thread, bounded by the header timeout: a client that never
+                # finishes its handshake holds one thread for that long, and nothing else.
+                raw, request = request, self.tls.handshake(request, self.limits.header_timeout)
+                with self._lock:
+                    self._connections.pop(raw, None)
+                    if request is not None:
+                        self._connections[request] = False
+            if request is not None:
+                FrontHandler(request, client_address, self, listener)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            with self._lock:
-                self._connections.pop(request, None)
+            if request is not None:
+                with self._lock:
+                    self._connections.pop(request, None)
+                self.shutdown_request(request)
             self._slots.release()
 
     def handle_error(self, request, client_address):
@@ -2549,7 +3123,7 @@ class FrontServer(ThreadingHTTPServer):
             self._connections[sock] = busy
             self.in_flight += 1 if busy else -1
 
-    def dispatch(self, request, client_address):
+    def dispatch(self, request, client_address, listener):
         """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
         path = request.path
         for files in self.static:
@@ -2562,13 +3136,13 @@ class FrontServer(ThreadingHTTPServer):
         else:
             return plain_response(404)
         env = _RequestEnv()
-        env.scheme = b"http"
+        env.scheme = listener.scheme
         env.remote_addr = client_address[0].encode()
         env.remote_port = str(client_address[1]).encode()
-        env.server_name, env.server_port = self.server_name, self.server_port
+        env.server_name, env.server_port = listener.server_name, listener.server_port
         env.script_name = mount.prefix
         if request.proxy_headers:
-            self.apply_proxy_headers(request, env, client_address[0])
+            self.apply_proxy_headers(request, env, client_address[0], listener)
         upstream = mount.upstream
         try:
             for _attempt in range(3):
@@ -2609,9 +3183,12 @@ class FrontServer(ThreadingHTTPServer):
         _log("front", "%s %s: %s" % (request.method.decode("latin-1"),
                                      request.path.decode("latin-1"), why))
 
-    def apply_proxy_headers(self, request, env, peer):
-        """Honour X-Forwarded-For/-Proto from an allowed proxy; from anyone else, drop them."""
-        if peer in self.forwarded_allow or "*" in self.forwarded_allow:
+    def apply_proxy_headers(self, request, env, peer, listener):
+        """Honour X-Forwarded-For/-Proto from an allowed proxy; from anyone else, drop them.
+
+        A peer on a Unix socket is trusted, as gunicorn does: only a local proxy can reach
+        it, and the socket's mode (--unix-socket-perms) says which."""
+        if listener.unix or peer in self.forwarded_allow or "*" in self.forwarded_allow:
             forwarded_for = request.proxy_headers.get(b"x-forwarded-for")
             if forwarded_for:  # the nearest hop is the one the allowed proxy saw
                 address = forwarded_for.split(b",")[-1].strip(b" \t")
@@ -2623,25 +3200,28 @@ class FrontServer(ThreadingHTTPServer):
         else:
             request.headers = [(n, v) for n, v in request.headers if n.lower() not in _PROXY_HEADERS]
 
-    def log_access(self, client_address, request, response, sent=0):
+    def log_access(self, handler, request, response):
         if self.access_log is not None:
-            self.access_log.write(client_address, request, response, sent)
+            self.access_log.write(handler, request, response)
 
     def stop_accepting(self):
         """Stop taking connections.  Open ones get `Connection: close` on their next reply."""
         self.stopping = True
-        self.shutdown()
+        self._accepting.wait(1.0)  # cleared when serve_forever has left its loop
+        while self._accepting.is_set():
+            time.sleep(0.01)
         # Connections the kernel completed but we had not yet accepted would be reset by
         # the close: take them in and answer them too.
-        self.socket.setblocking(False)
-        while True:
-            try:
-                request, client_address = self.socket.accept()
-            except OSError:
-                break
-            request.setblocking(True)
-            self.process_request(request, client_address)
-        self.socket.close()
+        for listener in self.listeners:
+            listener.sock.setblocking(False)
+            while True:
+                try:
+                    request, client_address = listener.sock.accept()
+                except OSError:
+                    break
+                request.setblocking(True)
+                self.process_request(request, client_address, listener)
+            listener.close()
 
     def close_idle(self):
         """Close keep-alive connections that are not in the middle of a request."""
@@ -3573,6 +4153,8 @@ class AppProcess:
                    "--parent-pid", str(os.getpid())]
         for uid in args.allow_uid or ():
             command += ["--allow-uid", str(uid)]
+        if args.reload:
+            command.append("--reload")
         if self.spec:
             command.append(self.spec)
         # Its own session: a Ctrl-C at the terminal reaches the front, which then stops
@@ -3819,30 +4401,20 @@ class Supervisor:
                 return EXIT_APP_LOAD if slot.load_failed else 1
             what = "%s (app pid %d, door %s)" % (args.app or "the built-in hello app",
                                                 slot.process.pid, slot.process.door_path)
-        host, port, family = args.bind
-        access_log = None
-        if args.access_log == "-":
-            access_log = AccessLog(sys.stderr)
-        elif args.access_log != "off":
-            access_log = AccessLog(open(args.access_log, "a", encoding="utf-8"))
         limits = Limits(max_connections=args.max_connections, max_body=args.max_body,
                         keepalive=args.keepalive, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, min_body_rate=args.min_body_rate,
                         max_line=args.max_line, max_headers=args.max_headers,
                         max_header_size=args.max_header_size)
-        try:
-            static = [StaticFiles(prefix, root, args.static_index or ()) for prefix, root in args.static_map or ()]
-            self.front = FrontServer((host, port), [mount], limits, access_log, family,
-                                     args.forwarded_allow_ips, upstream_wait=args.timeout,
-                                     static=static)
-        except OSError as exc:
-            _log("front", "cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
-            return 1
+        static = [StaticFiles(prefix, root, args.static_index or ()) for prefix, root in args.static_map or ()]
+        self.front = FrontServer(args.listeners, [mount], limits, args.access_logger,
+                                 args.forwarded_allow_ips, upstream_wait=args.timeout, static=static,
+                                 tls=args.tls)
         threading.Thread(target=self.front.serve_forever, name="front-accept", daemon=True).start()
-        bound_host, bound_port = self.front.server_address[:2]
-        _log("front", "serving %s at http://%s:%d/ through %s"
-             % (what, bound_host if family != socket.AF_INET6 else "[%s]" % bound_host,
-                bound_port, transport_description(args.transport, self.backend)))
+        _log("front", "serving %s at %s through %s"
+             % (what, " and ".join(listener.url() for listener in args.listeners),
+                transport_description(args.transport, self.backend)))
+        sd_notify(args.notify_socket, "READY=1")
         next_check = time.monotonic() + self.health_interval
         while True:
             try:
@@ -3854,6 +4426,14 @@ class Supervisor:
             if event == signal.SIGHUP:
                 for slot in self.slots:
                     self.replace(slot, "SIGHUP")
+                if self.front.tls is not None and self.front.tls.reload():
+                    _log("front", "SIGHUP: TLS certificate reloaded for new connections")
+            elif event == signal.SIGUSR1:
+                if self.front.access_log is not None:
+                    self.front.access_log.reopen()
+            elif event in (signal.SIGTTIN, signal.SIGTTOU):
+                _log("front", "%s ignored: the OS sizes the door thread pool, there are no workers "
+                              "to add or remove" % signal.Signals(event).name)
             elif isinstance(event, tuple):
                 self.replace(event[1], event[2])
             if not self.reap():
@@ -4881,30 +5461,239 @@ def _thread_pool(workers):
 
 
 ###############################################################################
+# Service files ##############################################################
+###############################################################################
+#
+# `doordown smf [serve options]` and `doordown systemd [serve options]` print what runs
+# that very serve command under the service manager, from the directory it was typed
+# in.  The front stays in the foreground (SMF's duration=child, systemd's Type=notify);
+# SIGTERM is its graceful stop and SIGHUP its reload.  Only the front may get them:
+# a manager that signals every process of the service would also stop the app role
+# behind the front's back, so systemd is told KillMode=mixed and SMF's methods signal
+# the pid in the --pid file.
+
+def _service_command(args):
+    """The serve command line the service runs: this interpreter, this file, the options."""
+    return [sys.executable, os.path.abspath(__file__), "serve"] + args.serve_argv
+
+
+def _service_name(args):
+    if args.service:
+        return args.service
+    return "doordown-" + re.sub(r"[^A-Za-z0-9-]", "-", args.app.partition(":")[0]) if args.app else "doordown"
+
+
+def smf_manifest(args):
+    """An SMF manifest (valid against illumos' service_bundle.dtd.1) for this serve command."""
+    name = _service_name(args)
+    pid_file = args.pid or "/var/run/%s.pid" % name
+    command = _service_command(args) + ([] if args.pid else ["--pid", pid_file])
+    quote = lambda word: escape(_shell_quote(word).replace("%", "%%"), {'"': "&quot;"})
+    signal_front = "/usr/bin/kill -%%s $(/usr/bin/cat %s)" % quote(pid_file)
+    stop_timeout = int(args.graceful_timeout) + 15
+    access = ("its access log: %s" % os.path.abspath(args.access_log)
+              if args.access_log not in ("-", "off") else "its access log goes there too"
+              if args.access_log == "-" else "no access log")
+    return """<?xml version="1.0"?>
+<!DOCTYPE service_bundle SYSTEM "/usr/share/lib/xml/dtd/service_bundle.dtd.1">
+<!--
+  Made by `doordown smf`.  Install: svccfg import {file}.xml; svcadm enable {name}
+  Log (the front's and the app's stderr): svcs -L {name}; {access}.
+  svcadm refresh {name}: a new app process, no request lost; svcadm disable {name}: a
+  graceful stop (SIGTERM to the front only; the front stops its app).
+-->
+<service_bundle type="manifest" name="{name}">
+  <service name="site/{name}" type="service" version="1">
+    <create_default_instance enabled="false"/>
+    <single_instance/>
+    <dependency name="network" grouping="require_all" restart_on="error" type="service">
+      <service_fmri value="svc:/milestone/network:default"/>
+    </dependency>
+    <dependency name="filesystem" grouping="require_all" restart_on="error" type="service">
+      <service_fmri value="svc:/system/filesystem/local"/>
+    </dependency>
+    <method_context working_directory="{cwd}"/>
+    <exec_method type="method" name="start" timeout_seconds="{start_timeout}"
+                 exec="{start}"/>
+    <exec_method type="method" name="stop" timeout_seconds="{stop_timeout}"
+                 exec="{stop}"/>
+    <exec_method type="method" name="refresh" timeout_seconds="60"
+                 exec="{refresh}"/>
+    <property_group name="startd" type="framework">
+      <propval name="duration" type="astring" value="child"/>
+      <propval name="ignore_error" type="astring" value="core,signal"/>
+    </property_group>
+    <stability value="Unstable"/>
+    <template>
+      <common_name>
+        <loctext xml:lang="C">{title}</loctext>
+      </common_name>
+    </template>
+  </service>
+</service_bundle>
+""".format(file=name, name=name, access=escape(access), cwd=escape(os.getcwd(), {'"': "&quot;"}),
+           start_timeout=int(args.boot_timeout) + 30, start=" ".join(quote(w) for w in command),
+           stop_timeout=stop_timeout, stop=signal_front % "TERM", refresh=signal_front % "HUP",
+           title=escape("doordown: %s" % (args.app or "the built-in hello app")))
+
+
+def systemd_unit(args):
+    """A systemd service unit (`systemd-analyze verify` accepts it) for this serve command."""
+    kill = "/bin/kill" if os.path.exists("/bin/kill") else "/usr/bin/kill"
+    return """# Made by `doordown systemd`.  Install: cp {name}.service /etc/systemd/system/;
+# systemctl daemon-reload; systemctl enable --now {name}.  Log: journalctl -u {name}.
+# systemctl reload {name}: a new app process, no request lost (SIGHUP).
+[Unit]
+Description=doordown: {title}
+After=network.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={start}
+ExecReload={kill} -HUP $MAINPID
+KillSignal=SIGTERM
+KillMode=mixed
+TimeoutStopSec={stop_timeout}
+WorkingDirectory={cwd}
+Restart=on-failure
+RestartPreventExitStatus={usage} {load}
+
+[Install]
+WantedBy=multi-user.target
+""".format(name=_service_name(args), title=args.app or "the built-in hello app",
+           start=" ".join(_systemd_quote(word) for word in _service_command(args)), kill=kill,
+           stop_timeout=int(args.graceful_timeout) + 15, cwd=_systemd_quote(os.getcwd()),
+           usage=EXIT_USAGE, load=EXIT_APP_LOAD)
+
+
+def _shell_quote(word):
+    import shlex
+    return shlex.quote(word)
+
+
+def _systemd_quote(word):
+    """One word of a systemd command line (systemd.service(5), "Command lines")."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[\w./:@=,+-]+", word):
+        return word
+    return '"%s"' % word.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def print_service_file(args):
+    sys.stdout.write(smf_manifest(args) if args.command == "smf" else systemd_unit(args))
+    return 0
+
+
+def sd_notify(path, state):
+    """Tell systemd `state` (sd_notify(3)) at NOTIFY_SOCKET `path`, when it asked for it."""
+    if not path:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect("\0" + path[1:] if path[0] == "@" else path)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        _log("front", "cannot notify systemd at %s: %s" % (path, exc.strerror or exc))
+
+
+###############################################################################
 # Command line ###############################################################
 ###############################################################################
 
+# gunicorn options that have no meaning here, and why: said instead of "unrecognized".
+_NOT_FOR_DOORS = {
+    "--workers": "doordown runs one application process and the OS gives it a thread per "
+                 "concurrent request (a door server thread is made when every other one is "
+                 "busy): there is no worker count to set",
+    "--threads": "door server threads are made by the OS when every existing one is busy and "
+                 "reused LIFO: there is no thread count to set (--max-connections bounds the front)",
+    "--worker-class": "there is one model: every request is a door call into the application "
+                      "process, run on a thread the OS provides (--transport picks a comparison)",
+    "--worker-connections": "the front serves up to --max-connections connections, each on "
+                            "its own thread",
+    "--daemon": "doordown stays in the foreground for a service manager: `doordown smf` and "
+                "`doordown systemd` print a service file for your command",
+}
+_NOT_FOR_DOORS.update({"-w": _NOT_FOR_DOORS["--workers"], "-k": _NOT_FOR_DOORS["--worker-class"],
+                       "-D": _NOT_FOR_DOORS["--daemon"]})
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        argparse.ArgumentParser.__init__(self, *args, **kwargs)
+        self.add_argument("--version", action="version", version=SERVER_SOFTWARE)
+
     def error(self, message):
         """A wrong option or value: one line on stderr, exit 2."""
         sys.stderr.write("%s: error: %s (try --help)\n" % (self.prog, message))
         sys.exit(EXIT_USAGE)
 
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and self._subparsers is None:
+            self._check_options(args)
+        return argparse.ArgumentParser.parse_known_args(self, args, namespace)
+
+    def _check_options(self, args):
+        """Name an unknown option as such, before argparse takes it (or the value after
+        it) for the positional application."""
+        options = self._option_string_actions
+        takes_value = False
+        for arg in args:
+            if takes_value:
+                takes_value = False
+                continue
+            if arg == "--":
+                return
+            if arg[:1] != "-" or arg == "-":
+                continue
+            name = arg.partition("=")[0]
+            if name in _NOT_FOR_DOORS:
+                self.error("%s: %s" % (name, _NOT_FOR_DOORS[name]))
+            action = options.get(name)
+            if action is None and name.startswith("--"):  # argparse's abbreviations
+                matches = [option for option in options if option.startswith(name)]
+                if len(matches) > 1:
+                    continue  # argparse says which it could be
+                action = options[matches[0]] if matches else None
+            elif action is None and name[:2] in options:  # -b127.0.0.1:8000
+                continue
+            if action is None:
+                self.error("unknown option %s" % name)
+            takes_value = action.nargs != 0 and "=" not in arg
+
 
 def _bind_address(text):
-    """HOST:PORT, [IPv6]:PORT or PORT -> (host, port, family)."""
-    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):?([0-9]{1,5})?", text)
-    if match is None or (match.group(3) is None and match.group(1) is None and ":" not in text
-                         and not text.isdigit()):
-        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
-    if text.isdigit():
-        host, port = "127.0.0.1", int(text)
-    else:
-        host = match.group(1) or match.group(2) or "127.0.0.1"
-        port = int(match.group(3)) if match.group(3) is not None else 8000
+    """--bind, in gunicorn's forms: HOST:PORT, HOST, PORT, [IPv6]:PORT, unix:PATH, fd://N."""
+    expected = "expected HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N, got %r" % text
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise argparse.ArgumentTypeError("unix: needs a path, as in unix:/run/myapp.sock")
+        return ("unix", path)
+    if text.startswith("fd://"):
+        if not text[5:].isdigit():
+            raise argparse.ArgumentTypeError(expected)
+        return ("fd", int(text[5:]))
+    match = re.fullmatch(r"\[([^\]]*)\](?::([0-9]{1,5}))?|([A-Za-z0-9.-]*)(?::([0-9]{1,5}))?",
+                         text[6:] if text.startswith("tcp://") else text)
+    if match is None:
+        if text.count(":") > 1 and "[" not in text:
+            expected += " (an IPv6 address goes in brackets: [::1]:8000)"
+        raise argparse.ArgumentTypeError(expected)
+    v6, v6_port, host, port = match.groups()
+    if v6 is not None:
+        try:
+            ipaddress.IPv6Address(v6)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not an IPv6 address (in %r)" % (v6, text))
+        host, port = v6, v6_port
+    elif port is None and host.isdigit():  # a bare port
+        host, port = "", host
+    port = 8000 if port is None else int(port)
     if port > 65535:
-        raise argparse.ArgumentTypeError("port %d out of range" % port)
-    return host, port, socket.AF_INET6 if match.group(1) or ":" in host else socket.AF_INET
+        raise argparse.ArgumentTypeError("port %d out of range (in %r)" % (port, text))
+    return ("tcp", host or "127.0.0.1", port)
 
 
 def _positive(kind):
@@ -4968,28 +5757,75 @@ def _static_index(text):
 
 
 def _app_spec(text):
-    if not re.fullmatch(r"[\w.]+(:[\w.]+)?", text):
-        raise argparse.ArgumentTypeError("expected module:callable, got %r" % text)
+    """module, module:callable, or gunicorn's factory call module:create_app('arg')."""
+    module, _, attr = text.partition(":")
+    script = re.fullmatch(r"(?:\./)?([\w./]+)\.py", module)
+    if script:  # a file name where a module name goes
+        raise argparse.ArgumentTypeError("expected module:callable, got %r: name the module "
+                                         "without .py, as in %r" % (text, script.group(1).replace(
+                                             "/", ".") + (":" + attr if attr else "")))
+    if re.fullmatch(r"[\w.]+", module) and (not attr or re.fullmatch(r"[\w.]+", attr)):
+        return text
+    if re.fullmatch(r"[\w.]+", module) and attr.endswith(")"):
+        try:
+            factory_call(attr)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError("%s (in %r)" % (exc, text))
+        return text
+    raise argparse.ArgumentTypeError("expected module:callable, got %r" % text)
+
+
+def _env_pair(text):
+    name, equals, value = text.partition("=")
+    if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError("expected NAME=VALUE, got %r" % text)
+    return name, value
+
+
+def _octal_mode(text):
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError("expected an octal mode like 600 or 660, got %r" % text)
+    return mode
+
+
+def _log_format(text):
+    try:
+        compile_log_format(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
     return text
 
 
 def build_parser():
     parser = _Parser(prog="doordown", description=(
         "Serve a Python WSGI application through illumos doors (emulated off illumos)."))
-    parser.add_argument("--version", action="version", version=SERVER_SOFTWARE)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     doors_help = "door backend: native (illumos), emulated (Unix sockets), auto (default)"
     app_help = ("WSGI application as module:callable (callable defaults to 'application'; "
-                "the current directory is on sys.path); default: the built-in hello app")
+                "module:create_app() or module:create_app('arg') calls a factory once; the "
+                "current directory is on sys.path); default: the built-in hello app")
 
     serve = commands.add_parser("serve", help="run the HTTP front and its application",
                                 description="Run the HTTP front; spawn the application "
                                             "(the app role) and forward every request to it "
                                             "with one door call.")
     serve.add_argument("app", nargs="?", type=_app_spec, help=app_help)
-    serve.add_argument("-b", "--bind", type=_bind_address, default=("127.0.0.1", 8000, socket.AF_INET),
-                       metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:8000)")
+    serve.add_argument("-b", "--bind", type=_bind_address, action="append", metavar="ADDRESS",
+                       help="listen on HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N; repeatable "
+                            "(default 127.0.0.1:8000; systemd's sockets when it passes some)")
+    serve.add_argument("--backlog", type=_positive(int), default=2048, metavar="N",
+                       help="listen backlog: connections the kernel queues before accept (default 2048)")
+    serve.add_argument("--unix-socket-perms", type=_octal_mode, default=0o600, metavar="MODE",
+                       help="mode of unix: sockets (default 600; 660 for a proxy in --group)")
+    serve.add_argument("--certfile", metavar="FILE", help="serve HTTPS with this certificate (PEM chain)")
+    serve.add_argument("--keyfile", metavar="FILE", help="its private key (default: in --certfile)")
+    serve.add_argument("--ca-certs", metavar="FILE",
+                       help="require client certificates signed by these CAs (PEM)")
     serve.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
     serve.add_argument("--transport", choices=TRANSPORTS, default="door",
                        help="how the front reaches the app: door (default), proxy (HTTP/1.1), "
@@ -5020,8 +5856,21 @@ def build_parser():
                        help="most header fields in a request (default 100); more: 431")
     serve.add_argument("--max-header-size", type=_size, default=Limits.max_header_size, metavar="SIZE",
                        help="largest request head (default 64K); larger: 431")
-    serve.add_argument("--access-log", default="-", metavar="-|FILE|off",
-                       help="Apache combined access log: - for stderr (default), a file, or off")
+    serve.add_argument("--access-log", "--access-logfile", default="-", metavar="-|FILE|off",
+                       help="access log: - for stderr (default), a file (reopened on SIGUSR1), or off")
+    serve.add_argument("--access-logformat", type=_log_format, metavar="FORMAT",
+                       help="gunicorn's atoms, e.g. '%%(h)s \"%%(r)s\" %%(s)s %%(D)s' "
+                            "(default: Apache combined)")
+    serve.add_argument("--pid", metavar="FILE", help="write the front's pid to FILE (removed at exit)")
+    serve.add_argument("-u", "--user", metavar="USER", help="run as USER once the sockets are bound")
+    serve.add_argument("-g", "--group", metavar="GROUP",
+                       help="and as GROUP (default: USER's group)")
+    serve.add_argument("--chdir", metavar="DIR",
+                       help="change to DIR first (the app is imported from there; relative paths are read from there)")
+    serve.add_argument("-e", "--env", type=_env_pair, action="append", metavar="NAME=VALUE",
+                       help="set an environment variable for the front and the app (repeatable)")
+    serve.add_argument("--reload", action="store_true",
+                       help="development: restart the app when one of its source files changes")
     serve.add_argument("--min-body-rate", type=_size, default=Limits.min_body_rate, metavar="SIZE",
                        help="bytes/s a request body must keep up once started (default 1K)")
     serve.add_argument("--max-requests", type=int, default=0, metavar="N",
@@ -5058,6 +5907,8 @@ def build_parser():
     app.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                      help="report requests running longer as stuck (default 30)")
     app.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # stop when this front dies
+    app.add_argument("--reload", action="store_true",
+                     help="ask the front (SIGHUP to --parent-pid) for a new app when a source file changes")
 
     cgi = commands.add_parser("cgi", help="answer one request as a CGI program (run by serve --transport cgi)",
                               description="Answer the request in the environment (RFC 3875) "
@@ -5090,6 +5941,15 @@ def build_parser():
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--svg", metavar="FILE", help="also write a chart of req/s and memory as SVG")
 
+    for name, what in (("smf", "an SMF manifest (illumos)"), ("systemd", "a systemd unit")):
+        service = commands.add_parser(name, help="print %s that runs serve with these options" % what,
+                                      description="Print %s that runs `doordown serve` with the "
+                                                  "options that follow, from this directory." % what)
+        service.add_argument("--service", metavar="NAME",
+                             help="the service's name (default: doordown-MODULE)")
+        service.add_argument("serve_options", nargs="*", metavar="SERVE-OPTION",
+                             help="the application and options, as serve takes them")
+
     check = commands.add_parser("check", help="put this machine's doors through their paces",
                                 description="Create a door, attach it, make 10,000 calls and "
                                             "check thread reuse, credentials, overflow replies, "
@@ -5099,9 +5959,116 @@ def build_parser():
     return parser
 
 
+def prepare_serve(args):
+    """What `serve` does before it spawns anything: --chdir and --env, TLS, every
+    listening socket, the access log and the pid file, then the drop to --user/--group
+    (after binding, so ports under 1024 and root-only key files still work).  Returns an
+    exit code after one line on stderr, or None to go on."""
+    def fail(code, message):
+        sys.stderr.write("doordown: error: %s\n" % message)
+        for listener in args.listeners:
+            listener.close()
+        return code
+    args.listeners, args.tls, args.access_logger = [], None, None
+    args.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)  # the front's, not the app's
+    if (args.keyfile or args.ca_certs) and not args.certfile:
+        return fail(EXIT_USAGE, "--keyfile and --ca-certs need --certfile")
+    try:
+        if args.chdir:
+            os.chdir(args.chdir)
+    except OSError as exc:
+        return fail(EXIT_USAGE, "--chdir %s: %s" % (args.chdir, exc.strerror))
+    for name, value in args.env or ():
+        os.environ[name] = value  # the app role inherits them
+    try:
+        credentials = _credentials(args.user, args.group) if args.user or args.group else None
+        if args.certfile:
+            args.tls = TLSContext(args.certfile, args.keyfile, args.ca_certs)
+    except BindError as exc:
+        return fail(EXIT_USAGE, exc)
+    # USR2 is a no-op here (the native door client interrupts door calls with it); not
+    # gunicorn's binary upgrade: restarting the front without refusing a connection is
+    # systemd socket activation's job.
+    signal.signal(signal.SIGUSR2, lambda *_: None)
+    try:
+        args.listeners = open_listeners(args.bind or [("tcp", "127.0.0.1", 8000)], args.backlog,
+                                        args.unix_socket_perms)
+    except BindError as exc:
+        return fail(1, exc)
+    try:
+        if args.access_log != "off":
+            args.access_logger = AccessLog(None if args.access_log == "-" else args.access_log,
+                                           args.access_logformat)
+        if args.pid:
+            with open(args.pid, "w") as pid_file:
+                pid_file.write("%d\n" % os.getpid())
+        if credentials is not None:
+            uid, gid, user = credentials
+            for listener in args.listeners:
+                if listener.path is not None:  # the proxy in --group must reach it
+                    os.chown(listener.path, uid, gid)
+            if args.access_logger is not None and args.access_logger.path is not None:
+                os.chown(args.access_logger.path, uid, gid)  # so that SIGUSR1 can reopen it
+            if user is not None and os.getuid() != uid:
+                os.initgroups(user, gid)
+            os.setgid(gid)
+            os.setuid(uid)
+    except OSError as exc:
+        return fail(1, "%s: %s" % (exc.filename or "--user", exc.strerror))
+    return None
+
+
+def _credentials(user, group):
+    """(uid, gid, user name or None) for --user/--group, names or numbers."""
+    import grp
+    import pwd
+    name, uid, gid = None, os.getuid(), os.getgid()
+    if user:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            raise BindError("--user %s: no such user" % user)
+        name, uid, gid = entry.pw_name, entry.pw_uid, entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise BindError("--group %s: no such group" % group)
+    return uid, gid, name
+
+
+def _remove_pid_file(path):
+    try:
+        with open(path) as pid_file:
+            if pid_file.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass  # gone already, or not ours to remove after --user
+
+
+def _parse_service_command(parser, argv):
+    """`smf|systemd [--service NAME] [serve options]`: the serve options, checked as serve's."""
+    rest, service = [], None
+    words = iter(argv[1:])
+    for word in words:
+        if word == "--service" or word.startswith("--service="):
+            service = word.partition("=")[2] or next(words, "")
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", service):
+                parser.error("--service: expected a name like myapp, got %r" % service)
+        else:
+            rest.append(word)
+    args = parser.parse_args(["serve"] + rest)
+    args.command, args.service, args.serve_argv = argv[0], service, rest
+    return args
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:1] in (["smf"], ["systemd"]) and not {"-h", "--help", "--version"} & set(argv[1:]):
+        args = _parse_service_command(parser, argv)
+    else:
+        args = parser.parse_args(argv)
     try:
         if args.command == "app":
             return run_app(args)
@@ -5112,10 +6079,21 @@ def main(argv=None):
         if args.command == "bench":
             args.argv = argv[1:]
             return run_bench(args)
+        if args.command in ("smf", "systemd"):
+            return print_service_file(args)
         if args.app_door and args.transport in ("cgi", "inprocess"):
             sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")
             return EXIT_USAGE
-        return Supervisor(args).run()
+        failed = prepare_serve(args)
+        if failed is not None:
+            return failed
+        try:
+            return Supervisor(args).run()
+        finally:
+            for listener in args.listeners:
+                listener.close()
+            if args.pid:
+                _remove_pid_file(args.pid)
     except DoorError as exc:
         sys.stderr.write("doordown: error: %s\n" % exc.strerror)
         return 1

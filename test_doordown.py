@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -74,12 +75,14 @@ def _pid_alive(pid):
 class Process:
     """A doordown process started for a test; its stderr is collected line by line."""
 
-    def __init__(self, *args, cwd=SUPPORT, env=None, ready=r"serving .* at http://[^ ]+:(\d+)/"):
+    def __init__(self, *args, cwd=SUPPORT, env=None, ready=r"serving .* at http://[^ ]+:(\d+)/",
+                 pass_fds=(), python=sys.executable, script=True):
+        """`args` for doordown.py (for the interpreter itself with script=False)."""
         self.lines = []
         self.changed = threading.Condition()
-        self.proc = subprocess.Popen([sys.executable, DOORDOWN, *args], cwd=cwd,
+        self.proc = subprocess.Popen([python, DOORDOWN, *args] if script else [python, *args], cwd=cwd,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, pass_fds=pass_fds)
         threading.Thread(target=self._collect, daemon=True).start()
         self.port = None
         self.app_pids = set()
@@ -463,15 +466,61 @@ def test_front_for_separately_started_app(started, tmp_path):
 
 # -- command line ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["serve", "--bind", "nonsense:port"], ["serve", "--timeout", "-1"], ["serve", "--doors", "magic"],
-    ["serve", "not a spec"], ["bogus"], [], ["app"], ["serve", "--max-body", "lots"],
+@pytest.mark.parametrize("args,says", [
+    (["serve", "--bind", "nonsense:port"], "expected HOST:PORT"), (["serve", "--timeout", "-1"], ""),
+    (["serve", "--doors", "magic"], ""), (["serve", "not a spec"], ""), (["bogus"], ""), ([], ""),
+    (["app"], ""), (["serve", "--max-body", "lots"], ""),
+    (["serve", "--bind", "[::1]8000"], "expected HOST:PORT, [IPv6]:PORT"),
+    (["serve", "--bind", "::1:8000"], "in brackets: [::1]:8000"),
+    (["serve", "--bind", "[nonsense]:80"], "not an IPv6 address"),
+    (["serve", "--bind", "127.0.0.1:65536"], "out of range"),
+    (["serve", "--bind", "unix:"], "unix: needs a path"), (["serve", "--bind", "fd://x"], "fd://N"),
+    (["serve", "--frobnicate", "x.pid"], "unknown option --frobnicate"),
+    (["serve", "apps:echo", "--frob=1"], "unknown option --frob"),
+    (["serve", "headers.py"], "name the module without .py, as in 'headers'"),
+    (["serve", "./site/wsgi.py:app"], "as in 'site.wsgi:app'"),
+    (["serve", "-w", "4"], "no worker count to set"), (["serve", "--workers=4"], "no worker count"),
+    (["serve", "--threads", "8"], "no thread count to set"), (["serve", "-k", "gevent"], "one model"),
+    (["serve", "--worker-class", "gthread"], "one model"), (["serve", "--daemon"], "doordown systemd"),
+    (["serve", "apps:create(os.system('x'))"], "must be literals"),
+    (["serve", "--access-logformat", "%(h)s %(nope)s"], "unknown atom %(nope)s"),
+    (["serve", "--access-logformat", "%({nope}e)s"], "no such variable"),
+    (["serve", "--env", "NOEQUALS"], "expected NAME=VALUE"),
+    (["serve", "--unix-socket-perms", "9"], "octal mode"),
+    (["serve", "--keyfile", "key.pem"], "need --certfile"),
+    (["serve", "--certfile", "/nonexistent/cert.pem"], "TLS: cannot load /nonexistent/cert.pem"),
+    (["serve", "--user", "no-such-user-here"], "no such user"),
+    (["serve", "--chdir", "/nonexistent/dir"], "--chdir /nonexistent/dir"),
+    (["systemd", "--service", "bad name"], "--service"), (["smf", "--bogus"], "unknown option --bogus"),
 ])
-def test_bad_command_line_exits_2_with_one_line(args):
+def test_bad_command_line_exits_2_with_one_line(args, says):
     result = subprocess.run([sys.executable, DOORDOWN, *args], capture_output=True, timeout=20)
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("doordown"), lines
+    assert len(lines) == 1 and lines[0].startswith("doordown") and says in lines[0], lines
+
+
+@pytest.mark.parametrize("command", ["serve", "app", "cgi", "bench", "check", "smf", "systemd"])
+def test_version_on_every_subcommand(command):
+    result = subprocess.run([sys.executable, DOORDOWN, command, "--version"], capture_output=True, timeout=20)
+    assert (result.returncode, result.stdout.decode()) == (0, doordown.SERVER_SOFTWARE + "\n")
+
+
+def test_port_in_use_fails_before_the_app_is_imported(tmp_path):
+    (tmp_path / "marked.py").write_text("open('imported', 'w').close()\n"
+                                        "from apps import echo as application\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, DOORDOWN, "serve", "marked", "--doors", DOORS,
+                                 "--bind", "127.0.0.1:0", "--bind", "127.0.0.1:%d" % port],
+                                cwd=str(tmp_path), capture_output=True, timeout=20,
+                                env=dict(os.environ, PYTHONPATH=SUPPORT))
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert "cannot listen on 127.0.0.1:%d: Address already in use" % port in lines[0]
+    assert not (tmp_path / "imported").exists()
 
 
 @pytest.mark.parametrize("spec,message", [("no_such_module", "no module named 'no_such_module'"),
@@ -489,6 +538,159 @@ def test_import_error_inside_app_shows_traceback(tmp_path):
                              "--doors", DOORS], cwd=str(tmp_path), capture_output=True, timeout=30)
     assert result.returncode == doordown.EXIT_APP_LOAD
     assert "Traceback" in result.stderr.decode() and "missing dependency xyz" in result.stderr.decode()
+
+
+# -- the operator's front: binds, TLS, signals, access log, options, service files --------------
+
+def _wait_for_lines(path, count, timeout=10):
+    """The lines of `path` once it has `count` (the access log is written within a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def _pids_alive(server):
+    return _pid_alive(server.proc.pid) and all(_pid_alive(pid) for pid in [server.app_pid()])
+
+
+def test_usr1_reopens_the_access_log_other_signals_do_not_kill(started, tmp_path):
+    log = tmp_path / "access.log"
+    server = started("serve", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", str(log))
+    assert server.get("/first")[0] == 200
+    assert len(_wait_for_lines(log, 1)) == 1
+    os.rename(str(log), str(tmp_path / "access.log.1"))  # what logrotate does
+    os.kill(server.proc.pid, signal.SIGUSR1)
+    for signum in (signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH):
+        os.kill(server.proc.pid, signum)
+    server.wait_for("SIGTTOU ignored")
+    assert server.get("/second")[0] == 200
+    assert [line.split('"')[1] for line in _wait_for_lines(log, 1)] == ["GET /second HTTP/1.1"]
+    assert "GET /first " in (tmp_path / "access.log.1").read_text()
+    assert server.proc.poll() is None and _pids_alive(server)
+    door_dir = os.path.dirname(server.door_path())
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0 and not os.path.exists(door_dir)
+
+
+def test_access_log_atoms_and_no_line_lost_at_stop(started, tmp_path):
+    log = tmp_path / "access.log"
+    atoms = "h l u t r m U q H s B b f a T M D L p {x-test}i {content-type}o {wsgi.url_scheme}e".split()
+    server = started("serve", "apps:echo", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log",
+                     str(log), "--access-logformat", "|".join("%%(%s)s" % atom for atom in atoms) + "|%%")
+    headers = {"X-Test": 'say "hi"\\ \xe9', "Referer": "http://r/", "User-Agent": "ua/1",
+               "Authorization": "Basic YWxpY2U6c2VjcmV0"}  # alice:secret
+    status, reply_headers, body = server.get("/p/a?x=1&y=2", headers=headers)
+    assert status == 200
+    for _ in range(199):
+        assert server.get("/more")[0] == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 200  # all of them, though the last were still in the buffer at SIGTERM
+    fields = dict(zip(atoms + ["%"], lines[0].split("|")))
+    assert fields["t"][0] == "[" and re.fullmatch(r"\[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\]", fields["t"])
+    assert float(fields["L"]) < 10 and int(fields["D"]) >= int(fields["M"]) * 1000 >= int(fields["T"]) * 10 ** 6
+    del fields["t"], fields["T"], fields["M"], fields["D"], fields["L"]
+    assert fields == {"h": "127.0.0.1", "l": "-", "u": "alice", "r": "GET /p/a?x=1&y=2 HTTP/1.1",
+                      "m": "GET", "U": "/p/a", "q": "x=1&y=2", "H": "HTTP/1.1", "s": "200",
+                      "B": str(len(body)), "b": str(len(body)), "f": "http://r/", "a": "ua/1",
+                      "p": "<%d>" % server.proc.pid, "{x-test}i": 'say \\"hi\\"\\\\ \\xe9',
+                      "{content-type}o": "application/json", "{wsgi.url_scheme}e": "http", "%": "%"}
+
+
+def test_access_log_says_what_the_front_refused(started, tmp_path):
+    log = tmp_path / "access.log"
+    server = started("serve", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", str(log),
+                     "--max-body", "1K", "--header-timeout", "1")
+    refused = [(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
+               (b"GET /bad HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400),
+               (b"GET /slow HTTP/1.1\r\nHost: x\r\n", 408),
+               (b"GET /new HTTP/2.1\r\nHost: x\r\n\r\n", 505)]
+    for raw, status in refused:
+        assert status_of(server.raw(raw)) == status
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    assert server.raw(preface) == doordown._H2_GOAWAY  # SETTINGS, then GOAWAY(HTTP_1_1_REQUIRED)
+    lines = _wait_for_lines(log, 5)
+    logged = [re.search(r'"([^"]*)" (\d{3}) (\S+)', line).groups() for line in lines]
+    assert [(request, int(status)) for request, status, _ in logged] == [
+        ("POST /big HTTP/1.1", 413), ("GET /bad HTTP/1.1", 400), ("GET /slow HTTP/1.1", 408),
+        ("GET /new HTTP/2.1", 505), ("PRI * HTTP/2.0", 505)]
+    assert all(int(sent) > 0 for _, _, sent in logged[:4]) and logged[4][2] == str(len(doordown._H2_GOAWAY))
+
+
+def test_several_binds_unix_socket_and_ipv6(started, tmp_path):
+    path = str(tmp_path / "front.sock")
+    binds = ["--bind", "127.0.0.1:0", "--bind", "unix:" + path]
+    ipv6 = socket.has_ipv6 and _can_bind(socket.AF_INET6, "::1")
+    if ipv6:
+        binds += ["--bind", "[::1]:0"]
+    server = started("serve", "apps:echo", "--doors", DOORS, "--access-log", "off",
+                     "--unix-socket-perms", "660", *binds)
+    urls = server.wait_for(r"at (.*) through").group(1).split(" and ")
+    assert urls[1] == "http (unix:%s)" % path and len(urls) == len(binds) // 2
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    environ = json.loads(server.get("/tcp")[2])
+    assert (environ["REMOTE_ADDR"], environ["SERVER_PORT"]) == ("127.0.0.1", str(server.port))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(b"GET /unix HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.1.2.3\r\nConnection: close\r\n\r\n")
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    environ = json.loads(reply.partition(b"\r\n\r\n")[2])
+    assert environ["PATH_INFO"] == "/unix" and environ["REMOTE_ADDR"] == "10.1.2.3"  # a local proxy
+    if ipv6:
+        port = int(re.search(r"\[::1\]:(\d+)", urls[2]).group(1))
+        conn = http.client.HTTPConnection("::1", port, timeout=10)
+        conn.request("GET", "/v6")
+        assert json.loads(conn.getresponse().read())["REMOTE_ADDR"] == "::1"
+        conn.close()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0 and not os.path.exists(path)  # the socket file goes with it
+
+
+def _can_bind(family, host):
+    try:
+        with socket.socket(family) as sock:
+            sock.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_a_stale_unix_socket_is_replaced_a_live_one_is_not(started, tmp_path):
+    path = str(tmp_path / "front.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays: a server that died
+    server = started("serve", "--doors", DOORS, "--access-log", "off", "--bind", "unix:" + path,
+                     ready=r"serving .* at http \(unix:")
+    result = subprocess.run([sys.executable, DOORDOWN, "serve", "--bind", "unix:" + path, "--doors", DOORS],
+                            capture_output=True, timeout=20)
+    assert result.returncode == 1 and b"another server is listening there" in result.stderr
+    assert server.proc.poll() is None
+
+
+def test_inherited_sockets_fd_and_systemd_listen_fds(started):
+    with socket.socket() as inherited, socket.socket() as activated:
+        for sock in (inherited, activated):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            sock.set_inheritable(True)
+        server = started("serve", "--doors", DOORS, "--access-log", "off",
+                         "--bind", "fd://%d" % inherited.fileno(), pass_fds=(inherited.fileno(),))
+        assert server.port == inherited.getsockname()[1] and server.get("/")[0] == 200
+        # systemd: the sockets are descriptors 3.. and LISTEN_PID is the server's own pid
+        launcher = ("import os, sys; os.dup2(%d, 3); os.environ.update(LISTEN_PID=str(os.getpid()), "
+                    "LISTEN_FDS='1'); os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+                    % activated.fileno())
+        server = started("-c", launcher, DOORDOWN, "serve", "--doors", DOORS, "--access-log", "off",
+                         pass_fds=(activated.fileno(),), script=False)
+        assert server.port == activated.getsockname()[1] and server.get("/")[0] == 200
+        app_environ = open("/proc/%d/environ" % server.app_pid(), "rb").read().split(b"\0")
+        assert not [item for item in app_environ if item.startswith(b"LISTEN_")]
 
 
 # -- the door layer and the wire format on their own ------------------------------------------
