@@ -693,6 +693,199 @@ def test_inherited_sockets_fd_and_systemd_listen_fds(started):
         assert not [item for item in app_environ if item.startswith(b"LISTEN_")]
 
 
+def _certificate(directory, name):
+    """A self-signed certificate for localhost and 127.0.0.1 (also usable as its own CA)."""
+    cert, key = str(directory / (name + ".pem")), str(directory / (name + ".key"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=" + name, "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl (to make a test certificate) is not installed")
+def test_tls_https_handshake_timeout_and_reload_on_sighup(started, tmp_path):
+    import ssl
+    cert, key = _certificate(tmp_path, "first")
+    server = started("serve", "apps:echo", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off",
+                     "--certfile", cert, "--keyfile", key, "--header-timeout", "1",
+                     ready=r"serving .* at https://[^ ]+:(\d+)/")
+
+    def get(path, context):
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+        try:
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            return reply.status, reply.read(), conn.sock.version(), conn.sock.getpeercert(binary_form=True)
+        finally:
+            conn.close()
+    trusting = ssl.create_default_context(cafile=cert)
+    status, body, version, peer = get("/secure", trusting)
+    assert status == 200 and json.loads(body)["wsgi.url_scheme"] == "https"
+    assert version in ("TLSv1.2", "TLSv1.3")
+    sent = server.get  # a plain-HTTP client on the TLS port gets no HTTP answer
+    with pytest.raises((http.client.HTTPException, OSError)):
+        sent("/plain")
+    # A client that trickles its handshake is dropped after --header-timeout, however it
+    # paces the bytes (a timeout per read would wait for ever) ...
+    stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    started_at = time.monotonic()
+    stalled.sendall(b"\x16\x03\x01\x02\x00")  # a ClientHello record of 512 bytes, to come
+    with pytest.raises(OSError):
+        while time.monotonic() - started_at < 10:
+            stalled.sendall(b"\x00")
+            time.sleep(0.2)
+    assert time.monotonic() - started_at < 5
+    stalled.close()
+    # ... and meanwhile nobody else waited.  SIGHUP: new connections get the new certificate.
+    new_cert, new_key = _certificate(tmp_path, "second")
+    shutil.copy(new_cert, cert)
+    shutil.copy(new_key, key)
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for("TLS certificate reloaded")
+    status, _, _, new_peer = get("/after", ssl.create_default_context(cafile=new_cert))
+    assert status == 200 and new_peer != peer
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl (to make a test certificate) is not installed")
+def test_tls_client_certificates_required_with_ca_certs(started, tmp_path):
+    import ssl
+    cert, key = _certificate(tmp_path, "server")
+    server = started("serve", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off",
+                     "--certfile", cert, "--keyfile", key, "--ca-certs", cert,
+                     ready=r"serving .* at https://[^ ]+:(\d+)/")
+    for with_certificate in (True, False):
+        context = ssl.create_default_context(cafile=cert)
+        if with_certificate:
+            context.load_cert_chain(cert, key)  # signed by the CA the server was given
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+        try:
+            conn.request("GET", "/")
+            assert with_certificate and conn.getresponse().status == 200
+        except (ssl.SSLError, OSError):
+            assert not with_certificate
+        finally:
+            conn.close()
+
+
+def test_pid_chdir_env_backlog_and_a_factory(started, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "factory.py").write_text(
+        "import os\n"
+        "def create_app(greeting='hello', punctuation='.'):\n"
+        "    def app(environ, start_response):\n"
+        "        body = ('%s %s %s%s' % (greeting, os.environ['WHO'], os.getcwd(), punctuation)).encode()\n"
+        "        start_response('200 OK', [('Content-Length', str(len(body)))])\n"
+        "        return [body]\n"
+        "    return app\n")
+    pid_file = tmp_path / "serve.pid"
+    server = started("serve", "factory:create_app('bonjour', punctuation='!')", "--chdir", str(site),
+                     "--env", "WHO=world", "--pid", str(pid_file), "--backlog", "37",
+                     "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off", cwd=str(tmp_path))
+    assert server.get("/")[2] == ("bonjour world %s!" % site).encode()
+    assert pid_file.read_text() == "%d\n" % server.proc.pid
+    if shutil.which("ss"):
+        listening = subprocess.run(["ss", "-Hltn", "sport = :%d" % server.port], capture_output=True,
+                                   text=True, timeout=10).stdout.split()
+        assert listening[2] == "37", listening  # Send-Q of a listening socket: its backlog
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0 and not pid_file.exists()
+    server = started("serve", "factory:create_app()", "--chdir", str(site), "--env", "WHO=you",
+                     "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off")
+    assert server.get("/")[2] == ("hello you %s." % site).encode()
+
+
+def test_reload_restarts_the_app_when_its_source_changes(started, tmp_path):
+    source = tmp_path / "changing.py"
+    source.write_text("def application(environ, start_response):\n"
+                      "    start_response('200 OK', [])\n"
+                      "    return [b'one']\n")
+    server = started("serve", "changing", "--reload", "--bind", "127.0.0.1:0", "--doors", DOORS,
+                     "--access-log", "off", cwd=str(tmp_path))
+    first_app = server.app_pid()
+    assert server.get("/")[2] == b"one"
+    source.write_text(source.read_text().replace("b'one'", "b'two'"))
+    later = time.time() + 5
+    os.utime(str(source), (later, later))  # a new mtime, however coarse the file system's clock
+    server.wait_for(r"changing\.py changed")
+    deadline = time.monotonic() + 20
+    while server.get("/")[2] != b"two":
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.1)
+    server.wait_for(r"replacing app pid %d: SIGHUP" % first_app)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs a Python every user may run")
+@pytest.mark.skipif(DOORS == "native", reason="the door model is built where only root may read it")
+def test_user_and_group_dropped_after_binding_a_privileged_port(started, tmp_path):
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    with socket.socket() as probe:  # a port under 1024 that is free
+        for port in range(900, 1000):
+            try:
+                probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+    server = started("serve", "--user", "nobody", "--bind", "127.0.0.1:%d" % port, "--doors", DOORS,
+                     "--access-log", "off", python="/usr/bin/python3")
+    assert server.port == port and server.get("/")[0] == 200
+
+    def ids(pid):
+        status = open("/proc/%d/status" % pid).read()
+        return [int(re.search(r"^%s:\s+(\d+)" % key, status, re.M).group(1)) for key in ("Uid", "Gid")]
+    assert ids(server.proc.pid) == ids(server.app_pid()) == [nobody.pw_uid, nobody.pw_gid]
+
+
+def test_readiness_is_notified_to_systemd(started, tmp_path):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(20)
+        server = started("serve", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off",
+                         env=dict(os.environ, NOTIFY_SOCKET=path))
+        assert notify.recv(100) == b"READY=1"
+    app_environ = open("/proc/%d/environ" % server.app_pid(), "rb").read().split(b"\0")
+    assert not [item for item in app_environ if item.startswith(b"NOTIFY_SOCKET=")]
+
+
+DTD = os.path.join(HERE, "..", "shared", "data", "service_bundle.dtd.1")
+
+
+@pytest.mark.skipif(not os.path.exists(DTD), reason="the SMF DTD is not at ../shared/data/service_bundle.dtd.1")
+@pytest.mark.skipif(shutil.which("xmllint") is None, reason="xmllint is not installed (Debian package libxml2-utils)")
+def test_smf_manifest_is_valid_against_the_service_bundle_dtd(tmp_path):
+    result = subprocess.run([sys.executable, DOORDOWN, "smf", "--service", "myapp", "apps:echo", "--bind",
+                             "0.0.0.0:80", "--user", "webservd", "--graceful-timeout", "20"],
+                            cwd=SUPPORT, capture_output=True, text=True, timeout=20, check=True)
+    manifest = tmp_path / "myapp.xml"
+    manifest.write_text(result.stdout)
+    check = subprocess.run(["xmllint", "--noout", "--dtdvalid", DTD, str(manifest)], capture_output=True,
+                           text=True, timeout=20)
+    assert check.returncode == 0, check.stderr
+    assert 'working_directory="%s"' % SUPPORT in result.stdout and 'value="child"' in result.stdout
+    start = re.search(r'name="start"[^>]*exec="([^"]*)"', result.stdout).group(1)
+    assert start == "%s %s serve apps:echo --bind 0.0.0.0:80 --user webservd --graceful-timeout 20 " \
+                    "--pid /var/run/myapp.pid" % (sys.executable, DOORDOWN)
+    stop = re.search(r'name="stop" timeout_seconds="(\d+)"\s+exec="([^"]*)"', result.stdout).groups()
+    assert stop == ("35", "/usr/bin/kill -TERM $(/usr/bin/cat /var/run/myapp.pid)")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (Debian package systemd)")
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    result = subprocess.run([sys.executable, DOORDOWN, "systemd", "apps:create('%s')", "--bind",
+                             "unix:/run/my app.sock", "--access-log", "/var/log/a.log"], cwd=SUPPORT,
+                            capture_output=True, text=True, timeout=20, check=True)
+    unit = tmp_path / "doordown-apps.service"
+    unit.write_text(result.stdout)
+    check = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and str(unit) not in check.stderr, check.stderr
+    assert "Type=notify\n" in result.stdout and "KillMode=mixed\n" in result.stdout
+    assert "ExecStart=%s %s serve \"apps:create('%%%%s')\" --bind \"unix:/run/my app.sock\" --access-log " \
+           "/var/log/a.log\n" % (sys.executable, DOORDOWN) in result.stdout
+
+
 # -- the door layer and the wire format on their own ------------------------------------------
 
 def test_wire_format_round_trip_and_rejects_damage():
