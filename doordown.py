@@ -29,7 +29,6 @@ import errno
 import http.client
 import io
 import ipaddress
-import itertools
 import json
 import os
 import queue
@@ -69,6 +68,26 @@ def _log(role, message):
     """One line on stderr, prefixed with the role and pid (the app's log is stderr too)."""
     sys.stderr.write("[doordown %s %d] %s\n" % (role, os.getpid(), message))
     sys.stderr.flush()
+
+
+class Counter:
+    """An integer that many threads add to without losing an update.
+
+    `n += 1` reads, adds and writes back: two threads can read the same value and one
+    increment is lost (on free-threaded CPython at any time, not only at a switch).
+    """
+
+    __slots__ = ("value", "_lock")
+
+    def __init__(self):
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, amount=1):
+        """Add `amount`; return the new value."""
+        with self._lock:
+            self.value += amount
+            return self.value
 
 
 ###############################################################################
@@ -1085,6 +1104,11 @@ def cgi_variables(fields, headers, body_length):
             continue
         if name == "CONTENT_LENGTH":
             continue  # the front decoded the body; its true length is set above
+        if name == "PROXY":
+            # httpoxy (CVE-2016-5385 and kin): as HTTP_PROXY in a CGI child's environment it
+            # would set the proxy of every HTTP client library there.  Dropped for every
+            # transport, as Apache httpd's ap_add_common_vars drops it.
+            continue
         key = "HTTP_" + name
         env[key] = env[key] + "," + value if key in env else value
     return env
@@ -1108,7 +1132,7 @@ class WSGIGateway:
         self.app = app
         self.allowed_uids = frozenset((os.geteuid(), *(allowed_uids or ())))  # own euid, and any allowed
         self.stuck_after = stuck_after  # a request running longer is reported as stuck
-        self.requests = 0
+        self.served = Counter()
         self.door_threads = lambda: 0
         self._running = {}  # thread ident -> when its current request started
 
@@ -1132,7 +1156,7 @@ class WSGIGateway:
     def stats(self):
         now = time.monotonic()
         stuck = sum(1 for started in list(self._running.values()) if now - started > self.stuck_after)
-        return {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.requests,
+        return {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.served.value,
                 "running": len(self._running), "stuck": stuck,
                 "python_threads": threading.active_count()}
 
@@ -1190,7 +1214,7 @@ class WSGIGateway:
             del self._running[thread]
 
     def _call_app(self, environ):
-        self.requests += 1
+        self.served.add()
         out = _Buffered()
 
         def write(data):
@@ -1224,7 +1248,8 @@ class WSGIGateway:
             if out.status is None:
                 raise AssertionError("application returned without calling start_response()")
         except Exception:
-            _log("app", "error in %s %s:\n%s" % (environ["REQUEST_METHOD"], environ["PATH_INFO"],
+            _log("app", "error in %s %s:\n%s" % (_log_text(environ.get("REQUEST_METHOD", "")),
+                                                  _log_text(environ.get("PATH_INFO", "")),
                                                   traceback.format_exc().rstrip()))
             return self.error_reply()
         finally:
@@ -1329,7 +1354,7 @@ def run_app(args):
             break
     server.close(args.graceful_timeout)
     _close_every_per_thread()
-    _log("app", "stopped after %d requests" % gateway.requests)
+    _log("app", "stopped after %d requests" % gateway.served.value)
     if backend is not None and backend.exit_hard:
         os._exit(0)
     return 0
@@ -2388,6 +2413,14 @@ def _log_value(raw):
                     else b"\\x%02x" % c for c in raw)
 
 
+def _log_text(value):
+    """_log_value for a line of doordown's own log: bytes, or text of latin-1 (an environ
+    value), in; text out."""
+    if isinstance(value, str):
+        value = value.encode("latin-1", "backslashreplace")
+    return _log_value(value).decode("ascii")
+
+
 _log_time_cache = [0, b""]
 
 
@@ -2570,9 +2603,8 @@ class DoorUpstream:
         reply, reply_fds = self.client.call(pack_message(KIND_REQUEST, flags, fields), fds)
         try:
             kind, flags, fields = unpack_message(reply, (KIND_RESPONSE, KIND_FAIL))
-            if kind == KIND_FAIL:
-                raise WireError("the app refused the call: %s %s"
-                                % (fields[0].decode("latin-1"), fields[-1].decode("latin-1")))
+            if kind == KIND_FAIL:  # status and reason, or whatever a broken peer put there
+                raise WireError("the app refused the call: %s" % _log_text(b" ".join(fields)[:200]))
             if len(fields) < 2 or len(fields) % 2:
                 raise WireError("response with %d fields" % len(fields))
             body_fd = None
@@ -2615,13 +2647,13 @@ class Mount:
         self.refused = None  # why requests get 503 while restarts are paused, or None
         self.request_limit = 0  # ask for a replacement after this many requests (0: never)
         self.on_limit = None
-        self._served = itertools.count(1)  # next() is atomic: no lock on the hot path
+        self._served = Counter()
         self._changed = threading.Condition()
 
     def replace(self, upstream, request_limit=0, refused=None):
         with self._changed:
             self.upstream, self.refused = upstream, refused
-            self.request_limit, self._served = request_limit, itertools.count(1)
+            self.request_limit, self._served = request_limit, Counter()
             self._changed.notify_all()
 
     def next_upstream(self, stale, timeout):
@@ -2631,7 +2663,7 @@ class Mount:
             return None if self.refused or self.upstream is stale else self.upstream
 
     def count_request(self):
-        if self.request_limit and next(self._served) == self.request_limit:
+        if self.request_limit and self._served.add() == self.request_limit:
             self.on_limit(self)
 
 
@@ -3169,6 +3201,9 @@ class FrontServer(ThreadingHTTPServer):
         except (DoorError, WireError, OSError) as exc:
             self.log_failure(request, exc)
             return plain_response(502, "the application could not be reached", close=True)
+        except Exception:  # a peer's reply that no parser above foresaw: still this request's 502
+            self.log_failure(request, "unusable reply:\n" + traceback.format_exc().rstrip())
+            return plain_response(502, "the application sent an unusable reply", close=True)
         finally:
             if request.body_fd is not None:
                 os.close(request.body_fd)
@@ -3180,8 +3215,8 @@ class FrontServer(ThreadingHTTPServer):
 
     @staticmethod
     def log_failure(request, why):
-        _log("front", "%s %s: %s" % (request.method.decode("latin-1"),
-                                     request.path.decode("latin-1"), why))
+        where = "%s %s" % (_log_text(request.method), _log_text(request.path)) if request else "-"
+        _log("front", "%s: %s" % (where, why))
 
     def apply_proxy_headers(self, request, env, peer, listener):
         """Honour X-Forwarded-For/-Proto from an allowed proxy; from anyone else, drop them.
@@ -3830,7 +3865,9 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
             if request_id == 0:
                 self.management_reply(kind, content)
             elif kind == _FCGI_BEGIN_REQUEST:
-                role, flags = _FCGI_BEGIN.unpack(content[:_FCGI_BEGIN.size])
+                if len(content) < _FCGI_BEGIN.size:
+                    raise TransportError("FastCGI BEGIN_REQUEST of %d bytes" % len(content))
+                role, flags = _FCGI_BEGIN.unpack_from(content)
                 if request is not None:
                     self.end_request(request_id, _FCGI_CANT_MPX_CONN)
                 elif role != _FCGI_RESPONDER:
@@ -3960,7 +3997,9 @@ class FastCGIUpstream:
             elif kind == _FCGI_STDERR and content:
                 _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip())
             elif kind == _FCGI_END_REQUEST:
-                app_status, protocol_status = _FCGI_END.unpack(content[:_FCGI_END.size])
+                if len(content) < _FCGI_END.size:
+                    raise TransportError("FastCGI END_REQUEST of %d bytes" % len(content))
+                app_status, protocol_status = _FCGI_END.unpack_from(content)
                 if protocol_status != _FCGI_REQUEST_COMPLETE:
                     raise TransportError("the FastCGI app refused the request (protocol status %d)"
                                          % protocol_status)
@@ -4001,7 +4040,7 @@ class CGIUpstream:
     def __init__(self, spec, timeout=None):
         self.command = [sys.executable, os.path.abspath(__file__), "cgi"] + ([spec] if spec else [])
         self.timeout = timeout
-        self.requests = 0
+        self.served = Counter()
         self.environ = {name: value for name, value in os.environb.items()
                         if not name.startswith(b"HTTP_")}
 
@@ -4032,11 +4071,11 @@ class CGIUpstream:
         if child.returncode != 0:
             raise TransportError("the CGI program stopped without answering (%s)"
                                  % _describe_exit(child.returncode))
-        self.requests += 1
+        self.served.add()
         return parse_cgi_response(output)
 
     def stats(self):
-        return {"pid": None, "threads": 0, "requests": self.requests}
+        return {"pid": None, "threads": 0, "requests": self.served.value}
 
     def close(self):
         pass

@@ -118,3 +118,21 @@ def versioned(environ, start_response):
     """Answers with the VERSION in version.py beside the app: proof that a reload loads new code."""
     import version
     return _reply(start_response, {"version": version.VERSION, "pid": os.getpid()})
+
+
+def misbehaving(environ, start_response):
+    """Headers an application should leave to the server, and errors on demand.
+
+    /            sets its own Date and Server: the front's must replace them, never join them
+    /dup-length  two Content-Length fields: the gateway answers 500
+    /crash...    raises: the error line in the log names the path, escaped
+    """
+    path = environ["PATH_INFO"]
+    if path.startswith("/crash"):
+        raise RuntimeError("misbehaving on purpose")
+    if path == "/dup-length":
+        start_response("200 OK", [("Content-Length", "2"), ("Content-Length", "2")])
+        return [b"ok"]
+    start_response("200 OK", [("Date", "Thu, 01 Jan 1970 00:00:00 GMT"), ("Server", "app/1.0"),
+                              ("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
