@@ -453,6 +453,7 @@ class EmulatedDoors:
     name = "emulated"
     description = "emulated doors (Unix-domain sockets)"
     exit_hard = False
+    request_inline_max = None  # no server stack to spare: the wire format's own limit
 
     def serve(self, path, handler):
         return _EmulatedDoorServer(path, handler)
@@ -528,17 +529,34 @@ class _Reply(ctypes.Structure):
 # server procedure, plus the out-struct in the trampoline's frame.
 _HANDLER = ctypes.CFUNCTYPE(None, _c_void_p, _c_void_p, _c_size_t, _c_void_p, _c_uint,
                             ctypes.POINTER(_Reply))
+# refused(&reply): door_return refused the reply (errno says why); the callback closes the
+# reply's descriptors and leaves a short answer without any in their place.
+_REFUSED = ctypes.CFUNCTYPE(None, ctypes.POINTER(_Reply), use_errno=True)
 
 
-def _trampoline_code(handler, door_return, active):
+def _trampoline_code(handler, refused, door_return, active):
     """x86-64 machine code of the door server procedure (System V AMD64 calling convention).
 
     Entered as proc(cookie=rdi, argp=rsi, arg_size=rdx, dp=rcx, n_desc=r8), rsp = 8 mod 16.
     `active` is the address of a 64-bit count of invocations under way, kept here in
     native code so that it covers an invocation from its first instruction: a revoked
     server can then wait for every call the kernel has already handed to it.
+
+    door_return can fail back to the server with the client still waiting: EMFILE (the
+    client's descriptor table cannot take the reply's descriptors), E2BIG, EFAULT, EINVAL
+    (door_results in usr/src/uts/common/fs/doorfs/door_sys.c).  The descriptors are then
+    still the server's, so `refused` closes them and replaces the reply with one that
+    says what happened; only if that fails too does the client get an empty reply.
     """
     address = lambda value: struct.pack("<Q", value)
+    load_reply = [
+        b"\x48\x8b\x3c\x24",              # mov rdi, [rsp]       reply.data
+        b"\x48\x8b\x74\x24\x08",          # mov rsi, [rsp+8]     reply.size
+        b"\x48\x8b\x54\x24\x10",          # mov rdx, [rsp+16]    reply.desc
+        b"\x8b\x4c\x24\x18",              # mov ecx, [rsp+24]    reply.ndesc
+        b"\x48\xb8" + address(door_return),  # mov rax, door_return
+        b"\xff\xd0",                      # call rax             door_return(reply): no return on success
+    ]
     return b"".join([
         b"\x48\xb8" + address(active),    # mov rax, active
         b"\xf0\x48\xff\x00",              # lock inc qword [rax] one more invocation under way
@@ -553,15 +571,14 @@ def _trampoline_code(handler, door_return, active):
         b"\xff\xd0",                      # call rax             the Python handler; it RETURNS
         b"\x48\xb8" + address(active),    # mov rax, active
         b"\xf0\x48\xff\x08",              # lock dec qword [rax] its answer is ready
-        b"\x48\x8b\x3c\x24",              # mov rdi, [rsp]       reply.data
-        b"\x48\x8b\x74\x24\x08",          # mov rsi, [rsp+8]     reply.size
-        b"\x48\x8b\x54\x24\x10",          # mov rdx, [rsp+16]    reply.desc
-        b"\x8b\x4c\x24\x18",              # mov ecx, [rsp+24]    reply.ndesc
-        b"\x48\xb8" + address(door_return),  # mov rax, door_return
-        b"\xff\xd0",                      # call rax             door_return(reply): no return on success
-        b"\x31\xff",                      # xor edi, edi         it failed (E2BIG, EFAULT, EINVAL,
-        b"\x31\xf6",                      # xor esi, esi         EMFILE) and the client still waits:
-        b"\x31\xd2",                      # xor edx, edx         answer it with an empty reply
+        *load_reply,
+        b"\x48\x89\xe7",                  # mov rdi, rsp         it failed and the client still
+        b"\x48\xb8" + address(refused),   # mov rax, refused     waits: close the reply's
+        b"\xff\xd0",                      # call rax             descriptors, say why instead
+        *load_reply,
+        b"\x31\xff",                      # xor edi, edi         that failed too: answer it with
+        b"\x31\xf6",                      # xor esi, esi         an empty reply
+        b"\x31\xd2",                      # xor edx, edx
         b"\x31\xc9",                      # xor ecx, ecx
         b"\x48\xb8" + address(door_return),  # mov rax, door_return
         b"\xff\xd0",                      # call rax             door_return(NULL, 0, NULL, 0)
@@ -571,14 +588,21 @@ def _trampoline_code(handler, door_return, active):
 
 
 def _executable(code):
-    """Address of `code` copied into a fresh page that is then made read+execute only."""
+    """Address of `code` copied into a fresh page that is then made read+execute only.
+
+    Never writable and executable at once (W^X): mapped read+write, written, then
+    mprotect'ed to read+execute.  A system that refuses executable anonymous memory
+    (a security policy) makes native doors fail here, clearly, rather than at the first call.
+    """
     import mmap
-    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     page.write(code)
     address = ctypes.addressof(ctypes.c_char.from_buffer(page))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = [_c_void_p, _c_size_t, ctypes.c_int]
-    libc.mprotect(address, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC)  # W^X where allowed
+    if libc.mprotect(address, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        raise _failed("mprotect of the door trampoline to read+execute (is executable "
+                      "memory refused here?)")
     _executable.pages.append(page)  # mapped for the life of the process
     return address
 
@@ -628,6 +652,13 @@ def _failed(what):
     return DoorError(number, "%s: %s" % (what, os.strerror(number)))
 
 
+# Signals a door server thread keeps blocked until it first runs Python: all but the
+# faults a thread raises itself.
+_ASYNC_SIGNALS = signal.valid_signals() - {
+    getattr(signal, name) for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGTRAP", "SIGSYS")
+    if hasattr(signal, name)}
+
+
 class _NativeDoorServer:
     """A door created with door_create and attached to `path` with fattach."""
 
@@ -641,35 +672,83 @@ class _NativeDoorServer:
         self._ensure = ctypes.pythonapi.PyGILState_Ensure
         self._ensure.restype = ctypes.c_int
         self._callback = _HANDLER(self._invoke)  # referenced for as long as the door lives
+        self._refused_callback = _REFUSED(self._refused)
         procedure = _executable(_trampoline_code(ctypes.cast(self._callback, _c_void_p).value,
+                                                 ctypes.cast(self._refused_callback, _c_void_p).value,
                                                  ctypes.cast(lib.door_return, _c_void_p).value,
                                                  ctypes.addressof(self._active)))
+        self._claim(path)
         # libc's own creator of server threads is kept (no door_server_create): detached
         # threads, cancellation disabled, each parked in door_return from native code.  A
         # creator of ours would need native start code too: Python never calls door_return.
-        # Those threads inherit this thread's signal mask: block every signal around
-        # door_create so that none lands on a thread parked in the kernel.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        # Those threads inherit the signal mask of the thread that makes them (_thrp_create
+        # in thr.c): signals are blocked around door_create so that none lands on a thread
+        # before it ever ran Python, and each thread takes this thread's mask back before
+        # the application's code first runs on it (_invoke).  The faults a thread causes
+        # itself stay unblocked: blocked, they would kill the process without a word.
+        self._normal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
         try:
             self._fd = lib.door_create(procedure, None, DOOR_NO_CANCEL)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._normal_mask)
         if self._fd < 0:
             raise _failed("door_create")
         # Let the kernel refuse what the wire format never sends (ENOBUFS, ENFILE), before
         # copying it onto a server thread's stack.
         lib.door_setparam(self._fd, DOOR_PARAM_DATA_MAX, DOOR_CALL_MAX)
         lib.door_setparam(self._fd, DOOR_PARAM_DESC_MAX, 1)
-        lib.fdetach(path.encode())  # a stale attachment from a killed server (EINVAL if none)
+        # The file the door covers: fattach needs it, and the door takes its mode (0600,
+        # whatever the umask), owner and group.
+        placeholder = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # the door takes its mode
+            os.fchmod(placeholder, 0o600)
+        finally:
+            os.close(placeholder)
         if lib.fattach(self._fd, path.encode()) != 0:
             error = _failed("fattach %s" % path)
             lib.door_revoke(self._fd)
             raise error
+
+    def _claim(self, path):
+        """Free `path` for fattach: remove a stale door of ours there, refuse anything else.
+
+        A door stays attached to its path after its server died (namefs keeps the mount
+        until fdetach; callers get EBADF).  What is under it is the empty file a server
+        of ours made; anything else at the path (a live door, a file with data, another
+        user's file) is not ours to delete.
+        """
+        try:
+            before = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if before.st_uid != os.geteuid():
+            raise DoorError(errno.EEXIST, "%s exists and belongs to uid %d: not replacing it"
+                            % (path, before.st_uid))
+        pid = self._live_door_at(path)
+        if pid is not None:
+            raise DoorError(errno.EADDRINUSE, "%s: the door of a running server (pid %d) is "
+                            "attached there" % (path, pid))
+        self._lib.fdetach(path.encode())  # a stale attachment (EINVAL: there is none)
+        node = os.lstat(path)
+        if not (stat.S_ISDOOR(node.st_mode) or (stat.S_ISREG(node.st_mode) and node.st_size == 0
+                                                and node.st_uid == os.geteuid())):
+            raise DoorError(errno.EEXIST, "%s exists and is not a stale door: not replacing it"
+                            % path)
+        os.unlink(path)
+
+    def _live_door_at(self, path):
+        """The pid of the server whose door answers at `path`, or None."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            info = door_info_t()
+            if self._lib.door_info(fd, ctypes.byref(info)) != 0 or info.di_attributes & DOOR_REVOKED:
+                return None
+            return info.di_target
+        finally:
+            os.close(fd)
 
     def _invoke(self, cookie, argp, arg_size, descriptors, count, reply):
         """The ctypes callback the trampoline calls.  It must always return normally."""
@@ -677,18 +756,47 @@ class _NativeDoorServer:
         if not getattr(local, "primed", False):
             self._ensure()  # this thread keeps its Python thread state from now on
             local.primed = True
+            # The application's code (and every process it starts) gets the signal mask
+            # of an ordinary thread, not the all-blocked one this thread was born with.
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._normal_mask)
             with self._lock:
                 self.threads += 1
+        local.reply_fds = ()
         try:
             if argp == DOOR_UNREF_DATA:
                 return  # an unreferenced notification: nothing to answer
-            data = ctypes.string_at(argp, arg_size) if arg_size else b""
             fds = [d.d_data.d_desc.d_descriptor for d in (door_desc_t * count).from_address(descriptors)
                    if d.d_attributes & DOOR_DESCRIPTOR] if count else []
-            answer, answer_fds = self._handler(data, fds, self._caller())
+            # door_ucred first: it fails (EINVAL) once the caller gave up and detached
+            # (door_call in door_sys.c clears the server's d_caller); the call is then
+            # dropped before the application sees it, its descriptors closed.
+            try:
+                caller = self._caller()
+            except DoorError as exc:
+                _close_fds(fds)
+                _log("door", "a call whose caller had left was dropped unrun (%s)" % exc)
+                return
+            data = ctypes.string_at(argp, arg_size) if arg_size else b""
+            answer, answer_fds = self._handler(data, fds, caller)
             self._leave_reply(reply.contents, answer, answer_fds)
         except BaseException:  # the reply stays empty; the caller sees an empty answer
             _log("door", "door handler raised:\n" + traceback.format_exc())
+
+    def _refused(self, reply):
+        """door_return refused the reply: close its descriptors, leave an explanation."""
+        number = ctypes.get_errno()
+        try:
+            local = self._local
+            _close_fds(local.reply_fds)
+            local.reply_fds = ()
+            why = getattr(self._handler, "refused_reply", None)
+            answer = why(number) if why is not None else b""
+            reply = reply.contents
+            reply.desc, reply.ndesc = None, 0
+            self._leave_reply(reply, answer, ())
+            _log("door", "door_return refused a reply: %s" % os.strerror(number))
+        except BaseException:
+            _log("door", "door reply refusal:\n" + traceback.format_exc())
 
     @property
     def in_flight(self):
@@ -717,6 +825,7 @@ class _NativeDoorServer:
                 entry.d_attributes = DOOR_DESCRIPTOR | DOOR_RELEASE  # closed once passed
                 entry.d_data.d_desc.d_descriptor = fd
             reply.desc, reply.ndesc = ctypes.addressof(table), len(fds)
+            local.reply_fds = tuple(fds)  # still ours if door_return refuses them
 
     def close(self, grace=10.0):
         """Revoke (later calls fail with EBADF), let calls in flight finish, detach, unlink."""
@@ -740,26 +849,61 @@ class _NativeDoorServer:
             pass
 
 
-class _NativeDoorClient:
-    """A door opened by path; door_call from many threads at once."""
+class _DoorHandle:
+    """One open descriptor of a door, closed only once no call uses it any more."""
 
-    reply_buffer_size = 65536  # typical replies fit; larger ones arrive in a mapping of their own
+    __slots__ = ("fd", "users", "retired")
+
+    def __init__(self, fd):
+        self.fd, self.users, self.retired = fd, 0, False
+
+
+class _NativeDoorClient:
+    """A door opened by path; door_call from many threads at once.
+
+    When the door at the path is replaced (EBADF: its server died or revoked it), the
+    path is opened again; the old descriptor is closed only after the last call still
+    using it has returned, so its number is never reused under another thread's call.
+    """
+
+    # Every reply this size or smaller lands in the caller's buffer; a larger one costs a
+    # fresh mapping and its munmap.  Room for a 64 KiB body and its head, and for the
+    # largest head that comes with a descriptor (REPLY_HEAD_MAX), so that no reply with a
+    # descriptor overflows: an overflow mapping is sized roundup(data + 24 * ndesc,
+    # PAGESIZE) while door_call writes the descriptors at rbuf + roundup(data, 24), which
+    # can fall up to 23 bytes past it (door_overflow and door_call, door_sys.c).
+    reply_buffer_size = 68 * 1024
 
     def __init__(self, doors, path, timeout=None):
         self._doors, self._lib, self.path, self.timeout = doors, doors.lib, path, timeout
-        self._fd = None
+        self._handle = None
+        self._handle_lock = threading.Lock()
         self._local = threading.local()
 
-    def _door(self, reopen=False):
-        if self._fd is None or reopen:
-            try:
-                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise DoorRevoked(exc.errno, "no door at %s (%s)" % (self.path, exc.strerror))
-            old, self._fd = self._fd, fd
-            if old is not None:
-                os.close(old)
-        return self._fd
+    def _open(self):
+        try:
+            return _DoorHandle(os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        except FileNotFoundError as exc:
+            raise DoorRevoked(exc.errno, "no door at %s" % self.path)
+        except OSError as exc:  # EMFILE, EACCES...: a door may well be there
+            raise DoorError(exc.errno, "cannot open the door %s: %s" % (self.path, exc.strerror))
+
+    def _acquire(self, stale=None):
+        """The current handle, one more user on it; a fresh one if `stale` is current."""
+        with self._handle_lock:
+            if self._handle is None or self._handle is stale:
+                fresh = self._open()
+                if self._handle is not None:
+                    self._handle.retired = True
+                self._handle = fresh
+            self._handle.users += 1
+            return self._handle
+
+    def _release(self, handle):
+        with self._handle_lock:
+            handle.users -= 1
+            if handle.retired and handle.users == 0:
+                os.close(handle.fd)
 
     def call(self, data, fds=()):
         local = self._local
@@ -776,19 +920,26 @@ class _NativeDoorClient:
             arg.desc_ptr, arg.desc_num = ctypes.addressof(table), len(fds)
         rbuf = ctypes.addressof(local.rbuf)
         arg.rbuf, arg.rsize = rbuf, self.reply_buffer_size
-        fd, reopened = self._door(), False
+        handle, reopened = self._acquire(), False
         watch = self._doors.watchdog.watch(self.timeout) if self.timeout else None
         try:
-            while self._lib.door_call(fd, ctypes.byref(arg)) != 0:
+            while self._lib.door_call(handle.fd, ctypes.byref(arg)) != 0:
                 number = ctypes.get_errno()
+                if number == errno.EAGAIN and watch is not None and watch.expired:
+                    # Interrupted while waiting for a free server thread (door_get_server
+                    # in door_sys.c), past the deadline: nothing ran, safe to retry elsewhere.
+                    raise DoorTimeout(errno.ETIMEDOUT, "no server thread of %s was free within "
+                                      "%ss (the call did not run)" % (self.path, self.timeout))
                 if number == errno.EAGAIN:
-                    continue  # a signal while waiting for a free server thread: nothing ran
+                    continue  # some other signal while waiting for a thread: nothing ran
                 if number == errno.EINTR and watch is not None and watch.expired:
                     raise DoorTimeout(errno.ETIMEDOUT, "door call timed out after %ss" % self.timeout)
                 if number == errno.EINTR:
                     raise DoorGone(number, "door server at %s went away during the call" % self.path)
                 if number == errno.EBADF and not reopened:
-                    fd, reopened = self._door(reopen=True), True  # a new server may be attached
+                    stale, reopened = handle, True  # a new server may be attached
+                    handle = self._acquire(stale)
+                    self._release(stale)
                     continue
                 if number == errno.EBADF:
                     raise DoorRevoked(number, "door at %s revoked" % self.path)
@@ -796,6 +947,7 @@ class _NativeDoorClient:
         finally:
             if watch is not None:
                 watch.done()
+            self._release(handle)
         try:
             reply = ctypes.string_at(arg.data_ptr, arg.data_size) if arg.data_size else b""
             reply_fds = [d.d_data.d_desc.d_descriptor
@@ -808,31 +960,45 @@ class _NativeDoorClient:
 
     def server_pid(self):
         info = door_info_t()
-        if self._lib.door_info(self._door(), ctypes.byref(info)) != 0:
-            raise _failed("door_info %s" % self.path)
+        handle = self._acquire()
+        try:
+            if self._lib.door_info(handle.fd, ctypes.byref(info)) != 0:
+                raise _failed("door_info %s" % self.path)
+        finally:
+            self._release(handle)
         return info.di_target
 
     def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._handle_lock:
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                handle.retired = True
+                if handle.users == 0:
+                    os.close(handle.fd)
 
 
 class _CallWatchdog:
     """Interrupts door calls that overrun their time limit.
 
-    door_call has no timeout of its own.  A thread past its deadline is sent SIGUSR2
-    (with a no-op handler) until it leaves door_call with EINTR; the flag tells that
-    EINTR apart from a server that died.
+    door_call has no timeout of its own.  A thread past its deadline is sent `signum`
+    (with a no-op handler) until it leaves door_call (EINTR, or EAGAIN if no server
+    thread had taken the call yet); the flag tells that apart from a server that died.
+    A signal is only sent to a call still being watched, under the lock that done()
+    takes, and done() then makes one system call: a signal already sent is delivered
+    on its return, never into the thread's next, innocent, door call.
     """
 
     class _Watch:
         __slots__ = ("thread", "deadline", "expired", "owner")
 
         def done(self):
-            self.owner._watches.pop(self.thread, None)
+            with self.owner._lock:
+                self.owner._watches.pop(self.thread, None)
+            if self.expired:
+                signal.pthread_sigmask(signal.SIG_BLOCK, ())  # a pending signal lands here
 
-    def __init__(self):
+    def __init__(self, signum):
+        self.signum = signum
         self._watches = {}
         self._started = False
         self._lock = threading.Lock()
@@ -841,25 +1007,42 @@ class _CallWatchdog:
         watch = self._Watch()
         watch.thread, watch.deadline, watch.expired, watch.owner = (
             threading.get_ident(), time.monotonic() + timeout, False, self)
-        self._watches[watch.thread] = watch
-        if not self._started:
-            with self._lock:
-                if not self._started:
-                    self._started = True
-                    threading.Thread(target=self._run, name="door-watchdog", daemon=True).start()
+        with self._lock:
+            self._watches[watch.thread] = watch
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._run, name="door-watchdog", daemon=True).start()
         return watch
 
     def _run(self):
         while True:
             time.sleep(0.05)
             now = time.monotonic()
-            for watch in list(self._watches.values()):
-                if now >= watch.deadline:
-                    watch.expired = True
-                    try:
-                        signal.pthread_kill(watch.thread, signal.SIGUSR2)
-                    except (ProcessLookupError, OSError):
-                        pass
+            with self._lock:
+                for watch in self._watches.values():
+                    if now >= watch.deadline:
+                        watch.expired = True
+                        try:
+                            signal.pthread_kill(watch.thread, self.signum)
+                        except (ProcessLookupError, OSError):
+                            pass
+
+
+def _watchdog_signal():
+    """A signal for the watchdog that nobody else handles: the application keeps its own.
+
+    A real-time signal whose disposition is still the default, else SIGUSR2 if that one
+    is; its handler does nothing (installed by Python, so it interrupts system calls).
+    """
+    candidates = list(range(signal.SIGRTMIN, signal.SIGRTMAX + 1)) if hasattr(signal, "SIGRTMIN") else []
+    for signum in candidates + [signal.SIGUSR2]:
+        try:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, lambda *_: None)
+                return signum
+        except (OSError, ValueError, RuntimeError):
+            continue
+    raise DoorError(errno.EBUSY, "no free signal for the door-call watchdog")
 
 
 class NativeDoors:
@@ -869,11 +1052,17 @@ class NativeDoors:
     description = "native illumos doors"
     exit_hard = True  # parked server threads own Python thread states: no finalization
 
+    # Request bodies larger than this travel as a descriptor: the request data is copied
+    # onto the server thread's stack, which the application then has to run in.  libc's
+    # server threads have 2,088,960-byte stacks (find_stack in thr.c) with no guard page,
+    # and every invocation starts 512 bytes below the top (door_return in door_calls.c).
+    request_inline_max = 64 * 1024
+
     def __init__(self):
         self.lib = _load_door_library()
-        self.watchdog = _CallWatchdog()
+        self._watchdog = None
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR2, lambda *_: None)  # the watchdog's interrupt
+            self.watchdog  # signal handlers can only be installed on the main thread
         if os.environ.get("DOORDOWN_LIBDOOR"):
             self.description = "native illumos doors (door library %s)" % os.environ["DOORDOWN_LIBDOOR"]
 
@@ -881,7 +1070,17 @@ class NativeDoors:
         return _NativeDoorServer(self.lib, path, handler)
 
     def open(self, path, timeout=None):
+        if timeout:
+            self.watchdog
         return _NativeDoorClient(self, path, timeout)
+
+    @property
+    def watchdog(self):
+        if self._watchdog is None:
+            if threading.current_thread() is not threading.main_thread():
+                raise DoorError(errno.EINVAL, "timed door clients are opened on the main thread")
+            self._watchdog = _CallWatchdog(_watchdog_signal())
+        return self._watchdog
 
 
 def is_illumos():
@@ -923,6 +1122,7 @@ KIND_REQUEST, KIND_RESPONSE, KIND_PING, KIND_STATS, KIND_FAIL = b"Q", b"R", b"P"
 FLAG_BODY_IN_FD = 1
 FLAG_CLOSE = 2  # response: close the connection after it (e.g. framing the app broke)
 INLINE_BODY_MAX = 1 << 20
+REPLY_HEAD_MAX = 64 * 1024  # a response head larger than this is the app's error: 500
 _REQUEST_FIXED = 10
 _MESSAGE_HEAD = struct.Struct("!cBH")
 _MAX_FIELDS = 2 * 1024 + _REQUEST_FIXED
@@ -1163,6 +1363,14 @@ class WSGIGateway:
     def stats_message(self):
         return pack_message(KIND_STATS, 0, [json.dumps(self.stats()).encode()])
 
+    @staticmethod
+    def refused_reply(number):
+        """The door reply sent when door_return refused ours (its descriptors are closed)."""
+        why = "EMFILE: the caller cannot take more descriptors" if number == errno.EMFILE \
+            else os.strerror(number)
+        return pack_message(KIND_FAIL, 0, [b"502", b"the reply could not be delivered (%s)"
+                                           % why.encode()])
+
     def handle_request(self, flags, fields, fds):
         if len(fields) < _REQUEST_FIXED or len(fields) % 2:
             _close_fds(fds)
@@ -1194,6 +1402,10 @@ class WSGIGateway:
     def run(self, environ):
         """Call the application; return the door reply (response message, descriptors)."""
         status, headers, body, close = self.respond(environ)
+        if sum(map(len, headers)) + 8 * len(headers) > REPLY_HEAD_MAX:
+            _log("app", "response head of %s %s over %d bytes: 500 instead"
+                 % (environ["REQUEST_METHOD"], environ["PATH_INFO"], REPLY_HEAD_MAX))
+            status, headers, body, close = self.error_reply()
         flags = FLAG_CLOSE if close else 0
         if len(body) > INLINE_BODY_MAX:
             return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
@@ -2595,12 +2807,21 @@ class DoorUpstream:
     def __init__(self, backend, path, timeout=None):
         self.path = path
         self.client = backend.open(path, timeout)
+        self.inline_max = getattr(backend, "request_inline_max", None) or INLINE_BODY_MAX
 
     def forward(self, request, env):
         fields = request_fields(request, env)
-        flags = FLAG_BODY_IN_FD if request.body_fd is not None else 0
-        fds = [request.body_fd] if request.body_fd is not None else []
-        reply, reply_fds = self.client.call(pack_message(KIND_REQUEST, flags, fields), fds)
+        body_fd, spooled = request.body_fd, None
+        if body_fd is None and len(request.body) > self.inline_max:
+            body_fd = spooled = spool_body(request.body)  # off the server thread's stack
+            fields[9] = b""
+        flags = FLAG_BODY_IN_FD if body_fd is not None else 0
+        fds = [body_fd] if body_fd is not None else []
+        try:
+            reply, reply_fds = self.client.call(pack_message(KIND_REQUEST, flags, fields), fds)
+        finally:
+            if spooled is not None:
+                os.close(spooled)
         try:
             kind, flags, fields = unpack_message(reply, (KIND_RESPONSE, KIND_FAIL))
             if kind == KIND_FAIL:  # status and reason, or whatever a broken peer put there
@@ -4027,6 +4248,20 @@ class FastCGIUpstream:
 
 # -- CGI ---------------------------------------------------------------------------
 
+def spawn_unmasked(*args, **kwargs):
+    """subprocess.Popen with no signal blocked in the child.
+
+    A child inherits the signal mask of the thread that forks it, and threads that must
+    not take signals (front connections, door server threads before they run Python)
+    block them: a CGI program or an application's subprocess would then ignore SIGTERM.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    try:
+        return subprocess.Popen(*args, **kwargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 class CGIUpstream:
     """Runs `doordown.py cgi module:app` for every request: environment and stdin in, stdout out.
 
@@ -4056,8 +4291,8 @@ class CGIUpstream:
         if env.scheme == b"https":
             variables[b"HTTPS"] = b"on"
         # Its own session: a Ctrl-C at the terminal must not kill requests in flight.
-        child = subprocess.Popen(self.command, stdin=subprocess.PIPE if fd is None else fd,
-                                 stdout=subprocess.PIPE, env=variables, start_new_session=True)
+        child = spawn_unmasked(self.command, stdin=subprocess.PIPE if fd is None else fd,
+                               stdout=subprocess.PIPE, env=variables, start_new_session=True)
         try:
             output, _ = child.communicate(request.body if fd is None else None, self.timeout)
         except subprocess.TimeoutExpired:
@@ -4680,7 +4915,8 @@ def _pin(cpus):
 def _pin_started(pid, cpus):
     """illumos: bind a started process to one CPU with pbind(1M); its LWPs and children follow."""
     if cpus and is_illumos():
-        subprocess.run(["pbind", "-b", str(min(cpus)), str(pid)], stdout=subprocess.DEVNULL, check=False)
+        pbind = shutil.which("pbind") or "/usr/sbin/pbind"  # /usr/sbin is often off a user's PATH
+        subprocess.run([pbind, "-b", str(min(cpus)), str(pid)], stdout=subprocess.DEVNULL, check=False)
 
 
 # -- load generators ---------------------------------------------------------------

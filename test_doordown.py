@@ -5,12 +5,15 @@ line), every wait is bounded, and every process started is killed at teardown.
 """
 
 import concurrent.futures
+import ctypes
+import errno
 import hashlib
 import http.client
 import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -1408,16 +1411,18 @@ def probe_server(door_model, tmp_path):
     """Start support/native_probe.py MODE on the door model; yields a native client."""
     children = []
 
-    def start(mode):
+    def start(mode, timeout=None, **env):
         path = str(tmp_path / ("%s.door" % mode))
-        env = dict(os.environ, DOORDOWN_LIBDOOR=door_model)
+        env = dict(os.environ, DOORDOWN_LIBDOOR=door_model, **env)
         child = subprocess.Popen([sys.executable, os.path.join(SUPPORT, "native_probe.py"), mode, path],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         children.append(child)
         assert child.stdout.readline() == b"READY\n"
+        child.door = path
         os.environ["DOORDOWN_LIBDOOR"], saved = door_model, os.environ.get("DOORDOWN_LIBDOOR")
         try:
-            return child, doordown.NativeDoors().open(path)
+            child.doors = doordown.NativeDoors()
+            return child, child.doors.open(path, timeout)
         finally:
             if saved is None:
                 del os.environ["DOORDOWN_LIBDOOR"]
@@ -1460,6 +1465,161 @@ def test_trampoline_serves_20000_calls_on_one_thread(probe_server):
     assert len(threads) == 1, threads  # one hot thread ...
     assert counts == list(range(counts[0], counts[0] + 20000))  # ... whose thread-local lives on
     assert rss[-1] - rss[2000] < 1024, "RSS grew by %d KiB" % (rss[-1] - rss[2000])
+
+
+# -- the failure paths, under a model as strict as illumos (usr/src/uts/common/fs/doorfs) ------
+
+def test_timed_call_with_no_free_server_thread_times_out(probe_server):
+    """EAGAIN (a signal while waiting for a server thread) past the deadline is DoorTimeout."""
+    child, client = probe_server("failures", DOORMODEL_MAX_LWPS="1")  # thread creation refused
+    timed = child.doors.open(child.door, 0.3)
+    busy = threading.Thread(target=client.call, args=(b"sleep:3",))
+    busy.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    with pytest.raises(doordown.DoorTimeout, match="did not run"):
+        timed.call(b"hello")
+    assert time.monotonic() - started < 1.5
+    busy.join()
+    assert client.call(b"calls")[0] == b"2"  # the timed call never reached the app
+
+
+def test_call_whose_caller_left_is_dropped_and_its_descriptors_closed(probe_server):
+    """door_ucred fails (EINVAL) once the caller detached: the app is skipped, fds closed."""
+    child, client = probe_server("failures")
+    timed = child.doors.open(child.door, 0.2)
+    client.call(b"hold:1.5")  # the server's GIL is held: the next call waits for it
+    time.sleep(0.2)
+    read, write = os.pipe()
+    try:
+        with pytest.raises(doordown.DoorTimeout):
+            timed.call(b"with a pipe", [write])
+        os.close(write)
+        write = None
+        ready, _, _ = select.select([read], [], [], 5)
+        assert ready and os.read(read, 1) == b"", "the server kept the request's descriptor"
+    finally:
+        _close_all([read, write])
+    assert client.call(b"calls")[0] == b"2"  # hold, calls: the abandoned call never ran
+
+
+_FULL_TABLE_CLIENT = """
+import os, resource, sys
+import doordown
+doors = doordown.NativeDoors()
+first = doors.open(sys.argv[1])
+first.call(b"fds")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    while True:
+        os.open(os.devnull, os.O_RDONLY)
+except OSError:
+    pass
+print(first.call(b"fd")[0].decode())
+try:
+    doors.open(sys.argv[1]).call(b"fds")
+except doordown.DoorError as exc:
+    print(type(exc).__name__, exc.errno)
+"""
+
+
+def test_reply_descriptors_the_caller_cannot_take(probe_server, door_model):
+    """door_return fails back to the server (EMFILE): it closes them, the caller is told."""
+    child, client = probe_server("failures")
+    before = client.call(b"fds")[0]
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", _FULL_TABLE_CLIENT, child.door], cwd=HERE,
+                                capture_output=True, timeout=60,
+                                env=dict(os.environ, DOORDOWN_LIBDOOR=door_model))
+        out = result.stdout.decode().splitlines()
+        assert out == ["refused %d" % errno.EMFILE, "DoorError %d" % errno.EMFILE], \
+            result.stdout.decode() + result.stderr.decode()
+    assert client.call(b"fds")[0] == before  # no descriptor left behind in the server
+
+
+def test_reply_of_64k_lands_in_the_reply_buffer(probe_server, door_model):
+    child, client = probe_server("failures")
+    model = ctypes.CDLL(door_model)
+    overflows = model.doormodel_overflows()
+    assert len(client.call(b"big:%d" % (65536 + 400))[0]) == 65536 + 400
+    assert model.doormodel_overflows() == overflows
+    assert len(client.call(b"big:%d" % (1 << 20))[0]) == 1 << 20  # larger: a mapping of its own
+    assert model.doormodel_overflows() == overflows + 1
+
+
+def _close_all(fds):
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+@pytest.fixture
+def native(door_model):
+    """serve(...) arguments and environment for the native backend on the model."""
+    return dict(env=dict(os.environ, DOORDOWN_LIBDOOR=door_model))
+
+
+def test_app_keeps_its_stack_with_a_large_request(started, native):
+    """libc's door threads have 2,088,960 bytes of stack, and the request is copied onto it."""
+    server = started("serve", "native_apps:stack", "--bind", "127.0.0.1:0", "--doors", "native",
+                     "--access-log", "off", **native)
+    for size in (0, 900 * 1024):
+        status, _, body = server.get("/", "POST", b"r" * size)
+        seen = json.loads(body)
+        assert status == 200 and seen["body"] == size
+        assert seen["left"] > 1900 * 1024, "%d bytes of stack left with a %d-byte body" % (seen["left"], size)
+
+
+@pytest.mark.parametrize("transport", ["door", "cgi"])
+def test_app_and_its_children_run_with_no_signal_blocked(started, native, transport):
+    server = started("serve", "native_apps:sigmask", "--bind", "127.0.0.1:0", "--doors", "native",
+                     "--transport", transport, "--access-log", "off", **native)
+    status, _, body = server.get("/")
+    assert status == 200 and json.loads(body) == {"thread": 0, "child": 0}
+
+
+def test_app_keeps_its_own_signal_handlers(started, native):
+    server = started("serve", "native_apps:own_signal", "--bind", "127.0.0.1:0", "--doors", "native",
+                     "--access-log", "off", **native)
+    assert json.loads(server.get("/")[2]) == {"kept": True}
+
+
+def test_response_head_too_large_for_the_reply_buffer_is_500(started, native):
+    server = started("serve", "native_apps:big_head", "--bind", "127.0.0.1:0", "--doors", "native",
+                     "--access-log", "off", **native)
+    assert server.get("/")[0] == 500
+    server.wait_for(r"response head of GET / over 65536 bytes")
+
+
+def test_app_door_path_is_replaced_only_if_a_stale_door(tmp_path, native):
+    """--door PATH: a file with data is refused; the door is 0600 whatever the umask."""
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"data")
+    command = [sys.executable, DOORDOWN, "app", "--doors", "native", "--door", str(precious)]
+    result = subprocess.run(command, capture_output=True, timeout=30, cwd=SUPPORT, **native)
+    assert result.returncode == 5 and precious.read_bytes() == b"data"
+    assert "not a stale door: not replacing it" in result.stderr.decode()
+    door = tmp_path / "app.door"
+    for attempt in range(2):  # the second finds the first one's stale door and replaces it
+        app = subprocess.Popen(command[:-1] + [str(door)], cwd=SUPPORT, umask=0o377,
+                               stderr=subprocess.PIPE, **native)
+        try:
+            assert b"serving" in app.stderr.readline()
+            assert stat.S_IMODE(os.stat(door).st_mode) == 0o600
+        finally:
+            app.kill()
+            app.wait()
+
+
+def test_trampoline_page_is_never_writable_and_executable(door_model):
+    address = doordown._executable(b"\xc3")
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= address < high:
+                assert line.split()[1].startswith("r-x"), line
+                return
+    raise AssertionError("trampoline page not mapped")
 
 
 def test_check_command_passes_under_the_model(door_model):

@@ -128,6 +128,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -268,6 +269,9 @@ enum {
 	M_INFO,		/* door_info: reply carries a door_info_t */
 	M_GETPARAM,	/* door_getparam: a = param; reply b = value */
 	M_DETACH,	/* fdetach of the attachment this connection came in on */
+	M_CANCEL,	/* a = token of a call still waiting for a server thread */
+	M_ASKFDS,	/* server -> caller: a = descriptors door_return passes */
+	M_FDSOK,	/* caller -> server: a = 1 if it can take them all */
 	M_REPLY = 0x80
 };
 #define MF_NORESULTS	1	/* door_call(d, NULL) */
@@ -1106,6 +1110,45 @@ accept_all(void *item)
 
 static int detach_locked(struct attach *a);
 
+/*
+ * Take the call whose token is `token` (made by process `pid`) off the queue
+ * of calls waiting for a server thread.  NULL if no longer queued.  G held.
+ */
+static struct conn *
+unqueue_locked(struct pool *p, uint64_t token, pid_t pid)
+{
+	struct conn **pp = &p->pend_head, *prev = NULL;
+
+	for (; *pp != NULL; prev = *pp, pp = &(*pp)->qnext) {
+		struct conn *c = *pp;
+
+		if (c->req.b == token && c->pid == pid) {
+			*pp = c->qnext;
+			if (p->pend_tail == c)
+				p->pend_tail = prev;
+			c->qnext = NULL;
+			return (c);
+		}
+	}
+	return (NULL);
+}
+
+/* Answer a call that never reached a server thread with `err`. */
+static void
+fail_queued(struct conn *c, int err)
+{
+	if (c->fds != NULL) {
+		close_fds(c->fds, c->nfds);
+		free(c->fds);
+		c->fds = NULL;
+		c->nfds = 0;
+	}
+	if (drain(c->fd, c->req.size) != 0 || send_error(c->fd, err) != 0)
+		conn_close(c);
+	else
+		conn_done(c, 0);
+}
+
 static void
 handle_conn(struct conn *c, uint32_t events)
 {
@@ -1226,6 +1269,28 @@ refuse:
 		conn_done(c, e != 0);
 		return;
 	}
+	case M_CANCEL: {
+		/*
+		 * A door_call() interrupted by a signal.  door_call() in
+		 * door_sys.c: while no server thread is free, the caller
+		 * sleeps in door_get_server() (cv_wait_sig_swap_core); a
+		 * signal there makes door_get_server() return NULL and the
+		 * call fail with EAGAIN: nothing reached the server.  Once a
+		 * thread has the call the caller gets EINTR instead.
+		 */
+		struct conn *victim;
+
+		pthread_mutex_lock(&G);
+		victim = unqueue_locked(door_pool(c->door), h.a, c->pid);
+		pthread_mutex_unlock(&G);
+		if (victim != NULL) {
+			fail_queued(victim, EAGAIN);
+			rep.b = 1;
+		}
+		e = send_message(c->fd, &rep, NULL, 0, NULL, 0, 0);
+		conn_done(c, e != 0);
+		return;
+	}
 	case M_DETACH:
 		pthread_mutex_lock(&G);
 		if (c->via == NULL || c->via->lfd < 0)
@@ -1331,6 +1396,20 @@ runtime_locked(void)
 #define PARK_STACK	(256 * 1024)
 #define ILL_MINSTACK	(8 * 1024)		/* illumos amd64 MINSTACK */
 #define ILL_DEFSTACK	(2 * 1024 * 1024)	/* illumos amd64 DEFAULTSTACK */
+#define ILL_PAGESIZE	4096
+/*
+ * find_stack() in usr/src/lib/libc/port/threads/thr.c: thr_create(NULL, 0,
+ * ...) gets "DEFAULTSTACK - 2 * pagesize" = 2,088,960 bytes and, with no
+ * guardsize asked for, no guard page of its own.
+ */
+#define ILL_STKSIZE	(ILL_DEFSTACK - 2 * ILL_PAGESIZE)
+/* Above the modelled stack: glibc's TCB, static TLS and start_thread(). */
+#define GLIBC_TOP	(128 * 1024)
+
+/* ul_stktop of a default-creator thread (0 on other threads). */
+static __thread uintptr_t tls_stack_top;
+/* DOORMODEL_MAX_LWPS: see default_creator(); -1 = no limit. */
+static long max_lwps = -1;
 
 static struct sthread *
 self_get(void)
@@ -1373,6 +1452,20 @@ init_stack(struct sthread *s, uintptr_t cfa)
 	void *lo = NULL;
 	size_t size = 0, avail, reserve;
 
+	if (tls_stack_top != 0 && cfa > tls_stack_top + 1024) {
+		/*
+		 * A default-creator thread, laid out as on illumos:
+		 * thr_stksegment() gives ss_sp = ul_stktop and ss_size =
+		 * 2,088,960; door_return() in door_calls.c reserves
+		 * ss_size / 32 (65,280: the stack is below DEFAULTSTACK)
+		 * and 512 bytes of slop below ss_sp, where every invocation
+		 * starts.  2,023,168 bytes are left for the request data,
+		 * the descriptors and everything the procedure calls.
+		 */
+		s->reset_sp = tls_stack_top - 512;
+		s->ssize = ILL_STKSIZE - ILL_STKSIZE / 32 - 512;
+		return;
+	}
 	s->reset_sp = (cfa & ~(uintptr_t)15) - 512;
 	if (pthread_getattr_np(pthread_self(), &at) == 0) {
 		(void) pthread_attr_getstack(&at, &lo, &size);
@@ -1621,6 +1714,30 @@ door_return(char *data_ptr, size_t data_size, door_desc_t *desc_ptr,
 			}
 		}
 	}
+	if (self->conn != NULL && num_desc > 0) {
+		/*
+		 * door_results(): "if (!ufcanalloc(ttoproc(caller),
+		 * desc_num)) return (EMFILE)" -- before any descriptor is
+		 * released.  door_return() hands that error back to the
+		 * SERVER, whose DOOR_RELEASE descriptors stay open, and the
+		 * caller keeps waiting for a door_return that works.
+		 */
+		struct dm_msg ask, ans;
+		unsigned nf;
+
+		memset(&ask, 0, sizeof (ask));
+		ask.type = M_ASKFDS;
+		ask.a = num_desc;
+		if (send_message(self->conn->fd, &ask, NULL, 0, NULL, 0, 0) != 0 ||
+		    recv_header(self->conn->fd, &ans, NULL, 0, &nf, 0) != 0 ||
+		    ans.type != M_FDSOK) {
+			/* the caller went away: release and park */
+			conn_close(self->conn);
+			self->conn = NULL;
+		} else if (ans.a == 0) {
+			return (seterr(EMFILE));
+		}
+	}
 	self->r_data = data_ptr;
 	self->r_size = data_size;
 	self->r_desc = desc_ptr;
@@ -1631,17 +1748,62 @@ door_return(char *data_ptr, size_t data_size, door_desc_t *desc_ptr,
 static void *
 default_server_thread(void *arg)
 {
+	tls_stack_top = (uintptr_t)arg;
 	(void) pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
 	(void) door_return(NULL, 0, NULL, 0);
-	return (arg);
+	return (NULL);
 }
 
-/* door_create_server() in door_calls.c */
+/*
+ * thr_create(NULL, 0, ...) with libc's default stack: a mapping of
+ * ILL_STKSIZE whose top is ul_stktop, plus room above it for glibc's own
+ * thread data (illumos keeps its ulwp_t elsewhere).  The model puts one
+ * PROT_NONE page below, so that running off the stack faults at once; on
+ * illumos nothing does, and the overflow silently writes into whatever is
+ * mapped below.  The mapping is never unmapped (a door thread exits only
+ * when its procedure returns).
+ */
+static int
+spawn_default_thread(void)
+{
+	size_t len = ILL_PAGESIZE + ILL_STKSIZE + GLIBC_TOP;
+	char *map = mmap(NULL, len, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+	pthread_attr_t at;
+	pthread_t tid;
+	int e;
+
+	if (map == MAP_FAILED)
+		return (ENOMEM);
+	(void) mprotect(map, ILL_PAGESIZE, PROT_NONE);
+	pthread_attr_init(&at);
+	pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstack(&at, map + ILL_PAGESIZE, ILL_STKSIZE + GLIBC_TOP);
+	/* _thrp_create(): the new thread inherits the creator's signal mask */
+	e = pthread_create(&tid, &at, default_server_thread,
+	    map + ILL_PAGESIZE + ILL_STKSIZE);
+	pthread_attr_destroy(&at);
+	if (e != 0)
+		(void) munmap(map, len);
+	return (e);
+}
+
+/*
+ * door_create_server() in door_calls.c: thr_create() and yield(); a
+ * failure is ignored.  DOORMODEL_MAX_LWPS=N makes thr_create() fail (as
+ * EAGAIN does under a zone's zone.max-lwps resource control) once N
+ * threads have been made: callers then wait for a busy thread to free up.
+ */
 static void
 default_creator(door_info_t *dip)
 {
+	int refuse;
+
 	(void) dip;
-	if (spawn_thread(default_server_thread, NULL, ILL_DEFSTACK, 0) == 0) {
+	pthread_mutex_lock(&G);
+	refuse = max_lwps >= 0 && rt.ncreated >= (unsigned long)max_lwps;
+	pthread_mutex_unlock(&G);
+	if (!refuse && spawn_default_thread() == 0) {
 		pthread_mutex_lock(&G);
 		rt.ncreated++;
 		pthread_mutex_unlock(&G);
@@ -1751,6 +1913,32 @@ fail:
 	}
 }
 
+/*
+ * Could this process take n more descriptors?  door_results() asks
+ * ufcanalloc() of the caller before it moves any.
+ */
+static int
+can_take_fds(int fd, unsigned n)
+{
+	int tmp[DOOR_MAX_DESC];
+	unsigned k;
+	int ok = 1;
+
+	if (n > DOOR_MAX_DESC)
+		return (0);
+	for (k = 0; k < n; k++) {
+		if ((tmp[k] = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+			ok = 0;
+			break;
+		}
+	}
+	close_fds(tmp, k);
+	return (ok);
+}
+
+static uint32_t call_seq;
+static unsigned long noverflow;	/* doormodel_overflows() */
+
 EXPORT int
 door_call(int d, door_arg_t *params)
 {
@@ -1792,6 +1980,8 @@ door_call(int d, door_arg_t *params)
 	memset(&h, 0, sizeof (h));
 	h.type = M_CALL;
 	h.flags = noresults ? MF_NORESULTS : 0;
+	h.b = ((uint64_t)(uint32_t)getpid() << 32) |
+	    __atomic_add_fetch(&call_seq, 1, __ATOMIC_RELAXED);	/* M_CANCEL */
 	for (int attempt = 0; ; attempt++) {
 		if ((fd = cpool_get(&r, &fresh)) < 0) {
 			e = EBADF;	/* revoked door's server gone, or no door */
@@ -1818,6 +2008,31 @@ door_call(int d, door_arg_t *params)
 	release_descs(a.desc_ptr, a.desc_num);	/* passed: DOOR_RELEASE */
 
 	e = recv_header(fd, &rh, rfds, DOOR_MAX_DESC, &nr, 1);
+	while (e == 0 && rh.type == M_ASKFDS) {
+		/* door_results(): can we take the descriptors? */
+		struct dm_msg ok;
+
+		memset(&ok, 0, sizeof (ok));
+		ok.type = M_FDSOK;
+		ok.a = (uint64_t)can_take_fds(fd, (unsigned)rh.a);
+		if ((e = send_message(fd, &ok, NULL, 0, NULL, 0, 0)) == 0)
+			e = recv_header(fd, &rh, rfds, DOOR_MAX_DESC, &nr, 1);
+	}
+	if (e == -EINTR) {
+		/*
+		 * A signal.  EAGAIN if the call was still waiting for a
+		 * server thread (door_get_server() returned NULL), else
+		 * EINTR: the caller detaches (the server's door_ucred()
+		 * then fails with EINVAL and its results are discarded).
+		 */
+		struct dm_msg cr;
+
+		(void) close(fd);
+		fd = -1;
+		e = (rpc(&r, M_CANCEL, h.b, &cr, NULL, 0) == 0 && cr.b == 1) ?
+		    EAGAIN : EINTR;
+		goto out;
+	}
 	if (e != 0 && e != -EMFILE) {
 		/* signal, or the server died during the invocation */
 		(void) close(fd);
@@ -1865,7 +2080,9 @@ door_call(int d, door_arg_t *params)
 		} else {
 			size_t pg = (size_t)sysconf(_SC_PAGESIZE);
 
-			maplen = (result_size + pg - 1) / pg * pg;
+			/* door_overflow(): roundup(data_size + ds, PAGESIZE) */
+			maplen = (rh.size + dsize + pg - 1) / pg * pg;
+			__atomic_add_fetch(&noverflow, 1, __ATOMIC_RELAXED);
 			buf = mmap(NULL, maplen, PROT_READ | PROT_WRITE,
 			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 			if (buf == MAP_FAILED) {
@@ -1887,6 +2104,20 @@ door_call(int d, door_arg_t *params)
 			if (maplen != 0)
 				(void) munmap(buf, maplen);
 			e = EINTR;
+			goto out;
+		}
+		if (maplen != 0 && rlen + dsize > maplen) {
+			/*
+			 * door_call() copies the descriptors out to
+			 * rbuf + roundup(data_size, sizeof (door_desc_t)),
+			 * which can end up to 23 bytes past the mapping
+			 * door_overflow() sized without that padding: the
+			 * copyout fails, the descriptors just received are
+			 * closed (door_fd_close) and the mapping is unmapped.
+			 */
+			close_fds(rfds, nr);
+			(void) munmap(buf, maplen);
+			e = EFAULT;
 			goto out;
 		}
 		if (maplen != 0) {
@@ -2001,20 +2232,28 @@ door_revoke(int d)
 		struct conn *c = victims;
 
 		victims = c->qnext;
-		if (c->fds != NULL) {
-			close_fds(c->fds, c->nfds);
-			free(c->fds);
-			c->fds = NULL;
-			c->nfds = 0;
-		}
-		if (drain(c->fd, c->req.size) != 0 ||
-		    send_error(c->fd, EBADF) != 0)
-			conn_close(c);
-		else
-			conn_done(c, 0);
+		fail_queued(c, EBADF);
 	}
 	(void) close(d);	/* door_revoke() invalidates the descriptor */
 	return (0);
+}
+
+/*
+ * Has the caller of this invocation detached?  door_call() clears the
+ * server's d_caller when a signal interrupts a caller whose call a server
+ * thread already has (with DOOR_NO_CANCEL no SIGCANCEL is sent either); in
+ * the model the caller then closes its connection.
+ */
+static int
+caller_detached(const struct conn *c)
+{
+	struct pollfd p;
+
+	p.fd = c->fd;
+	p.events = POLLRDHUP;
+	p.revents = 0;
+	return (poll(&p, 1, 0) > 0 &&
+	    (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0);
 }
 
 struct ucred_s {
@@ -2033,7 +2272,8 @@ door_ucred(ucred_t **uc)
 
 	if (uc == NULL)
 		return (seterr(EFAULT));
-	if (self == NULL || self->conn == NULL)
+	/* door_ucred() in door_sys.c: EINVAL when st->d_caller == NULL */
+	if (self == NULL || self->conn == NULL || caller_detached(self->conn))
 		return (seterr(EINVAL));	/* no caller for this thread */
 	if ((u = *uc) == NULL && (u = malloc(sizeof (*u))) == NULL)
 		return (seterr(ENOMEM));
@@ -2052,7 +2292,7 @@ door_cred(door_cred_t *dc)
 
 	if (dc == NULL)
 		return (seterr(EFAULT));
-	if (self == NULL || self->conn == NULL)
+	if (self == NULL || self->conn == NULL || caller_detached(self->conn))
 		return (seterr(EINVAL));
 	memset(dc, 0, sizeof (*dc));
 	dc->dc_euid = dc->dc_ruid = self->conn->euid;
@@ -2383,6 +2623,29 @@ doormodel_stats(unsigned long out[4])
 	pthread_mutex_unlock(&G);
 }
 
+/*
+ * Test support: bytes of stack between the caller's frame and the low end
+ * of a door server thread's stack (-1 elsewhere): what an application has
+ * left to run in.
+ */
+EXPORT long
+doormodel_stack_left(void)
+{
+	uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
+
+	if (tls_stack_top == 0 || sp > tls_stack_top ||
+	    sp < tls_stack_top - ILL_STKSIZE)
+		return (-1);
+	return ((long)(sp - (tls_stack_top - ILL_STKSIZE)));
+}
+
+/* Test support: replies this process received in a mapping of their own. */
+EXPORT unsigned long
+doormodel_overflows(void)
+{
+	return (__atomic_load_n(&noverflow, __ATOMIC_RELAXED));
+}
+
 /* ------------------------------------------------------------------------ */
 /* fork()                                                                    */
 /* ------------------------------------------------------------------------ */
@@ -2447,5 +2710,9 @@ __attribute__((constructor))
 static void
 doormodel_init(void)
 {
+	const char *v = getenv("DOORMODEL_MAX_LWPS");
+
+	if (v != NULL && *v != '\0')
+		max_lwps = atol(v);
 	(void) pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }

@@ -21,6 +21,12 @@ works under the model and that the naive way does not:
   f  descriptors both ways, door_ucred, door_info, door_revoke -> EBADF,
      SIGKILL of the server mid-call -> prompt error, a procedure returning
      without door_return -> EINTR, and a few more error paths
+  g  the failure paths as illumos has them: libc's 2,088,960-byte server
+     stacks (E2BIG bound, what is left below the request), EAGAIN for a
+     signalled caller still waiting for a server thread and EINTR plus
+     door_ucred EINVAL once a thread had the call, door_return failing
+     back to the server with EMFILE when the caller's descriptor table is
+     full, EFAULT when an overflowed reply's descriptors miss the mapping
 
 Exit status 0 when every check passes.
 """
@@ -154,6 +160,8 @@ def load(path):
     lib.fdetach.restype = c_int
     lib.doormodel_stats.argtypes = [ctypes.POINTER(ctypes.c_ulong * 4)]
     lib.doormodel_stats.restype = None
+    lib.doormodel_stack_left.argtypes = []
+    lib.doormodel_stack_left.restype = ctypes.c_long
     return lib
 
 
@@ -343,6 +351,29 @@ class Server:
         if cmd == b"R":                       # revoke the second door
             r = self.lib.door_revoke(self.doors["second"])
             return b"%d" % r, []
+        if cmd == b"K":                       # stack left below this frame
+            return b"%d" % self.lib.doormodel_stack_left(), []
+        if cmd == b"W":                       # door_ucred after a pause
+            time.sleep(float(arg))
+            uc = c_void_p(None)
+            ok = self.lib.door_ucred(ctypes.byref(uc)) == 0
+            self.late_ucred = b"ok" if ok else errname(ctypes.get_errno()).encode()
+            if ok:
+                self.lib.ucred_free(uc)
+            return b"late", []
+        if cmd == b"V":
+            return getattr(self, "late_ucred", b"none"), []
+        if cmd in (b"Y", b"P"):               # n bytes + a descriptor back
+            r, w = os.pipe()
+            os.close(w)
+            self.last_fd = r
+            return b"p" * int(arg or 0), [(DOOR_DESCRIPTOR | DOOR_RELEASE, r)]
+        if cmd == b"L":                       # is the last one still ours?
+            try:
+                os.fstat(self.last_fd)
+                return b"open", []
+            except OSError:
+                return b"closed", []
         if cmd == b"Z":                       # bad reply: door_return fails
             return b"never", [(0, 99999)]     # -> trampoline's empty reply
         if cmd == b"H":
@@ -460,11 +491,12 @@ class Client:
         return di
 
 
-def start_server(mode, libpath, tmpdir, logname):
+def start_server(mode, libpath, tmpdir, logname, env=None):
     log = open(os.path.join(tmpdir, logname), "w+")
     p = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode,
                           libpath, tmpdir], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=log)
+                         stdout=subprocess.PIPE, stderr=log,
+                         env=dict(os.environ, **(env or {})))
     r, _, _ = select.select([p.stdout], [], [], 20)
     line = p.stdout.readline().decode() if r else ""
     if not line.startswith("READY"):
@@ -835,6 +867,119 @@ def _test_kill(cl, lib, fd, p, spid, tmpdir):
           r1 == "EBADF" and r2 == "EBADF")
 
 
+# -- g ----------------------------------------------------------------------
+
+def _attempt(function, *args, **kwargs):
+    """The result of function(...), or the errno name it failed with."""
+    try:
+        return function(*args, **kwargs)
+    except DoorError as e:
+        return errname(e.errno)
+
+
+def _interrupted_call(cl, fd, payload, after):
+    """door_call interrupted by SIGUSR1 `after` seconds in: errno name."""
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)  # no SA_RESTART
+    me = threading.get_ident()
+    timer = threading.Timer(after, signal.pthread_kill, (me, signal.SIGUSR1))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        res = _attempt(cl.call, fd, payload)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, old)
+    return (res if isinstance(res, str) else "succeeded"), time.monotonic() - t0
+
+
+def test_failure_paths(lib, libpath, tmpdir):
+    cl = Client(lib)
+    print("g) libc's server stacks, and the failure paths")
+    p, spid, log = start_server("--serve", libpath, tmpdir, "strict.log",
+                                env={"DOORMODEL_MAX_LWPS": "2"})
+    fd = os.open(os.path.join(tmpdir, "main"), os.O_RDONLY)
+    try:
+        _test_stack(cl, fd)
+        _test_eagain(cl, fd)
+        _test_reply_fds(cl, fd)
+    finally:
+        os.close(fd)
+        stop_server(p)
+        log.seek(0)
+        text = log.read().strip()
+        if text:
+            print("---- server stderr ----\n" + text[-3000:])
+
+
+def _test_stack(cl, fd):
+    budget = 2088960 - 2088960 // 32 - 512    # door_return() in door_calls.c
+    ok = _attempt(cl.call, fd, b"E" + b"s" * (budget - 200), rsize=0)
+    big = _attempt(cl.call, fd, b"E" + b"s" * budget, rsize=0)
+    check("request of %d bytes fits the 2,088,960-byte stack, %d -> %s"
+          % (budget - 199, budget + 1, big),
+          not isinstance(ok, str) and big == "E2BIG", "small one: %s"
+          % (ok if isinstance(ok, str) else "ok"))
+    empty = int(cl.call(fd, b"K")[0])
+    loaded = int(cl.call(fd, b"K" + b"k" * (1 << 20), rsize=0)[0])
+    check("stack left to the procedure: %d bytes, %d under a 1 MiB request"
+          % (empty, loaded), 2088960 - 512 - 65536 < empty < 2088960 - 512
+          and abs(empty - loaded - (1 << 20)) < 256)
+
+
+def _test_eagain(cl, fd):
+    # DOORMODEL_MAX_LWPS=2: two busy threads and the pool is exhausted.
+    busy = [threading.Thread(target=_attempt, args=(cl.call, fd, b"S1.5"))
+            for _ in range(2)]
+    for t in busy:
+        t.start()
+    time.sleep(0.3)
+    res, took = _interrupted_call(cl, fd, b"Ewaiting", 0.3)
+    for t in busy:
+        t.join()
+    check("signal while waiting for a server thread -> %s after %.2f s"
+          % (res, took), res == "EAGAIN" and took < 1.0)
+    res, took = _interrupted_call(cl, fd, b"W0.6", 0.2)
+    time.sleep(0.8)
+    late = cl.call(fd, b"V")[0].decode()
+    check("signal once a thread has the call -> %s; its door_ucred -> %s"
+          % (res, late), res == "EINTR" and late == "EINVAL")
+
+
+def _test_reply_fds(cl, fd):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cl.call(fd, b"Ewarm")                     # a pooled connection to use
+    held = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        out = _attempt(cl.call, fd, b"Y")
+    finally:
+        _close(held)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    fate = cl.call(fd, b"L")[0].decode()
+    check("caller's descriptor table full: door_return fails in the server "
+          "(trampoline's empty reply), its descriptor stays %s" % fate,
+          not isinstance(out, str) and out[0] == b"" and fate == "open",
+          "client saw %s" % (out if isinstance(out, str) else out[:2],))
+    padded = _attempt(cl.call, fd, b"P4056", rsize=64)
+    unpadded = _attempt(cl.call, fd, b"P4071", rsize=64)
+    if not isinstance(padded, str):
+        _close(d[1] for d in padded[1])
+    check("overflowed reply with a descriptor: 4056 bytes ok, 4071 -> %s "
+          "(descriptors past the mapping)" % unpadded,
+          not isinstance(padded, str) and unpadded == "EFAULT")
+
+
+def _close(fds):
+    for f in fds:
+        os.close(f)
+
+
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--serve":
         return serve(sys.argv[2], sys.argv[3])
@@ -847,6 +992,7 @@ def main():
         test_layout()
         test_naive(lib, libpath, tmpdir)
         test_trampoline(lib, libpath, tmpdir)
+        test_failure_paths(lib, libpath, tmpdir)
     failed = [r for r in RESULTS if not r[1]]
     print("%d checks, %d failed" % (len(RESULTS), len(failed)))
     return 1 if failed else 0

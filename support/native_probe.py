@@ -4,13 +4,18 @@ MODE trampoline: doordown's own native server; each call answers with the Python
 depth of the handler, a threading.local counter, the thread and the process RSS.
 MODE naive: the wrong way, a ctypes callback that calls door_return itself; it answers
 with a call counter and the frame depth, until CPython's thread state gives way.
-Both print READY once the door is attached, and serve until stdin closes.
+MODE failures: doordown's native server answering commands that exercise the failure
+paths: sleep:S (a slow call), hold:S (a thread holds the GIL for S seconds, as a C
+extension may), fd (a reply carrying a descriptor), fds (the open descriptor count),
+calls (how many calls reached the handler), big:N (an N-byte reply).
+All print READY once the door is attached, and serve until stdin closes.
 """
 
 import ctypes
 import os
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import doordown  # noqa: E402
@@ -39,6 +44,43 @@ def probe(data, fds, caller):
     return b"%d %d %d %d" % (frame_depth(), _local.count, threading.get_ident(), rss_kib()), []
 
 
+class Failures:
+    """The handler of MODE failures (a class: doordown asks it for refused_reply)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, data, fds, caller):
+        self.calls += 1
+        for fd in fds:
+            os.close(fd)
+        command, _, argument = data.partition(b":")
+        if command == b"sleep":
+            time.sleep(float(argument))
+        elif command == b"hold":
+            pause = ctypes.PyDLL(None).usleep  # PyDLL: the GIL stays held during the call
+            pause.argtypes = [ctypes.c_uint]
+            def hold(seconds=float(argument)):
+                time.sleep(0.05)  # this call's answer first
+                pause(int(seconds * 1e6))
+            threading.Thread(target=hold).start()
+        elif command == b"fd":
+            read, write = os.pipe()
+            os.close(write)
+            return b"with a descriptor", [read]
+        elif command == b"fds":
+            return b"%d" % len(os.listdir("/proc/self/fd")), []
+        elif command == b"calls":
+            return b"%d" % self.calls, []
+        elif command == b"big":
+            return b"b" * int(argument), []
+        return b"ok", []
+
+    @staticmethod
+    def refused_reply(number):
+        return b"refused %d" % number
+
+
 def serve_naive(path):
     lib = doordown._load_door_library()
     calls = [0]
@@ -60,7 +102,8 @@ def serve_naive(path):
 
 if __name__ == "__main__":
     mode, path = sys.argv[1], sys.argv[2]
-    keep = serve_naive(path) if mode == "naive" else doordown.NativeDoors().serve(path, probe)
+    handler = Failures() if mode == "failures" else probe
+    keep = serve_naive(path) if mode == "naive" else doordown.NativeDoors().serve(path, handler)
     print("READY", flush=True)
     sys.stdin.read()
     os._exit(0)  # parked door threads own Python thread states: no interpreter finalization
