@@ -520,6 +520,10 @@ class door_info_t(ctypes.Structure):  # #pragma pack(4): 48 bytes
                 ("di_uniquifier", ctypes.c_ulonglong), ("di_resv", ctypes.c_int * 4)]
 
 
+class stack_t(ctypes.Structure):  # thr_stksegment's answer: ss_sp is the top of the stack
+    _fields_ = [("ss_sp", _c_void_p), ("ss_size", _c_size_t), ("ss_flags", ctypes.c_int)]
+
+
 class _Reply(ctypes.Structure):
     """Where the Python handler leaves its reply for the trampoline's door_return."""
     _fields_ = [("data", _c_void_p), ("size", _c_size_t), ("desc", _c_void_p), ("ndesc", _c_uint)]
@@ -659,6 +663,27 @@ _ASYNC_SIGNALS = signal.valid_signals() - {
     if hasattr(signal, name)}
 
 
+def _tell_python_the_stack():
+    """CPython 3.14+ on illumos: the real bounds of this door thread's stack for its checks.
+
+    From 3.14 CPython raises RecursionError by comparing the stack pointer with limits it
+    derives from pthread_getattr_np, which illumos lacks; it then assumes a stack larger
+    than the 2,088,960 bytes libc gives a door thread, and deep C recursion would run off
+    the end (there is no guard page).  Where CPython offers a way to be told, tell it.
+    """
+    protect = getattr(ctypes.pythonapi, "PyUnstable_ThreadState_SetStackProtection", None)
+    if protect is None or not is_illumos():
+        return
+    segment = stack_t()
+    if ctypes.CDLL("libc.so.1").thr_stksegment(ctypes.byref(segment)) != 0:
+        return
+    ctypes.pythonapi.PyThreadState_Get.restype = _c_void_p
+    protect.argtypes = [_c_void_p, _c_void_p, _c_size_t]
+    if protect(ctypes.pythonapi.PyThreadState_Get(), segment.ss_sp - segment.ss_size,
+               segment.ss_size) != 0:
+        ctypes.pythonapi.PyErr_Clear()
+
+
 class _NativeDoorServer:
     """A door created with door_create and attached to `path` with fattach."""
 
@@ -759,6 +784,7 @@ class _NativeDoorServer:
             # The application's code (and every process it starts) gets the signal mask
             # of an ordinary thread, not the all-blocked one this thread was born with.
             signal.pthread_sigmask(signal.SIG_SETMASK, self._normal_mask)
+            _tell_python_the_stack()
             with self._lock:
                 self.threads += 1
         local.reply_fds = ()
@@ -5590,6 +5616,18 @@ def run_bench(args):
 def _check_handler(data, fds, caller):
     """The door the check calls: echo, plus a few commands that probe door semantics."""
     command, _, argument = data.partition(b":")
+    if command == b"nfds":  # descriptors open in the server (to see none leak)
+        _close_fds(fds)
+        return b"%d" % len(os.listdir("/proc/self/fd")), []
+    if command == b"fd":
+        read_end, write_end = os.pipe()
+        os.close(write_end)
+        return b"with a descriptor", [read_end]
+    if command == b"deep":  # C recursion on the door thread, over a large request
+        nested = []
+        for _ in range(int(argument or 900)):
+            nested = [nested]
+        return b"%d %s" % (len(json.dumps(nested)), _stack_facts().encode()), []
     if command == b"who":
         return b"%d %d" % (caller.euid, caller.pid), []
     if command == b"thread":
@@ -5611,10 +5649,43 @@ def _check_handler(data, fds, caller):
     return data, []
 
 
+_check_handler.refused_reply = WSGIGateway.refused_reply
+
+
+def _stack_facts():
+    """What this thread's stack is, as the system tells it (door server threads only)."""
+    try:
+        if is_illumos():  # thr_stksegment: the top and size libc gave this thread
+            libc, segment = ctypes.CDLL("libc.so.1"), stack_t()
+            if libc.thr_stksegment(ctypes.byref(segment)) == 0:
+                return "thread stack %d bytes (thr_stksegment)" % segment.ss_size
+        elif os.environ.get("DOORDOWN_LIBDOOR"):
+            model = ctypes.CDLL(os.environ["DOORDOWN_LIBDOOR"])
+            left = ctypes.cast(model.doormodel_stack_left, ctypes.CFUNCTYPE(ctypes.c_long))()
+            if left >= 0:
+                return "%d bytes of the model's thread stack left below the handler" % left
+    except (OSError, AttributeError):
+        pass
+    return "stack size unknown"
+
+
+def _limit_lwps():
+    """illumos: let this process make no more threads (process.max-lwps at its LWP count)."""
+    with open("/proc/self/psinfo", "rb") as psinfo:
+        lwps = struct.unpack_from("i", psinfo.read(), 4)[0]  # psinfo_t.pr_nlwp
+    prctl = shutil.which("prctl") or "/usr/bin/prctl"
+    subprocess.run([prctl, "-n", "process.max-lwps", "-t", "basic", "-v", str(lwps), "-e", "deny",
+                    "-i", "process", str(os.getpid())], check=True, stdout=subprocess.DEVNULL)
+
+
 def _serve_check_door(backend, path):
     """The check's server process: the door, and a Unix-socket echo beside it to compare."""
     server = backend.serve(path, _check_handler)
+    if os.environ.get("DOORDOWN_CHECK_NO_THREADS") and is_illumos():
+        _limit_lwps()
     echo = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(path + ".sock"):
+        os.unlink(path + ".sock")  # left by a server the check killed
     echo.bind(path + ".sock")
     echo.listen(1)
 
@@ -5634,6 +5705,39 @@ def _serve_check_door(backend, path):
     return server
 
 
+def _start_check_server(backend, path, env=None):
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "check", "--doors",
+                              backend.name, "--serve", path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, env=env)
+    if not child.stdout.readline().startswith(b"READY"):
+        child.kill()
+        child.wait()
+        raise DoorError(errno.EIO, "the check's door server did not start (see above)")
+    return child
+
+
+def _stop_check_server(child, kill=False):
+    if child.poll() is None:
+        if kill:
+            child.kill()
+        else:
+            child.stdin.close()  # the server revokes its door and exits
+    child.wait(10)
+
+
+def _what_check_tests(backend):
+    """(what was tested, the verdict's words) in plain terms."""
+    if backend.name == "emulated":
+        return ("the EMULATION of doors over Unix-domain sockets: no illumos doors on this "
+                "system, so this proves doordown runs here, not that doors do (on illumos: "
+                "check --doors native)", "the door emulation works here (no real doors tested)")
+    if os.environ.get("DOORDOWN_LIBDOOR"):
+        return ("the door library %s: a MODEL of the illumos door ABI, which proves "
+                "doordown's native code, not this machine's kernel" % os.environ["DOORDOWN_LIBDOOR"],
+                "doordown's native doors work on the model")
+    return ("this kernel's illumos doors, through libc.so.1", "illumos doors work here for doordown")
+
+
 def run_check(args):
     backend = door_backend(args.doors)
     if args.serve:
@@ -5643,22 +5747,26 @@ def run_check(args):
         return 0
     directory = tempfile.mkdtemp(prefix="doordown-check-")
     path = os.path.join(directory, "check.door")
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "check", "--doors",
-                              backend.name, "--serve", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    rows = []
+    rows, children = [], []
 
     def row(name, ok, detail):
-        rows.append(ok)
-        sys.stdout.write("  [%s] %-18s %s\n" % ("ok" if ok else "FAIL", name, detail))
+        if ok is not None:  # None: not applicable here, not counted
+            rows.append(ok)
+        sys.stdout.write("  [%s] %-20s %s\n" % ({True: "ok", False: "FAIL", None: "n/a"}[ok], name, detail))
         sys.stdout.flush()
 
+    def server(at, env=None):
+        children.append(_start_check_server(backend, at, env))
+        return children[-1]
+
     import platform
-    sys.stdout.write("doordown check: %s, %s %s, Python %s\n" % (
-        backend.description, platform.system(), platform.release(), platform.python_version()))
+    tested, verdict_words = _what_check_tests(backend)
+    sys.stdout.write("doordown %s check: %s, %s %s (%s), Python %s %s\n" % (
+        __version__, backend.description, platform.system(), platform.release(), platform.version(),
+        platform.python_implementation(), platform.python_version()))
+    sys.stdout.write("tested: %s\n" % tested)
     try:
-        if child.stdout.readline() != b"READY\n":
-            row("create", False, "the door server did not start (see above)")
-            return 1
+        child = server(path)
         client = backend.open(path)
         mode = stat.S_IMODE(os.stat(path).st_mode)
         row("create + attach", client.server_pid() == child.pid and mode == 0o600,
@@ -5697,7 +5805,7 @@ def run_check(args):
         size = 1 << 20
         big = client.call(b"big:%d" % size)[0]
         row("overflow reply", big == (bytes(range(256)) * (size // 256))[:size],
-            "a 1 MiB reply past the 64 KiB reply buffer arrived whole")
+            "a 1 MiB reply past the caller's reply buffer arrived whole")
 
         read_end, write_end = os.pipe()
         os.write(write_end, b"descriptor")
@@ -5708,8 +5816,18 @@ def run_check(args):
             passed = returned.read()
         row("descriptors", reply == b"ok" and passed == b"rotpircsed", "a pipe each way")
 
-        child.stdin.close()  # the server revokes its door and exits
-        child.wait(10)
+        _check_full_table(client, row)
+
+        request = b"deep:900" + b" " * (60 * 1024)
+        try:
+            depth, _, facts = client.call(request)[0].partition(b" ")
+            row("deep stack", depth == b"%d" % (2 * 901), "C recursion 900 deep under a 60 KiB "
+                "request on a door thread; %s" % facts.decode())
+        except DoorError as exc:
+            row("deep stack", False, "the server died under C recursion 900 deep with a 60 KiB "
+                "request (%s): its door threads' stacks are too small" % exc)
+
+        _stop_check_server(child)
         try:
             client.call(payload)
             revoked = False
@@ -5718,16 +5836,104 @@ def run_check(args):
         except DoorError:
             revoked = False
         row("revoke", revoked, "a call after the server revoked its door fails cleanly (EBADF)")
+
+        _check_stale_door(backend, os.path.join(directory, "stale.door"), server, row)
+        _check_no_free_thread(backend, os.path.join(directory, "busy.door"), server, row)
     except (DoorError, OSError, ValueError) as exc:
         row("error", False, str(exc))
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
         shutil.rmtree(directory, ignore_errors=True)
-    verdict = all(rows)
-    sys.stdout.write("verdict: %s\n" % ("PASS: doors work here" if verdict else "FAIL: see above"))
+    verdict = bool(rows) and all(rows)
+    sys.stdout.write("verdict: %s\n" % ("PASS: " + verdict_words if verdict else "FAIL: see above"))
+    if not verdict:
+        sys.stdout.write("(this whole output is the report to send: it names the system, the Python "
+                         "and every probe)\n")
     return 0 if verdict else 1
+
+
+def _check_full_table(client, row):
+    """A reply carrying a descriptor, to a caller whose descriptor table is full."""
+    import resource
+    before = client.call(b"nfds")[0]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    outcomes = []
+    for _ in range(3):
+        held = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        try:
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                reply, fds = client.call(b"fd")
+                _close_fds(fds)
+                outcomes.append("a descriptor arrived" if fds else
+                                "the server said: " + unpack_message(reply, (KIND_FAIL,))[2][1].decode())
+            except (DoorError, OSError, WireError) as exc:
+                outcomes.append("%s: %s" % (type(exc).__name__, exc))
+        finally:
+            _close_fds(held)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    after = client.call(b"nfds")[0]
+    told = all(outcome.startswith(("the server said", "DoorError")) for outcome in outcomes)
+    row("full fd table", told and int(after) <= int(before),
+        "3 replies with a descriptor to a caller with no descriptor free: %s; the server's open "
+        "descriptors %s -> %s" % (outcomes[0], before.decode(), after.decode()))
+
+
+def _check_stale_door(backend, path, server, row):
+    """A server killed outright leaves its door attached: callers fail fast, a new one takes over."""
+    first = server(path)
+    backend.open(path).call(b"x")
+    _stop_check_server(first, kill=True)
+    client = backend.open(path)
+    try:
+        client.call(b"x")
+        refused = "the call succeeded"
+    except DoorRevoked as exc:
+        refused = None if exc.errno == errno.EBADF or backend.name == "emulated" else str(exc)
+    except DoorError as exc:
+        refused = "%s: %s" % (type(exc).__name__, exc)
+    second = server(path)
+    answered = client.call(b"again")[0] == b"again"
+    _stop_check_server(second)
+    row("stale door", refused is None and answered,
+        "after kill -9 of its server, a call %s; a new server replaced the stale door and answered: %s"
+        % ("failed at once (EBADF)" if refused is None else "went wrong: " + refused,
+           "yes" if answered else "no"))
+
+
+def _check_no_free_thread(backend, path, server, row):
+    """With thread creation refused and the only server thread busy, a timed call times out."""
+    if backend.name == "emulated":
+        row("no thread free", None, "the emulation makes its threads itself: nothing to refuse")
+        return
+    child = server(path, dict(os.environ, DOORDOWN_CHECK_NO_THREADS="1", DOORMODEL_MAX_LWPS="1"))
+    busy_client, timed = backend.open(path), backend.open(path, 0.5)
+    busy_client.call(b"x")
+    busy = threading.Thread(target=busy_client.call, args=(b"sleep:2",))
+    busy.start()
+    time.sleep(0.3)
+    begin = time.monotonic()
+    try:
+        timed.call(b"x")
+        outcome = "it was served after %.1f s: thread creation was not refused" % (time.monotonic() - begin)
+        ok = None if is_illumos() else False  # illumos: prctl may not have taken
+    except DoorTimeout as exc:
+        took = time.monotonic() - begin
+        ok, outcome = took < 1.5, "DoorTimeout after %.2f s (%s)" % (took, exc)
+    except DoorError as exc:
+        ok, outcome = False, "%s: %s" % (type(exc).__name__, exc)
+    busy.join()
+    _stop_check_server(child)
+    row("no thread free", ok, "thread creation refused, the only server thread busy, a call "
+        "limited to 0.5 s: %s" % outcome)
 
 
 def _thread_pool(workers):
@@ -6228,7 +6434,11 @@ def build_parser():
     check = commands.add_parser("check", help="put this machine's doors through their paces",
                                 description="Create a door, attach it, make 10,000 calls and "
                                             "check thread reuse, credentials, overflow replies, "
-                                            "descriptors and revocation; print the timings.")
+                                            "descriptors and revocation; then the failure paths: "
+                                            "a caller with a full descriptor table, a deep stack "
+                                            "under a large request, a stale door, no server thread "
+                                            "free. Says which doors it tested; the output is the "
+                                            "report to send.")
     check.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
     check.add_argument("--serve", metavar="PATH", help=argparse.SUPPRESS)
     return parser
