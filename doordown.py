@@ -487,6 +487,7 @@ class EmulatedDoors:
 _c_uint, _c_size_t, _c_void_p = ctypes.c_uint, ctypes.c_size_t, ctypes.c_void_p
 
 DOOR_UNREF_DATA = 1  # argp of an unreferenced notification: (void *)1, not a buffer
+DOOR_REVOKED = 0x08
 DOOR_NO_CANCEL = 0x80  # an interrupted client must never pthread_cancel a Python thread
 DOOR_DESCRIPTOR = 0x10000
 DOOR_RELEASE = 0x40000
@@ -769,7 +770,8 @@ class _NativeDoorServer:
             return None
         try:
             info = door_info_t()
-            if self._lib.door_info(fd, ctypes.byref(info)) != 0 or info.di_attributes & DOOR_REVOKED:
+            if (self._lib.door_info(fd, ctypes.byref(info)) != 0 or info.di_target < 0
+                    or info.di_attributes & DOOR_REVOKED):  # door_info_common: -1 once it died
                 return None
             return info.di_target
         finally:

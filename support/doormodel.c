@@ -36,8 +36,9 @@
  *     the creator before the procedure (door.s: "nservers" == 0 ->
  *     door_depletion_cb(), which passes NULL for non-private doors and a
  *     door_info_t * for private ones).  The default creator makes a detached
- *     thread with a 2 MiB stack and cancellation disabled that calls
- *     door_return(NULL, 0, NULL, 0).  Pools never shrink.  Free threads form
+ *     thread with libc's default stack (2,088,960 bytes, no guard page:
+ *     find_stack() in thr.c) and cancellation disabled that calls
+ *     door_return(NULL, 0, NULL, 0); it inherits its creator's signal mask.  Pools never shrink.  Free threads form
  *     a LIFO stack (door_release_server() pushes on the head,
  *     door_get_server() takes the head).  door_call() blocks while no thread
  *     of the door's pool is free.  Two consequences, as on illumos: a thread
@@ -48,11 +49,24 @@
  *   - Request data goes on the server thread's stack: a request that does
  *     not fit (stack size minus the libc reserve of 1/32 of the stack, at
  *     most 64 KiB, minus 512 bytes of slop) fails with E2BIG.  With the
- *     default 2 MiB threads that is ~1.93 MiB.
+ *     default threads that is 2,023,168 bytes, below an invocation base 512
+ *     bytes under the top of the stack; whatever the procedure calls runs in
+ *     what the request leaves.
  *   - Reply placement as door_results()/door_overflow(): results that fit
  *     in rbuf/rsize go there; otherwise a fresh anonymous mapping is made
- *     (plain mmap, so the client frees it with the real munmap(rbuf, rsize)).
- *     Returned descriptors follow the data at roundup(data_size, 24).
+ *     (plain mmap, so the client frees it with the real munmap(rbuf, rsize))
+ *     of roundup(data_size + 24 * ndesc, PAGESIZE) bytes.  Returned
+ *     descriptors follow the data at roundup(data_size, 24); when that puts
+ *     them past the mapping the call fails with EFAULT.
+ *   - The failure paths: a signal while the caller waits for a free server
+ *     thread fails the call with EAGAIN (door_get_server()), once a thread
+ *     has it with EINTR, and the caller detaches: the server's door_ucred()
+ *     then fails with EINVAL.  door_return() with descriptors the caller
+ *     cannot take fails back to the SERVER with EMFILE (door_results():
+ *     ufcanalloc()), the descriptors still the server's, the caller still
+ *     waiting.  DOORMODEL_MAX_LWPS=N in the environment refuses thread
+ *     creation past N default-creator threads, as a zone's zone.max-lwps
+ *     does.
  *     With zero-length results data_ptr/desc_ptr are left as they were.
  *   - door_call(fd, NULL) means "no results": a door_return() with data or
  *     descriptors then fails with E2BIG in the server (door_results()).
@@ -88,19 +102,21 @@
  * WHERE THE MODEL DIFFERS FROM ILLUMOS (deliberately, or because Linux
  * cannot do it cheaply)
  *
- *   - "Top of stack" is the stack pointer of the thread's FIRST door_return()
- *     call (minus 512 bytes), not the true top: glibc keeps the TCB, static
- *     TLS and start_thread()'s frame (which pthread_exit longjmps to) at the
- *     top of a thread's stack, so those frames must survive.  For the
- *     default creator's threads this is a few hundred bytes from the top.
+ *   - glibc keeps the TCB, static TLS and start_thread()'s frame (which
+ *     pthread_exit longjmps to) at the top of a thread's stack, so those
+ *     must survive: default-creator threads get 128 KiB above the modelled
+ *     2,088,960-byte stack for them.  On threads from another creator "top
+ *     of stack" is the stack pointer of the thread's FIRST door_return()
+ *     minus 512 bytes.
  *   - DOOR_UNREF / DOOR_UNREF_MULTI are accepted and reported but no
  *     unreferenced notification is ever delivered.  DOOR_IS_UNREF is never
  *     reported.  No SIGCANCEL is sent to server threads on client abort.
- *   - Stale attachments are not modelled: when the server process dies its
- *     attachments disappear (fattach then succeeds without fdetach; fdetach
- *     of the path says EINVAL).  On illumos the namefs mount stays, gives
- *     EBADF, and fattach says EBUSY until fdetach.  Servers should fdetach
- *     (ignoring EINVAL) before fattach on both.
+ *   - Stale attachments are marked with an extended attribute of the file
+ *     (STALE_XATTR): after the server died, calls through the path get EBADF
+ *     and fattach EBUSY until fdetach, as on illumos; but door_info through
+ *     the path says EBADF (illumos: di_target -1, DOOR_REVOKED).  Without
+ *     user extended attributes on the file system, a dead server's
+ *     attachments simply disappear.
  *   - A client fd obtained by open(path) is tied to the path's (dev, ino),
  *     not to the door that was attached at open() time: after the server is
  *     restarted, the same fd reaches the new door (illumos: EBADF forever);
@@ -111,10 +127,13 @@
  *     to the attaching process.
  *   - door_ucred() reports the euid/egid/pid the caller had when its
  *     connection was made (SO_PEERCRED), and ruid/rgid = euid/egid.
- *   - A signal interrupts door_call() with EINTR only if its handler was
- *     installed without SA_RESTART (CPython's are).  EAGAIN is never
- *     returned.  EFAULT is only reported for NULL pointers with non-zero
- *     sizes; other bad pointers crash, as plain C would.
+ *   - A signal interrupts door_call() (EINTR, or EAGAIN while no server
+ *     thread has the call) only if its handler was installed without
+ *     SA_RESTART (CPython's are).  EFAULT is only reported for NULL pointers
+ *     with non-zero sizes and for overflowed descriptors; other bad pointers
+ *     crash, as plain C would.
+ *   - Default-creator threads get a PROT_NONE page below their stack, so
+ *     that running off it faults at once; illumos has none there.
  *   - The descriptors' d_id for non-door fds is 0; for doors it is the
  *     door's uniquifier (door_insert()).  DOOR_LOCAL/DOOR_REVOKED are set on
  *     received door descriptors only when the receiver is the server.
@@ -144,6 +163,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/un.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -330,7 +350,18 @@ struct attach {
 	dev_t		dev;
 	ino_t		ino;
 	uid_t		owner;
+	char		*path;		/* for the STALE_XATTR mark */
 };
+
+/*
+ * namefs (usr/src/uts/common/fs/namefs/namevfs.c) keeps an attachment
+ * mounted until fdetach, whatever becomes of the server: when it dies its
+ * doors are revoked (callers get EBADF) but the path stays covered, and
+ * fattach there fails with EBUSY.  The model marks an attached file with
+ * this extended attribute and clears it in fdetach, so that the mark of a
+ * server that died without fdetach outlives it, with the file.
+ */
+#define STALE_XATTR	"user.doormodel.attached"
 
 struct conn {				/* one accepted client connection */
 	int		kind;		/* K_CONN */
@@ -2496,6 +2527,9 @@ fattach(int fildes, const char *path)
 		if (faccessat(AT_FDCWD, path, W_OK, AT_EACCESS) != 0)
 			return (seterr(EACCES));
 	}
+	/* nm_mount(): "if (vp->v_flag & VROOT) ... EBUSY" -- still mounted */
+	if (getxattr(path, STALE_XATTR, NULL, 0) >= 0)
+		return (seterr(EBUSY));
 	if ((a = calloc(1, sizeof (*a))) == NULL)
 		return (seterr(ENOMEM));
 	attach_name(name, sizeof (name), st.st_dev, st.st_ino);
@@ -2542,7 +2576,14 @@ fattach(int fildes, const char *path)
 	}
 	a->next = rt.attaches;
 	rt.attaches = a;
+	a->path = strdup(path);
 	pthread_mutex_unlock(&G);
+	{
+		char pid[16];
+		int n = snprintf(pid, sizeof (pid), "%d", (int)getpid());
+
+		(void) setxattr(path, STALE_XATTR, pid, (size_t)n, 0);
+	}
 	return (0);
 }
 
@@ -2555,6 +2596,8 @@ detach_locked(struct attach *a)
 	(void) epoll_ctl(rt.epfd, EPOLL_CTL_DEL, a->lfd, NULL);
 	(void) close(a->lfd);
 	a->lfd = -1;
+	if (a->path != NULL)
+		(void) removexattr(a->path, STALE_XATTR);
 	return (0);
 }
 
@@ -2595,9 +2638,12 @@ fdetach(const char *path)
 	pthread_mutex_unlock(&G);
 	/* attached by another process (or not at all: connect fails) */
 	if (rpc(&r, M_DETACH, 0, &rep, NULL, 0) != 0) {
-		if (errno == EBADF)
-			errno = EINVAL;
-		return (-1);
+		if (errno != EBADF)
+			return (-1);
+		/* no live server: a stale attachment is unmounted, else EINVAL */
+		if (removexattr(path, STALE_XATTR) == 0)
+			return (0);
+		return (seterr(EINVAL));
 	}
 	cpool_forget(&r);
 	return (0);

@@ -895,6 +895,7 @@ def _interrupted_call(cl, fd, payload, after):
 def test_failure_paths(lib, libpath, tmpdir):
     cl = Client(lib)
     print("g) libc's server stacks, and the failure paths")
+    _test_stale_attachment(cl, lib, os.path.join(tmpdir, "main"))
     p, spid, log = start_server("--serve", libpath, tmpdir, "strict.log",
                                 env={"DOORMODEL_MAX_LWPS": "2"})
     fd = os.open(os.path.join(tmpdir, "main"), os.O_RDONLY)
@@ -909,6 +910,22 @@ def test_failure_paths(lib, libpath, tmpdir):
         text = log.read().strip()
         if text:
             print("---- server stderr ----\n" + text[-3000:])
+
+
+def _test_stale_attachment(cl, lib, path):
+    """The server of `path` was SIGKILLed (f): its attachment is stale, not gone."""
+    fd = os.open(path, os.O_RDONLY)
+    call = _attempt(cl.call, fd, b"Ex")
+    os.close(fd)
+    door = lib.door_create(exec_page(b"\xc3"), None, 0)
+    busy = lib.fattach(door, path.encode()) == 0 or errname(ctypes.get_errno())
+    detached = lib.fdetach(path.encode()) == 0 or errname(ctypes.get_errno())
+    again = lib.fattach(door, path.encode()) == 0 or errname(ctypes.get_errno())
+    lib.fdetach(path.encode())
+    lib.door_revoke(door)
+    check("stale attachment of a killed server: call -> %s, fattach -> %s, "
+          "fdetach -> %s, then fattach -> %s" % (call, busy, detached, again),
+          call == "EBADF" and busy == "EBUSY" and detached is True and again is True)
 
 
 def _test_stack(cl, fd):
