@@ -6473,9 +6473,8 @@ def prepare_serve(args):
             args.tls = TLSContext(args.certfile, args.keyfile, args.ca_certs)
     except BindError as exc:
         return fail(EXIT_USAGE, exc)
-    # USR2 is a no-op here (the native door client interrupts door calls with it); not
-    # gunicorn's binary upgrade: restarting the front without refusing a connection is
-    # systemd socket activation's job.
+    # USR2 is a no-op here; not gunicorn's binary upgrade: restarting the front without
+    # refusing a connection is systemd socket activation's job.
     signal.signal(signal.SIGUSR2, lambda *_: None)
     try:
         args.listeners = open_listeners(args.bind or [("tcp", "127.0.0.1", 8000)], args.backlog,
