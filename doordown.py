@@ -253,6 +253,7 @@ class _EmulatedDoorServer:
         self._handler = handler
         self._lock = threading.Lock()
         self._idle_threads = []  # LIFO of per-thread hand-off queues
+        self._waiting = collections.deque()  # (conn, caller) accepted, no thread yet
         self._connections = {}  # socket -> True while a call is being served
         self._revoked = False
         self.threads = 0
@@ -270,11 +271,25 @@ class _EmulatedDoorServer:
         self._acceptor.start()
 
     def _accept_loop(self):
+        failing = False
         while True:
+            self._listener.settimeout(0.1 if self._waiting else None)
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return  # revoked: the listener is closed
+            except socket.timeout:  # connections wait for a thread: try to make one again
+                self._hand_off_waiting()
+                continue
+            except OSError as exc:
+                if self._revoked:
+                    return  # the listener is closed
+                # EMFILE, ENFILE, ENOBUFS: the caller waits in the backlog, as a door
+                # call waits for a server thread; take it once descriptors are free again.
+                if not failing:
+                    _log("door", "accept failed (%s): retrying" % (exc.strerror or exc))
+                failing = True
+                time.sleep(0.05)
+                continue
+            failing = False
             try:
                 caller = _peer_credentials(conn)
             except OSError:
@@ -282,29 +297,45 @@ class _EmulatedDoorServer:
                 continue
             with self._lock:
                 if self._revoked:
-                    conn.close()
+                    _answer_revoked(conn)
                     return
                 self._connections[conn] = False
+                self._waiting.append((conn, caller))
+            self._hand_off_waiting()
+
+    def _hand_off_waiting(self):
+        """Give waiting connections to idle threads, or to new ones while threads can be made."""
+        while True:
+            with self._lock:
+                if not self._waiting or self._revoked:
+                    return
                 handoff = self._idle_threads.pop() if self._idle_threads else None
                 if handoff is None:
-                    self.threads += 1
                     handoff = queue.SimpleQueue()
-                    threading.Thread(target=self._server_thread, args=(handoff,),
-                                     name="door-server-%d" % self.threads, daemon=True).start()
-            handoff.put((conn, caller))
+                    try:
+                        threading.Thread(target=self._server_thread, args=(handoff,),
+                                         name="door-server-%d" % (self.threads + 1), daemon=True).start()
+                    except RuntimeError as exc:  # can't start new thread: the next idle one serves it
+                        _log("door", "no new server thread (%s): the call waits" % exc)
+                        return
+                    self.threads += 1
+                item = self._waiting.popleft()
+            handoff.put(item)
 
     def _server_thread(self, handoff):
-        while True:
-            item = handoff.get()
-            if item is None:
-                return
+        item = handoff.get()
+        while item is not None:
             conn, caller = item
             self._serve_connection(conn, caller)
             with self._lock:
                 self._connections.pop(conn, None)
                 if self._revoked:
                     return
+                if self._waiting:  # a connection no new thread could be made for
+                    item = self._waiting.popleft()
+                    continue
                 self._idle_threads.append(handoff)
+            item = handoff.get()
 
     def _serve_connection(self, conn, caller):
         with conn:
@@ -345,11 +376,26 @@ class _EmulatedDoorServer:
         with self._lock:
             self._revoked = True
             idle = [conn for conn, busy in self._connections.items() if not busy]
-        self._listener.close()
+            waiting = [conn for conn, _ in self._waiting]
+            self._waiting.clear()
         try:
-            os.unlink(self.path)
+            os.unlink(self.path)  # no new caller finds the door
         except OSError:
             pass
+        # Callers already connected but not yet accepted (or given no thread) made a call
+        # that was never invoked: they are told so, as a revoked door's callers are.
+        self._listener.setblocking(False)
+        while True:
+            try:
+                waiting.append(self._listener.accept()[0])
+            except OSError:
+                break
+        for conn in waiting:
+            _answer_revoked(conn)
+            with self._lock:
+                self._connections.pop(conn, None)
+        _shutdown(self._listener)  # wakes the accept loop
+        self._listener.close()
         for conn in idle:
             try:  # wakes the connection's thread, which answers REVOKED and closes
                 conn.shutdown(socket.SHUT_RD)
@@ -364,6 +410,15 @@ class _EmulatedDoorServer:
             for handoff in self._idle_threads:
                 handoff.put(None)
             self._idle_threads = []
+
+
+def _answer_revoked(conn):
+    """Tell the caller on `conn` that its call was not invoked, and close it."""
+    try:
+        conn.sendall(_REVOKED_FRAME)
+    except OSError:
+        pass
+    conn.close()
 
 
 def _io_timeout(sock, seconds):
@@ -3367,8 +3422,15 @@ class FrontServer(ThreadingHTTPServer):
             client_address = ("", "")
         with self._lock:
             self._connections[request] = False
-        threading.Thread(target=self.process_request_thread, args=(request, client_address, listener),
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self.process_request_thread, args=(request, client_address, listener),
+                             name="front-connection", daemon=True).start()
+        except RuntimeError as exc:  # can't start new thread: this connection closes, its slot is free
+            with self._lock:
+                self._connections.pop(request, None)
+            self._slots.release()
+            _log("front", "no thread for a connection: %s" % exc)
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address, listener):
         try:
@@ -4476,33 +4538,56 @@ class AppProcess:
         """Ask for a graceful stop: the app revokes its door and finishes its calls."""
         if not self.exited():
             self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGCONT)  # a stopped (stuck) app must wake to act on it
 
     def kill(self):
+        """SIGKILL, without waiting: the loop reaps it like any other exit."""
         if not self.exited():
             self.proc.kill()
-        self.proc.wait()
-
-    def stop(self, grace):
-        self.terminate()
-        try:
-            self.proc.wait(grace + 2)
-        except subprocess.TimeoutExpired:
-            _log("front", "app pid %d did not stop in time: killing it" % self.pid)
-            self.kill()
 
 
-def wait_for_door(upstream, timeout, process=None):
-    """Poll the door until it answers; False if `process` exits or `timeout` passes first."""
+def stop_together(processes, grace):
+    """Ask every process to stop, then wait for all of them at once: one grace, not one each."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace + 2
+    while time.monotonic() < deadline and not all(process.exited() for process in processes):
+        time.sleep(0.02)
+    for process in processes:
+        if not process.exited():
+            _log("front", "app pid %d did not stop in time: killing it" % process.pid)
+            process.kill()
+    for process in processes:
+        process.proc.wait()
+
+
+def wait_for_door(upstream, timeout, process=None, cancelled=lambda: False):
+    """Poll the door until it answers; False if `process` exits, `timeout` passes or `cancelled()`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not cancelled():
         if process is not None and process.exited():
             return False
         try:
             upstream.stats()
             return True
-        except (DoorError, WireError, OSError):
+        except (DoorError, WireError, OSError, ValueError):
             time.sleep(0.02)
     return False
+
+
+def _in_background(target, *args):
+    """Run `target(*args)` on a daemon thread that blocks the supervisor's signals, so that
+    none of them interrupts its door calls (EINTR would read as "the app is gone").
+    False when no thread could be started: the caller tries again on its next turn."""
+    def run():
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+        target(*args)
+    try:
+        threading.Thread(target=run, name="supervisor-" + target.__name__.strip("_"), daemon=True).start()
+    except RuntimeError as exc:  # can't start new thread
+        _log("front", "cannot start a thread (%s): trying again shortly" % exc)
+        return False
+    return True
 
 
 class SpawnScore:
@@ -4532,130 +4617,210 @@ class SpawnScore:
         return self.value + 1 <= self.limit
 
 
+_CALL_TIMEOUTS = (DoorTimeout, TimeoutError, socket.timeout)  # socket.timeout: Python 3.9
+
+
+class _Boot:
+    """A generation starting on a fresh door; a watcher thread sets `outcome` and says so."""
+
+    def __init__(self, process, upstream, probe, deadline):
+        self.process, self.upstream, self.probe, self.deadline = process, upstream, probe, deadline
+        self.watched = False  # a watcher thread is running
+        self.cancelled = False
+        self.outcome = None  # "ready", "exited" or "timeout", once known
+
+    def close(self):
+        self.upstream.close()
+        self.probe.close()
+
+
 class _AppSlot:
-    """A mount's supervised application: its serving process, the ones retiring, its score."""
+    """A mount's supervised application: its serving process, its boot, the ones retiring.
+
+    Its state moves only on the supervisor's loop; the threads that wait on doors (boots,
+    health checks) report there through the event queue.
+    """
 
     def __init__(self, mount, spec):
         self.mount, self.spec = mount, spec
         self.process = None
         self.health = None  # a second door client with a short timeout, for health checks
+        self.boot = None  # the _Boot under way, at most one
         self.retiring = []  # [(process, when to kill it)]
         self.generation = 0
         self.score = SpawnScore()
-        self.load_failed = False  # the last spawn could not even import the application
+        self.checking = False  # a health check is under way
+        self.next_check = 0.0
+        self.failed_checks = 0  # health checks in a row that failed other than by a timeout
 
 
 class Supervisor:
     """`serve`: start the apps, run the front, then one loop that reaps, replaces and stops.
 
-    Signal handlers and front threads only put events on a queue; this loop alone
-    starts and stops processes.
+    Signal handlers and front threads only put events on a queue; this loop alone starts
+    and stops processes, and it never waits on one.  Whatever waits on a door (a booting
+    app, a health check) runs on a thread of its own and reports back through the queue,
+    so a SIGTERM is acted on within a turn of the loop, whatever the apps are doing.
     """
 
     health_interval = 1.0  # seconds between checks for stuck requests
     health_timeout = 5.0  # an app that cannot answer its door within this is stuck
+    turn = 0.1  # the loop's longest sleep: retirees' deadlines and respawns are this late at most
 
     def __init__(self, args):
         self.args = args
         self.backend = door_backend(args.doors)
-        self.events = queue.SimpleQueue()  # signal numbers, or ("replace", slot, why)
+        # signal numbers, ("replace", slot, why), ("booted", slot, boot),
+        # ("health", slot, process, outcome, detail)
+        self.events = queue.SimpleQueue()
         self.door_dir = None
         self.front = None
+        self.mount = None  # the one unsupervised mount (--app-door, cgi, inprocess)
+        self.what = None  # what the front serves, for its start-up line
         self.slots = []
-        self.exit_code = 0
+        self.exit_code = None  # set when serve must end: the first boot failed, or the app no longer loads
         self.forced = False  # the stop ran out of patience: apps are killed, not asked
 
-    # -- apps -------------------------------------------------------------------
-    def spawn(self, slot):
-        """Start a new generation on a fresh door; True once it answers and takes the traffic."""
+    # -- boots ------------------------------------------------------------------
+    def start_boot(self, slot):
+        """Start a new generation on a fresh door; it takes the traffic once it answers."""
         args = self.args
         slot.generation += 1
         slot.score.add(1)
-        slot.load_failed = False
         path = os.path.join(self.door_dir, "app-%d.%s" % (
             slot.generation, "door" if args.transport == "door" else "sock"))
-        process = AppProcess(slot.spec, path, self.backend, args).start()
-        upstream = make_upstream(args.transport, path, self.backend, args.timeout)
-        if wait_for_door(upstream, args.boot_timeout, process):
-            old = slot.mount.upstream
-            slot.process = process
+        try:
+            process = AppProcess(slot.spec, path, self.backend, args).start()
+        except OSError as exc:  # no process to be had (EAGAIN, EMFILE): the score paces retries
+            _log("front", "cannot start the app: %s" % exc)
+            slot.score.add(2)
+            return
+        slot.boot = _Boot(process, make_upstream(args.transport, path, self.backend, args.timeout),
+                          make_upstream(args.transport, path, self.backend, self.health_timeout),
+                          time.monotonic() + args.boot_timeout)
+        slot.boot.watched = _in_background(self._watch_boot, slot, slot.boot)
+
+    def _watch_boot(self, slot, boot):
+        """A watcher thread: poll the new door until it answers, the app exits or time is up."""
+        if wait_for_door(boot.probe, boot.deadline - time.monotonic(), boot.process,
+                         lambda: boot.cancelled):
+            boot.outcome = "ready"
+        else:
+            boot.outcome = "exited" if boot.process.exited() else "timeout"
+        self.events.put(("booted", slot, boot))
+
+    def boot_ended(self, slot, boot):
+        if boot is not slot.boot or boot.cancelled:
+            return
+        slot.boot = None
+        process = boot.process
+        if boot.outcome == "ready":
+            old, old_upstream = slot.process, slot.mount.upstream
             if slot.health is not None:
                 slot.health.close()
-            slot.health = make_upstream(args.transport, path, self.backend, self.health_timeout)
+            slot.process, slot.health = process, boot.probe
+            slot.failed_checks, slot.next_check = 0, time.monotonic() + self.health_interval
+            args = self.args
             limit = args.max_requests + random.randint(0, args.max_requests_jitter) if args.max_requests else 0
-            slot.mount.replace(upstream, limit)
+            slot.mount.replace(boot.upstream, limit)
+            if old_upstream is not None:
+                old_upstream.close()
             if old is not None:
-                old.close()
-            return True
-        upstream.close()
-        if not process.exited():
-            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, args.boot_timeout))
+                # SIGTERM: the old app revokes its door (calls not yet invoked come back to
+                # the front, which sends them to the new one) and finishes the calls it runs.
+                old.terminate()
+                slot.retiring.append((old, time.monotonic() + args.graceful_timeout + 2))
+            if self.front is None:
+                self.start_front()
+            return
+        boot.close()
+        code = process.proc.returncode
+        if boot.outcome == "timeout":
+            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, self.args.boot_timeout))
             process.kill()
-        elif process.proc.returncode == EXIT_APP_LOAD:
+            slot.retiring.append((process, float("inf")))  # killed already: only to be reaped
+        elif code == EXIT_APP_LOAD:
             _log("front", "the application failed to load (see above)")
-            slot.load_failed = True
-            return False
         slot.score.add(2)
-        return False
+        if slot.process is not None:
+            _log("front", "the replacement did not start; app pid %d keeps serving" % slot.process.pid)
+        elif self.front is None:  # the first boot: a boot failure stops serve, with its own code
+            self.exit_code = code if code in (EXIT_APP_LOAD, EXIT_DOOR_FAILED) else 1
+        elif code == EXIT_APP_LOAD:  # it loaded before and no longer does: no respawn loop
+            self.exit_code = EXIT_APP_LOAD
 
+    # -- health -----------------------------------------------------------------
+    def _check_health(self, slot, process, health):
+        """A checker thread: one stats call, retried once if it fails other than by timing out."""
+        for attempt in (1, 2):
+            try:
+                outcome, detail = "stats", health.stats()["stuck"]
+                break
+            except _CALL_TIMEOUTS:
+                outcome, detail = "timeout", None
+                break
+            except (DoorRevoked, WireError) as exc:
+                outcome, detail = "revoked", exc  # exiting: the loop reaps it
+                break
+            except Exception as exc:  # DoorGone, a reset socket, a reply that makes no sense
+                outcome, detail = "failed", exc
+                time.sleep(0.05 * attempt)
+        self.events.put(("health", slot, process, outcome, detail))
+
+    def health_checked(self, slot, process, outcome, detail):
+        slot.checking = False
+        slot.next_check = time.monotonic() + self.health_interval
+        if process is not slot.process or process.exited():
+            return
+        slot.failed_checks = slot.failed_checks + 1 if outcome == "failed" else 0
+        if outcome == "timeout":
+            self.replace(slot, "it does not answer its door within %ss" % self.health_timeout)
+        elif outcome == "stats" and detail >= self.args.max_stuck:
+            self.replace(slot, "%d requests ran past --timeout %ss" % (detail, self.args.timeout))
+        elif slot.failed_checks >= 3:
+            self.replace(slot, "its door keeps failing: %s" % detail)
+
+    # -- the state machine ------------------------------------------------------
     def replace(self, slot, why):
         """Zero-loss replacement: the new generation takes new requests, then the old one retires."""
-        old = slot.process
-        if old is None:
-            return
-        _log("front", "replacing app pid %d: %s" % (old.pid, why))
-        if not self.spawn(slot):
-            _log("front", "the replacement did not start; app pid %d keeps serving" % old.pid)
-            return
-        # SIGTERM: the old app revokes its door (calls not yet invoked come back to the
-        # front, which sends them to the new one) and finishes the calls it is running.
-        old.terminate()
-        slot.retiring.append((old, time.monotonic() + self.args.graceful_timeout + 2))
+        if slot.process is None or slot.boot is not None:
+            return  # a boot is under way already: it is the replacement
+        _log("front", "replacing app pid %d: %s" % (slot.process.pid, why))
+        self.start_boot(slot)
 
-    def reap(self):
-        """Collect exited apps, kill retirees past their grace, respawn what is missing."""
+    def advance(self, slot):
+        """One non-blocking step: reap, kill retirees past their grace, respawn, check health."""
         now = time.monotonic()
-        for slot in self.slots:
-            for entry in list(slot.retiring):
-                process, kill_at = entry
-                if process.exited():
-                    slot.retiring.remove(entry)
-                elif now > kill_at:
-                    _log("front", "retired app pid %d is still running: killing it" % process.pid)
-                    process.kill()
-            process = slot.process
-            if process is not None and process.exited():
-                code = process.proc.returncode
-                slot.process = None
-                slot.mount.replace(None)  # requests wait for the replacement
-                slot.score.add(2)
-                _log("front", "app pid %d exited (%s); starting a new one" % (process.pid, _describe_exit(code)))
-            if slot.process is None:
-                if not slot.score.allows_spawn():
-                    if not slot.mount.refused:
-                        why = "the application keeps exiting; restarts paused (spawn score %.0f)" % slot.score.value
-                        _log("front", why + ": answering 503 meanwhile")
-                        slot.mount.replace(None, refused=why)
-                    continue
-                if not self.spawn(slot) and slot.load_failed:
-                    self.exit_code = EXIT_APP_LOAD
-                    return False
-        return True
-
-    def check_health(self):
-        """Replace an app whose requests overran --timeout too often, or that cannot answer."""
-        for slot in self.slots:
-            if slot.process is None or slot.health is None:
-                continue
-            try:
-                stuck = slot.health.stats()["stuck"]
-            except (DoorRevoked, WireError):
-                continue  # exiting: reap() will see to it
-            except DoorError:
-                self.replace(slot, "it does not answer its door within %ss" % self.health_timeout)
-                continue
-            if stuck >= self.args.max_stuck:
-                self.replace(slot, "%d requests ran past --timeout %ss" % (stuck, self.args.timeout))
+        for entry in list(slot.retiring):
+            process, kill_at = entry
+            if process.exited():
+                slot.retiring.remove(entry)
+            elif now > kill_at:
+                _log("front", "retired app pid %d is still running: killing it" % process.pid)
+                process.kill()
+                slot.retiring[slot.retiring.index(entry)] = (process, float("inf"))
+        process = slot.process
+        if process is not None and process.exited():
+            slot.process = None
+            slot.mount.replace(None)  # requests wait for the replacement
+            slot.score.add(2)
+            _log("front", "app pid %d exited (%s); starting a new one"
+                 % (process.pid, _describe_exit(process.proc.returncode)))
+        boot = slot.boot
+        if boot is not None:
+            if not boot.watched:
+                boot.watched = _in_background(self._watch_boot, slot, boot)
+            return
+        if slot.process is None:
+            if not slot.score.allows_spawn():
+                if not slot.mount.refused:
+                    why = "the application keeps exiting; restarts paused (spawn score %.0f)" % slot.score.value
+                    _log("front", why + ": answering 503 meanwhile")
+                    slot.mount.replace(None, refused=why)
+                return
+            self.start_boot(slot)
+        elif not slot.checking and now >= slot.next_check:
+            slot.checking = _in_background(self._check_health, slot, slot.process, slot.health)
 
     # -- the loop ---------------------------------------------------------------
     def run(self):
@@ -4665,89 +4830,115 @@ class Supervisor:
         try:
             return self._run()
         finally:
+            processes = []
             for slot in self.slots:
-                for process in [p for p, _ in slot.retiring] + [slot.process]:
-                    if process is not None and self.forced:
-                        process.kill()
-                    elif process is not None:
-                        process.stop(self.args.graceful_timeout)
+                if slot.boot is not None:
+                    slot.boot.cancelled = True
+                    processes.append(slot.boot.process)
+                    slot.boot.close()
+                processes += [process for process, _ in slot.retiring]
+                if slot.process is not None:
+                    processes.append(slot.process)
+            if self.forced:
+                for process in processes:
+                    process.kill()
+            stop_together(processes, self.args.graceful_timeout)
+            for slot in self.slots:
                 for upstream in (slot.mount.upstream, slot.health):
                     if upstream is not None:
                         upstream.close()
             shutil.rmtree(self.door_dir, ignore_errors=True)
 
-    def _run(self):
+    def start_front(self):
+        """Take connections on the listeners bound at start-up, once the first app answers."""
         args = self.args
-        if args.app_door:
-            mount = Mount("", make_upstream(args.transport, args.app_door, self.backend, args.timeout),
-                          supervised=False)
-            if not wait_for_door(mount.upstream, args.boot_timeout):
-                _log("front", "no application answers on door %s" % args.app_door)
-                return 1
-            what = "the application on door %s" % args.app_door
-        elif args.transport in ("cgi", "inprocess"):  # no app process to supervise
-            try:
-                mount = Mount("", make_upstream(args.transport, args.app, self.backend, args.timeout),
-                              supervised=False)
-            except AppLoadError as exc:
-                _log("front", "cannot load the application: %s" % exc)
-                return EXIT_APP_LOAD
-            what = args.app or "the built-in hello app"
-        else:
-            mount = Mount("")
-            slot = _AppSlot(mount, args.app)
-            mount.on_limit = lambda _mount: self.events.put(
-                ("replace", slot, "it served its --max-requests"))
-            self.slots.append(slot)
-            if not self.spawn(slot):
-                return EXIT_APP_LOAD if slot.load_failed else 1
-            what = "%s (app pid %d, door %s)" % (args.app or "the built-in hello app",
-                                                slot.process.pid, slot.process.door_path)
         limits = Limits(max_connections=args.max_connections, max_body=args.max_body,
                         keepalive=args.keepalive, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, min_body_rate=args.min_body_rate,
                         max_line=args.max_line, max_headers=args.max_headers,
                         max_header_size=args.max_header_size)
         static = [StaticFiles(prefix, root, args.static_index or ()) for prefix, root in args.static_map or ()]
-        self.front = FrontServer(args.listeners, [mount], limits, args.access_logger,
-                                 args.forwarded_allow_ips, upstream_wait=args.timeout, static=static,
-                                 tls=args.tls)
+        self.front = FrontServer(args.listeners, [slot.mount for slot in self.slots] or [self.mount],
+                                 limits, args.access_logger, args.forwarded_allow_ips,
+                                 upstream_wait=args.timeout, static=static, tls=args.tls)
         threading.Thread(target=self.front.serve_forever, name="front-accept", daemon=True).start()
+        what = self.what
+        if self.slots:
+            slot = self.slots[0]
+            what = "%s (app pid %d, door %s)" % (what, slot.process.pid, slot.process.door_path)
         _log("front", "serving %s at %s through %s"
              % (what, " and ".join(listener.url() for listener in args.listeners),
                 transport_description(args.transport, self.backend)))
         sd_notify(args.notify_socket, "READY=1")
-        next_check = time.monotonic() + self.health_interval
-        while True:
+
+    def _run(self):
+        args = self.args
+        if args.app_door:
+            self.mount = Mount("", make_upstream(args.transport, args.app_door, self.backend, args.timeout),
+                               supervised=False)
+            if not wait_for_door(self.mount.upstream, args.boot_timeout):
+                _log("front", "no application answers on door %s" % args.app_door)
+                return 1
+            self.what = "the application on door %s" % args.app_door
+        elif args.transport in ("cgi", "inprocess"):  # no app process to supervise
             try:
-                event = self.events.get(timeout=0.25)
+                self.mount = Mount("", make_upstream(args.transport, args.app, self.backend, args.timeout),
+                                   supervised=False)
+            except AppLoadError as exc:
+                _log("front", "cannot load the application: %s" % exc)
+                return EXIT_APP_LOAD
+            self.what = args.app or "the built-in hello app"
+        else:
+            self.what = args.app or "the built-in hello app"
+            slot = _AppSlot(Mount(""), args.app)
+            slot.mount.on_limit = lambda _mount: self.events.put(
+                ("replace", slot, "it served its --max-requests"))
+            self.slots.append(slot)
+            self.start_boot(slot)
+        if not self.slots:
+            self.start_front()
+        while self.exit_code is None:
+            try:
+                event = self.events.get(timeout=self.turn)
             except queue.Empty:
                 event = None
+            front = self.front  # None until the first app answers
             if event in (signal.SIGTERM, signal.SIGINT):
                 return self.stop(event)
             if event == signal.SIGHUP:
                 for slot in self.slots:
                     self.replace(slot, "SIGHUP")
-                if self.front.tls is not None and self.front.tls.reload():
+                if front is not None and front.tls is not None and front.tls.reload():
                     _log("front", "SIGHUP: TLS certificate reloaded for new connections")
             elif event == signal.SIGUSR1:
-                if self.front.access_log is not None:
-                    self.front.access_log.reopen()
+                if front is not None and front.access_log is not None:
+                    front.access_log.reopen()
             elif event in (signal.SIGTTIN, signal.SIGTTOU):
                 _log("front", "%s ignored: the OS sizes the door thread pool, there are no workers "
                               "to add or remove" % signal.Signals(event).name)
-            elif isinstance(event, tuple):
+            elif isinstance(event, tuple) and event[0] == "replace":
                 self.replace(event[1], event[2])
-            if not self.reap():
-                self.front.stop_accepting()
-                return self.exit_code
-            if time.monotonic() >= next_check:
-                self.check_health()
-                next_check = time.monotonic() + self.health_interval
+            elif isinstance(event, tuple) and event[0] == "booted":
+                self.boot_ended(event[1], event[2])
+            elif isinstance(event, tuple) and event[0] == "health":
+                self.health_checked(*event[1:])
+            if self.exit_code is None:
+                for slot in self.slots:
+                    self.advance(slot)
+        if self.front is not None:
+            self.front.stop_accepting()
+        return self.exit_code
 
     def stop(self, signum):
         """Graceful stop: no new connections; requests already sent get their answers."""
+        for slot in self.slots:  # a boot has no requests to finish: it stops at once
+            if slot.boot is not None:
+                slot.boot.cancelled = True
+                slot.boot.process.terminate()
         grace, front = self.args.graceful_timeout, self.front
+        if front is None:
+            _log("front", "%s: stopping before the front started" % signal.Signals(signum).name)
+            return 0
         _log("front", "%s: finishing %d request(s) in flight (up to %ss; again to force)"
              % (signal.Signals(signum).name, front.in_flight, grace))
         front.stop_accepting()
@@ -5502,22 +5693,28 @@ def run_faults(args):
             act(server)
         while load.running(workers):
             time.sleep(0.05)
+        if act is _fault_stop:
+            try:
+                server.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        serve_exit = server.proc.poll()  # None: still serving, as it should but after a stop
         counts = _read_load_counts(workers)
         log = server.output()
         server.stop()
         failed = counts["errors"] + counts["non_2xx"]
         rows.append({"event": event, "attempted": counts["requests"] + counts["errors"],
                      "answered_2xx": counts["requests"] - counts["non_2xx"], "failed": failed,
-                     "unaccepted": counts["unaccepted"],
+                     "unaccepted": counts["unaccepted"], "serve_exit": serve_exit,
                      "app_processes": len(set(re.findall(r"\[doordown app (\d+)\] serving", log)))})
         _log("bench", "%s: %d attempted, %d failed, %d unaccepted (%.1fs)" % (
             event, rows[-1]["attempted"], failed, counts["unaccepted"], time.monotonic() - acted))
-    lines = ["| event | requests attempted | failed | answered 2xx | not accepted (after stop) | app processes |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| event | requests attempted | failed | answered 2xx | not accepted (after stop) | app processes "
+             "| serve afterwards |", "|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        lines.append("| %s | %d | %d | %d | %d | %d |" % (
+        lines.append("| %s | %d | %d | %d | %d | %d | %s |" % (
             row["event"], row["attempted"], row["failed"], row["answered_2xx"], row["unaccepted"],
-            row["app_processes"]))
+            row["app_processes"], "running" if row["serve_exit"] is None else "exited %d" % row["serve_exit"]))
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:
