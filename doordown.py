@@ -5700,6 +5700,10 @@ def run_faults(args):
                 pass
         serve_exit = server.proc.poll()  # None: still serving, as it should but after a stop
         counts = _read_load_counts(workers)
+        finished = time.monotonic() + 10  # on a loaded machine the new app may come after the load
+        while act in (_fault_kill, _fault_reload) and time.monotonic() < finished and len(
+                set(re.findall(r"\[doordown app (\d+)\] serving", server.output()))) < 2:
+            time.sleep(0.05)
         log = server.output()
         server.stop()
         failed = counts["errors"] + counts["non_2xx"]
