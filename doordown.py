@@ -2608,25 +2608,26 @@ class AccessLog:
     """The access log, in gunicorn's --access-logformat (Apache's combined format by default).
 
     One line per request is on every request's path, so it is built cheaply: the format
-    is compiled once into a bytes template and one getter per atom; the time string is
-    made once a second; a value is escaped only when it holds a byte that needs it.
+    is compiled once into one function (see compile_log_format); the time string is made
+    once a second; a value is escaped only when it holds a byte that needs it.
     Lines are buffered and written by a background thread at least every
-    `flush_interval` seconds (or once 64 KiB are pending), and at exit.
+    `flush_interval` seconds (or once `flush_lines` are pending), and at exit.
     """
 
     FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
     flush_interval = 1.0
-    flush_size = 65536
+    flush_lines = 512
 
     def __init__(self, path=None, log_format=None):
         self.path = path  # None: stderr
         self.fd = 2 if path is None else self._open(path)
-        self.template, self.getters, self.wanted = compile_log_format(log_format or self.FORMAT)
-        self.lock = threading.Lock()
-        self.pending = []
-        self.pending_size = 0
+        self.format_line, self.wanted = compile_log_format(log_format or self.FORMAT)
+        self.lock = threading.Lock()  # one writer of the file at a time
+        self.pending = collections.deque()  # append and popleft are atomic: no lock per line
         self.failed = None  # why the last write failed, said once
-        self._flusher = None
+        import atexit
+        atexit.register(self.flush)  # a clean stop loses no line
+        threading.Thread(target=self._flush_loop, name="access-log", daemon=True).start()
 
     @staticmethod
     def _open(path):
@@ -2642,20 +2643,10 @@ class AccessLog:
                 name = name.lower()
                 if name in wanted:
                     headers[name] = value
-        line = self.template % tuple([get(handler, request, response, headers) for get in self.getters])
-        with self.lock:
-            self.pending.append(line)
-            self.pending_size += len(line)
-            if self._flusher is None:
-                self._start_flusher()
-            elif self.pending_size >= self.flush_size:
-                self._flush_locked()
-
-    def _start_flusher(self):
-        import atexit
-        atexit.register(self.flush)  # a clean stop loses no line
-        self._flusher = threading.Thread(target=self._flush_loop, name="access-log", daemon=True)
-        self._flusher.start()
+        pending = self.pending
+        pending.append(self.format_line(handler, request, response, headers))
+        if len(pending) >= self.flush_lines:
+            self.flush()
 
     def _flush_loop(self):
         while True:
@@ -2667,10 +2658,10 @@ class AccessLog:
             self._flush_locked()
 
     def _flush_locked(self):
-        if not self.pending:
+        pending = self.pending
+        if not pending:
             return
-        data = b"".join(self.pending)
-        self.pending, self.pending_size = [], 0
+        data = b"".join([pending.popleft() for _ in range(len(pending))])
         try:
             while data:
                 data = data[os.write(self.fd, data):]
@@ -2694,6 +2685,7 @@ class AccessLog:
             self._flush_locked()
             self.fd, old = fd, self.fd
         os.close(old)
+        _log("front", "SIGUSR1: reopened the access log %s" % self.path)
 
 
 # Bytes a log value may carry as they are; any other is escaped (\xHH, \", \\), as
@@ -2702,8 +2694,15 @@ _LOG_SAFE = bytes(range(0x20, 0x7f)).replace(b'"', b"").replace(b"\\", b"")
 
 
 def _log_value(raw):
+    """A value as the log shows it: escaped where needed, "-" when empty or absent."""
+    if not raw:
+        return b"-"
     if not raw.translate(None, _LOG_SAFE):
         return raw
+    return _log_escaped(raw)
+
+
+def _log_escaped(raw):
     return b"".join(bytes((c,)) if c in _LOG_SAFE else b"\\" + bytes((c,)) if c in b'"\\'
                     else b"\\x%02x" % c for c in raw)
 
@@ -2719,7 +2718,9 @@ def _log_text(value):
 _log_time_cache = [0, b""]
 
 
-def _log_time(handler, request, response, headers):
+def _log_time():
+    """t: [01/Dec/2026:21:17:19 +0000], local time as Apache and gunicorn write it, made
+    once a second."""
     now = int(time.time())
     if _log_time_cache[0] != now:
         _log_time_cache[1] = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now)).encode()
@@ -2727,21 +2728,14 @@ def _log_time(handler, request, response, headers):
     return _log_time_cache[1]
 
 
-def _log_request_line(handler, request, response, headers):
-    line = request.line if request is not None else handler.line
-    return _log_value(line) if line else b"-"
-
-
 def _log_request_part(pick):
     """m U q H: `pick`(method, target, version) of the request, or of the line of one
     that was refused."""
     def get(handler, request, response, headers):
         if request is not None:
-            value = pick(request.method, request.target, request.version)
-        else:
-            parts = (handler.line or b"").split(b" ")
-            value = pick(*parts) if len(parts) == 3 else b""
-        return _log_value(value) if value else b"-"
+            return _log_value(pick(request.method, request.target, request.version))
+        parts = (handler.line or b"").split(b" ")
+        return _log_value(pick(*parts) if len(parts) == 3 else b"")
     return get
 
 
@@ -2751,21 +2745,29 @@ _LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(
 _LOG_PROTOCOL = _log_request_part(lambda method, target, version: version)
 
 
+class _Inline(str):
+    """An atom as an expression of h (the handler), q (the request, None if refused),
+    r (the response) and i (the request headers the format names, lower-case); `{0}` is
+    its `constant`.  Only these, written here, are ever compiled."""
+
+    def __new__(cls, expression, constant=None, header=None):
+        self = str.__new__(cls, expression)
+        self.constant, self.header = constant, header
+        return self
+
+
 def _log_header(name, where):
     name = name.lower().encode("latin-1")
-
-    def from_request(handler, request, response, headers):
-        value = headers.get(name)
-        return _log_value(value) if value else b"-"
-    from_request.header = name  # AccessLog.write collects it
+    if where == "i":
+        return _Inline("value(i.get({0}))", name, header=name)
 
     def from_response(handler, request, response, headers):
         headers = response.headers
         for i in range(0, len(headers), 2):
             if headers[i].lower() == name:
-                return _log_value(headers[i + 1]) or b"-"
+                return _log_value(headers[i + 1])
         return b"-"
-    return from_request if where == "i" else from_response
+    return from_response
 
 
 def _log_user(handler, request, response, headers):
@@ -2775,10 +2777,12 @@ def _log_user(handler, request, response, headers):
         return b"-"
     import binascii
     try:
-        user = binascii.a2b_base64(credentials[6:]).partition(b":")[0]
+        return _log_value(binascii.a2b_base64(credentials[6:]).partition(b":")[0])
     except binascii.Error:
         return b"-"
-    return _log_value(user) if user else b"-"
+
+
+_log_user.header = b"authorization"
 
 
 def _log_elapsed(scale, text=None):
@@ -2786,6 +2790,9 @@ def _log_elapsed(scale, text=None):
         seconds = time.monotonic() - handler.started
         return (text % seconds if text else str(int(seconds * scale))).encode()
     return get
+
+
+_LOG_PEER = _Inline('(h.client_address[0].encode() or b"-")')
 
 
 def _log_variable(name):
@@ -2796,11 +2803,11 @@ def _log_variable(name):
     if key in ("content_type", "content_length"):
         return _log_header(key.replace("_", "-"), "i")
     known = {
-        "remote_addr": lambda h, q, r, i: h.client_address[0].encode() or b"-",
-        "remote_port": lambda h, q, r, i: str(h.client_address[1]).encode() or b"-",
-        "server_name": lambda h, q, r, i: h.listener.server_name,
-        "server_port": lambda h, q, r, i: h.listener.server_port,
-        "wsgi.url_scheme": lambda h, q, r, i: h.listener.scheme,
+        "remote_addr": _LOG_PEER,
+        "remote_port": _Inline('(str(h.client_address[1]).encode() or b"-")'),
+        "server_name": _Inline("h.listener.server_name"),
+        "server_port": _Inline("h.listener.server_port"),
+        "wsgi.url_scheme": _Inline("h.listener.scheme"),
         "request_method": _LOG_METHOD,
         "path_info": _LOG_PATH,
         "query_string": _LOG_QUERY,
@@ -2815,18 +2822,18 @@ def _log_variable(name):
 def _log_atoms():
     """gunicorn's access log atoms (gunicorn/glogging.py, Logger.atoms)."""
     return {
-        "h": lambda h, q, r, i: h.client_address[0].encode() or b"-",
+        "h": _LOG_PEER,
         "l": b"-",
         "u": _log_user,
-        "t": _log_time,
-        "r": _log_request_line,
+        "t": _Inline("(TIME[1] if TIME[0] == int(time()) else stamp())"),
+        "r": _Inline("value(q.line if q is not None else h.line)"),
         "m": _LOG_METHOD,
         "U": _LOG_PATH,
         "q": _LOG_QUERY,
         "H": _LOG_PROTOCOL,
-        "s": lambda h, q, r, i: r.status[:3],
-        "B": lambda h, q, r, i: str(h.sent).encode(),
-        "b": lambda h, q, r, i: str(h.sent).encode() if h.sent else b"-",
+        "s": _Inline("r.status[:3]"),
+        "B": _Inline('b"%d" % h.sent'),
+        "b": _Inline('(b"%d" % h.sent if h.sent else b"-")'),
         "f": _log_header("referer", "i"),
         "a": _log_header("user-agent", "i"),
         "T": _log_elapsed(1),
@@ -2838,10 +2845,18 @@ def _log_atoms():
 
 
 def compile_log_format(log_format):
-    """A --access-logformat as (bytes template, getters, names of the request headers
-    they read); ValueError names a bad atom."""
+    """A --access-logformat as (line function, lower-case names of the request headers it
+    reads); ValueError names a bad atom.
+
+    The function is made the way collections.namedtuple makes its methods: one expression,
+    `template % (atom, atom, ...)`, compiled once, so a line costs one call and not one
+    per atom.  The format's own text is never compiled: it is the bytes template, an
+    argument; the code is made only of the _Inline expressions above and calls of the
+    other atoms' functions."""
     atoms = _log_atoms()
-    template, getters = [], []
+    template, expressions = [], []
+    namespace = {"TIME": _log_time_cache, "time": time.time, "stamp": _log_time, "value": _log_value}
+    wanted = set()
     position = 0
     for match in re.finditer(r"%\(([^)]*)\)s|%%|%", log_format):
         template.append(log_format[position:match.start()].encode().replace(b"%", b"%%"))
@@ -2855,21 +2870,30 @@ def compile_log_format(log_format):
         braced = re.fullmatch(r"\{([^}]+)\}([ioe])", name)
         if braced:
             header, where = braced.groups()
-            getter = _log_variable(header) if where == "e" else _log_header(header, where)
+            atom = _log_variable(header) if where == "e" else _log_header(header, where)
         elif name in atoms:
-            getter = atoms[name]
+            atom = atoms[name]
         else:
             raise ValueError("unknown atom %%(%s)s (atoms: %s, {header}i, {header}o, {variable}e)"
                              % (name, " ".join(atoms)))
-        if isinstance(getter, bytes):  # a constant: into the template
-            template.append(getter.replace(b"%", b"%%"))
+        if isinstance(atom, bytes):  # a constant: into the template
+            template.append(atom.replace(b"%", b"%%"))
+            continue
+        template.append(b"%s")
+        slot = "A%d" % len(expressions)
+        if isinstance(atom, _Inline):
+            namespace[slot] = atom.constant
+            expressions.append(atom.format(slot))
         else:
-            template.append(b"%s")
-            getters.append(getter)
+            namespace[slot] = atom
+            expressions.append("%s(h, q, r, i)" % slot)
+        if getattr(atom, "header", None):
+            wanted.add(atom.header)
     template.append(log_format[position:].encode().replace(b"%", b"%%") + b"\n")
-    wanted = frozenset(getattr(get, "header", b"authorization" if get is _log_user else None)
-                       for get in getters) - {None}
-    return b"".join(template), tuple(getters), wanted
+    namespace["TEMPLATE"] = b"".join(template)
+    exec("def format_line(h, q, r, i):\n    return TEMPLATE %% (%s)\n"
+         % "".join(expression + ", " for expression in expressions), namespace)
+    return namespace["format_line"], frozenset(wanted)
 
 
 def request_fields(request, env):
