@@ -64,8 +64,15 @@ EXIT_APP_LOAD = 4
 EXIT_DOOR_FAILED = 5
 
 
-def _log(role, message):
-    """One line on stderr, prefixed with the role and pid (the app's log is stderr too)."""
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's --log-level names
+_log_threshold = [_LOG_LEVELS.index("info")]
+
+
+def _log(role, message, level="info"):
+    """One line on stderr, prefixed with the role and pid (the app's log is stderr too),
+    unless `level` is below --log-level."""
+    if _LOG_LEVELS.index(level) < _log_threshold[0]:
+        return
     sys.stderr.write("[doordown %s %d] %s\n" % (role, os.getpid(), message))
     sys.stderr.flush()
 
@@ -285,7 +292,7 @@ class _EmulatedDoorServer:
                 # EMFILE, ENFILE, ENOBUFS: the caller waits in the backlog, as a door
                 # call waits for a server thread; take it once descriptors are free again.
                 if not failing:
-                    _log("door", "accept failed (%s): retrying" % (exc.strerror or exc))
+                    _log("door", "accept failed (%s): retrying" % (exc.strerror or exc), "warning")
                 failing = True
                 time.sleep(0.05)
                 continue
@@ -316,7 +323,7 @@ class _EmulatedDoorServer:
                         threading.Thread(target=self._server_thread, args=(handoff,),
                                          name="door-server-%d" % (self.threads + 1), daemon=True).start()
                     except RuntimeError as exc:  # can't start new thread: the next idle one serves it
-                        _log("door", "no new server thread (%s): the call waits" % exc)
+                        _log("door", "no new server thread (%s): the call waits" % exc, "warning")
                         return
                     self.threads += 1
                 item = self._waiting.popleft()
@@ -353,7 +360,7 @@ class _EmulatedDoorServer:
                 try:
                     reply, reply_fds = self._handler(data, fds, caller)
                 except BaseException:  # on illumos the thread would exit; the caller gets EINTR
-                    _log("door", "door handler raised:\n" + traceback.format_exc())
+                    _log("door", "door handler raised:\n" + traceback.format_exc(), "error")
                     return
                 finally:
                     with self._lock:
@@ -857,13 +864,13 @@ class _NativeDoorServer:
                 caller = self._caller()
             except DoorError as exc:
                 _close_fds(fds)
-                _log("door", "a call whose caller had left was dropped unrun (%s)" % exc)
+                _log("door", "a call whose caller had left was dropped unrun (%s)" % exc, "warning")
                 return
             data = ctypes.string_at(argp, arg_size) if arg_size else b""
             answer, answer_fds = self._handler(data, fds, caller)
             self._leave_reply(reply.contents, answer, answer_fds)
         except BaseException:  # the reply stays empty; the caller sees an empty answer
-            _log("door", "door handler raised:\n" + traceback.format_exc())
+            _log("door", "door handler raised:\n" + traceback.format_exc(), "error")
 
     def _refused(self, reply):
         """door_return refused the reply: close its descriptors, leave an explanation."""
@@ -877,9 +884,9 @@ class _NativeDoorServer:
             reply = reply.contents
             reply.desc, reply.ndesc = None, 0
             self._leave_reply(reply, answer, ())
-            _log("door", "door_return refused a reply: %s" % os.strerror(number))
+            _log("door", "door_return refused a reply: %s" % os.strerror(number), "error")
         except BaseException:
-            _log("door", "door reply refusal:\n" + traceback.format_exc())
+            _log("door", "door reply refusal:\n" + traceback.format_exc(), "error")
 
     @property
     def in_flight(self):
@@ -1423,7 +1430,7 @@ class WSGIGateway:
     def __call__(self, data, fds, caller):
         if caller.euid not in self.allowed_uids:
             _close_fds(fds)
-            _log("app", "refused a door call from euid %d pid %d" % (caller.euid, caller.pid))
+            _log("app", "refused a door call from euid %d pid %d" % (caller.euid, caller.pid), "warning")
             return pack_message(KIND_FAIL, 0, [b"403", b"caller not allowed"]), []
         try:
             kind, flags, fields = unpack_message(data, (KIND_REQUEST, KIND_PING))
@@ -1433,7 +1440,7 @@ class WSGIGateway:
             return self.handle_request(flags, fields, fds)
         except WireError as exc:
             _close_fds(fds)
-            _log("app", "bad door message: %s" % exc)
+            _log("app", "bad door message: %s" % exc, "warning")
             return pack_message(KIND_FAIL, 0, [b"400", str(exc).encode()]), []
 
     def stats(self):
@@ -1487,7 +1494,7 @@ class WSGIGateway:
         status, headers, body, close = self.respond(environ)
         if sum(map(len, headers)) + 8 * len(headers) > REPLY_HEAD_MAX:
             _log("app", "response head of %s %s over %d bytes: 500 instead"
-                 % (environ["REQUEST_METHOD"], environ["PATH_INFO"], REPLY_HEAD_MAX))
+                 % (environ["REQUEST_METHOD"], environ["PATH_INFO"], REPLY_HEAD_MAX), "warning")
             status, headers, body, close = self.error_reply()
         flags = FLAG_CLOSE if close else 0
         if len(body) > INLINE_BODY_MAX:
@@ -1545,14 +1552,14 @@ class WSGIGateway:
         except Exception:
             _log("app", "error in %s %s:\n%s" % (_log_text(environ.get("REQUEST_METHOD", "")),
                                                   _log_text(environ.get("PATH_INFO", "")),
-                                                  traceback.format_exc().rstrip()))
+                                                  traceback.format_exc().rstrip()), "error")
             return self.error_reply()
         finally:
             if hasattr(result, "close"):
                 try:
                     result.close()
                 except Exception:
-                    _log("app", "error in close():\n" + traceback.format_exc().rstrip())
+                    _log("app", "error in close():\n" + traceback.format_exc().rstrip(), "error")
         return self.framed(environ, out)
 
     @staticmethod
@@ -1592,14 +1599,15 @@ class WSGIGateway:
                    if out.headers[i].lower() == b"content-length"]
         if len(lengths) > 1 or (lengths and not _DIGITS.fullmatch(lengths[0])):
             _log("app", "Content-Length %s from the application: answering 500"
-                 % ", ".join(repr(v) for v in lengths))
+                 % ", ".join(repr(v) for v in lengths), "warning")
             return self.error_reply()
         if environ["REQUEST_METHOD"] == "HEAD":
             body = b""
         elif lengths:
             length = int(lengths[0])
             if length < len(body):
-                _log("app", "Content-Length %d but %d bytes of body: closing after it" % (length, len(body)))
+                _log("app", "Content-Length %d but %d bytes of body: closing after it" % (length, len(body)),
+                     "warning")
                 close = True
                 body = body[:length]
             elif length > len(body):
@@ -1616,10 +1624,11 @@ def run_app(args):
     try:
         app = load_app(args.app)
     except AppLoadError as exc:
-        _log("app", "cannot load the application: %s" % exc)
+        _log("app", "cannot load the application: %s" % exc, "error")
         return EXIT_APP_LOAD
     except BaseException:
-        _log("app", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()))
+        _log("app", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()),
+             "error")
         return EXIT_APP_LOAD
     gateway = WSGIGateway(app, args.allow_uid, args.timeout)
     backend = None
@@ -1632,7 +1641,7 @@ def run_app(args):
             server = APP_SERVERS[args.transport](args.door, gateway)
             where = "socket %s (%s)" % (args.door, server.description)
     except (OSError, ValueError) as exc:
-        _log("app", "cannot listen at %s: %s" % (args.door, exc))
+        _log("app", "cannot listen at %s: %s" % (args.door, exc), "error")
         return EXIT_DOOR_FAILED
     gateway.door_threads = lambda: server.threads
     _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
@@ -1768,7 +1777,8 @@ class per_thread:
         try:
             self._close(resource)
         except Exception:
-            _log("app", "closing a per-thread resource failed:\n" + traceback.format_exc().rstrip())
+            _log("app", "closing a per-thread resource failed:\n" + traceback.format_exc().rstrip(),
+                 "warning")
 
 
 class _Held:
@@ -2668,7 +2678,7 @@ class AccessLog:
         except OSError as exc:
             if self.failed != exc.strerror:
                 self.failed = exc.strerror
-                _log("front", "cannot write the access log: %s" % exc.strerror)
+                _log("front", "cannot write the access log: %s" % exc.strerror, "error")
 
     def reopen(self):
         """SIGUSR1 (logrotate): write what is pending, then continue in a new file at the path."""
@@ -2679,7 +2689,7 @@ class AccessLog:
             fd = self._open(self.path)
         except OSError as exc:
             _log("front", "cannot reopen the access log %s: %s; writing on to the old file"
-                 % (self.path, exc.strerror))
+                 % (self.path, exc.strerror), "warning")
             return
         with self.lock:
             self._flush_locked()
@@ -3353,7 +3363,7 @@ class TLSContext:
         try:
             self.context = self._load()
         except BindError as exc:
-            _log("front", "%s; keeping the certificate loaded before" % exc)
+            _log("front", "%s; keeping the certificate loaded before" % exc, "warning")
             return False
         return True
 
@@ -3453,7 +3463,7 @@ class FrontServer(ThreadingHTTPServer):
             with self._lock:
                 self._connections.pop(request, None)
             self._slots.release()
-            _log("front", "no thread for a connection: %s" % exc)
+            _log("front", "no thread for a connection: %s" % exc, "warning")
             self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address, listener):
@@ -3483,7 +3493,8 @@ class FrontServer(ThreadingHTTPServer):
             self._slots.release()
 
     def handle_error(self, request, client_address):
-        _log("front", "error on connection from %s:\n%s" % (client_address[0], traceback.format_exc().rstrip()))
+        _log("front", "error on connection from %s:\n%s" % (client_address[0], traceback.format_exc().rstrip()),
+             "error")
 
     def busy(self, sock, busy):
         with self._lock:
@@ -3551,7 +3562,7 @@ class FrontServer(ThreadingHTTPServer):
     @staticmethod
     def log_failure(request, why):
         where = "%s %s" % (_log_text(request.method), _log_text(request.path)) if request else "-"
-        _log("front", "%s: %s" % (where, why))
+        _log("front", "%s: %s" % (where, why), "error")
 
     def apply_proxy_headers(self, request, env, peer, listener):
         """Honour X-Forwarded-For/-Proto from an allowed proxy; from anyone else, drop them.
@@ -3721,7 +3732,7 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         except OSError:
             return False
         if caller.euid not in self.gateway.allowed_uids:
-            _log("app", "refused a connection from euid %d pid %d" % (caller.euid, caller.pid))
+            _log("app", "refused a connection from euid %d pid %d" % (caller.euid, caller.pid), "warning")
             return False
         return True
 
@@ -3737,7 +3748,7 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
                 self.threads -= 1
 
     def handle_error(self, request, client_address):
-        _log("app", "error on a connection from the front:\n" + traceback.format_exc().rstrip())
+        _log("app", "error on a connection from the front:\n" + traceback.format_exc().rstrip(), "error")
 
     def busy(self, sock, busy):
         with self._lock:
@@ -4330,7 +4341,7 @@ class FastCGIUpstream:
             if kind == _FCGI_STDOUT:
                 stdout.append(content)
             elif kind == _FCGI_STDERR and content:
-                _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip())
+                _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip(), "error")
             elif kind == _FCGI_END_REQUEST:
                 if len(content) < _FCGI_END.size:
                     raise TransportError("FastCGI END_REQUEST of %d bytes" % len(content))
@@ -4435,12 +4446,13 @@ def run_cgi(args):
     environ = {name.decode("latin-1"): value.decode("latin-1")
                for name, value in os.environb.items()}
     if "REQUEST_METHOD" not in environ:
-        _log("cgi", "no REQUEST_METHOD in the environment: run by a web server, not by hand")
+        _log("cgi", "no REQUEST_METHOD in the environment: run by a web server, not by hand", "error")
         return EXIT_USAGE
     try:
         app = load_app(args.app)
     except BaseException:
-        _log("cgi", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()))
+        _log("cgi", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()),
+             "error")
         return EXIT_APP_LOAD
     gateway = WSGIGateway(app)
     environ.update(gateway.wsgi_keys)
@@ -4543,6 +4555,8 @@ class AppProcess:
             command += ["--allow-uid", str(uid)]
         if args.reload:
             command.append("--reload")
+        if args.log_level != "info":
+            command += ["--log-level", args.log_level]
         if self.spec:
             command.append(self.spec)
         # Its own session: a Ctrl-C at the terminal reaches the front, which then stops
@@ -4579,7 +4593,7 @@ def stop_together(processes, grace):
         time.sleep(0.02)
     for process in processes:
         if not process.exited():
-            _log("front", "app pid %d did not stop in time: killing it" % process.pid)
+            _log("front", "app pid %d did not stop in time: killing it" % process.pid, "warning")
             process.kill()
     for process in processes:
         process.proc.wait()
@@ -4609,7 +4623,7 @@ def _in_background(target, *args):
     try:
         threading.Thread(target=run, name="supervisor-" + target.__name__.strip("_"), daemon=True).start()
     except RuntimeError as exc:  # can't start new thread
-        _log("front", "cannot start a thread (%s): trying again shortly" % exc)
+        _log("front", "cannot start a thread (%s): trying again shortly" % exc, "warning")
         return False
     return True
 
@@ -4716,7 +4730,7 @@ class Supervisor:
         try:
             process = AppProcess(slot.spec, path, self.backend, args).start()
         except OSError as exc:  # no process to be had (EAGAIN, EMFILE): the score paces retries
-            _log("front", "cannot start the app: %s" % exc)
+            _log("front", "cannot start the app: %s" % exc, "error")
             slot.score.add(2)
             return
         slot.boot = _Boot(process, make_upstream(args.transport, path, self.backend, args.timeout),
@@ -4760,14 +4774,14 @@ class Supervisor:
         boot.close()
         code = process.proc.returncode
         if boot.outcome == "timeout":
-            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, self.args.boot_timeout))
+            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, self.args.boot_timeout), "warning")
             process.kill()
             slot.retiring.append((process, float("inf")))  # killed already: only to be reaped
         elif code == EXIT_APP_LOAD:
-            _log("front", "the application failed to load (see above)")
+            _log("front", "the application failed to load (see above)", "error")
         slot.score.add(2)
         if slot.process is not None:
-            _log("front", "the replacement did not start; app pid %d keeps serving" % slot.process.pid)
+            _log("front", "the replacement did not start; app pid %d keeps serving" % slot.process.pid, "warning")
         elif self.front is None:  # the first boot: a boot failure stops serve, with its own code
             self.exit_code = code if code in (EXIT_APP_LOAD, EXIT_DOOR_FAILED) else 1
         elif code == EXIT_APP_LOAD:  # it loaded before and no longer does: no respawn loop
@@ -4820,7 +4834,7 @@ class Supervisor:
             if process.exited():
                 slot.retiring.remove(entry)
             elif now > kill_at:
-                _log("front", "retired app pid %d is still running: killing it" % process.pid)
+                _log("front", "retired app pid %d is still running: killing it" % process.pid, "warning")
                 process.kill()
                 slot.retiring[slot.retiring.index(entry)] = (process, float("inf"))
         process = slot.process
@@ -4829,7 +4843,7 @@ class Supervisor:
             slot.mount.replace(None)  # requests wait for the replacement
             slot.score.add(2)
             _log("front", "app pid %d exited (%s); starting a new one"
-                 % (process.pid, _describe_exit(process.proc.returncode)))
+                 % (process.pid, _describe_exit(process.proc.returncode)), "warning")
         boot = slot.boot
         if boot is not None:
             if not boot.watched:
@@ -4839,7 +4853,7 @@ class Supervisor:
             if not slot.score.allows_spawn():
                 if not slot.mount.refused:
                     why = "the application keeps exiting; restarts paused (spawn score %.0f)" % slot.score.value
-                    _log("front", why + ": answering 503 meanwhile")
+                    _log("front", why + ": answering 503 meanwhile", "warning")
                     slot.mount.replace(None, refused=why)
                 return
             self.start_boot(slot)
@@ -4901,7 +4915,7 @@ class Supervisor:
             self.mount = Mount("", make_upstream(args.transport, args.app_door, self.backend, args.timeout),
                                supervised=False)
             if not wait_for_door(self.mount.upstream, args.boot_timeout):
-                _log("front", "no application answers on door %s" % args.app_door)
+                _log("front", "no application answers on door %s" % args.app_door, "error")
                 return 1
             self.what = "the application on door %s" % args.app_door
         elif args.transport in ("cgi", "inprocess"):  # no app process to supervise
@@ -4909,7 +4923,7 @@ class Supervisor:
                 self.mount = Mount("", make_upstream(args.transport, args.app, self.backend, args.timeout),
                                    supervised=False)
             except AppLoadError as exc:
-                _log("front", "cannot load the application: %s" % exc)
+                _log("front", "cannot load the application: %s" % exc, "error")
                 return EXIT_APP_LOAD
             self.what = args.app or "the built-in hello app"
         else:
@@ -4935,8 +4949,8 @@ class Supervisor:
                 if front is not None and front.tls is not None and front.tls.reload():
                     _log("front", "SIGHUP: TLS certificate reloaded for new connections")
             elif event == signal.SIGUSR1:
-                if front is not None and front.access_log is not None:
-                    front.access_log.reopen()
+                if args.access_logger is not None:
+                    args.access_logger.reopen()
             elif event in (signal.SIGTTIN, signal.SIGTTOU):
                 _log("front", "%s ignored: the OS sizes the door thread pool, there are no workers "
                               "to add or remove" % signal.Signals(event).name)
@@ -4974,14 +4988,14 @@ class Supervisor:
         while front.open_connections:
             if time.monotonic() >= deadline:
                 self.forced = True
-                _log("front", "grace period over: forced stop with %d request(s) in flight" % front.in_flight)
+                _log("front", "grace period over: forced stop with %d request(s) in flight" % front.in_flight, "warning")
                 break
             if time.monotonic() >= linger_until:
                 front.close_idle()
             try:
                 if self.events.get(timeout=0.05) in (signal.SIGTERM, signal.SIGINT):
                     self.forced = True
-                    _log("front", "forced stop with %d request(s) in flight" % front.in_flight)
+                    _log("front", "forced stop with %d request(s) in flight" % front.in_flight, "warning")
                     break
             except queue.Empty:
                 pass
@@ -6302,7 +6316,7 @@ def sd_notify(path, state):
             sock.connect("\0" + path[1:] if path[0] == "@" else path)
             sock.sendall(state.encode())
     except OSError as exc:
-        _log("front", "cannot notify systemd at %s: %s" % (path, exc.strerror or exc))
+        _log("front", "cannot notify systemd at %s: %s" % (path, exc.strerror or exc), "warning")
 
 
 ###############################################################################
@@ -6548,7 +6562,8 @@ def build_parser():
                        help="on SIGTERM/SIGINT, time given to requests in flight (default 30)")
     serve.add_argument("--boot-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                        help="time for the app to answer on its door after starting (default 30)")
-    serve.add_argument("--keepalive", type=_positive(float), default=Limits.keepalive, metavar="SECONDS",
+    serve.add_argument("--keepalive", "--keep-alive", type=_positive(float), default=Limits.keepalive,
+                       metavar="SECONDS",
                        help="close idle keep-alive connections after this (default 5)")
     serve.add_argument("--header-timeout", type=_positive(float), default=Limits.header_timeout,
                        metavar="SECONDS", help="time for a request line and headers to arrive (default 10)")
@@ -6569,6 +6584,8 @@ def build_parser():
     serve.add_argument("--access-logformat", type=_log_format, metavar="FORMAT",
                        help="gunicorn's atoms, e.g. '%%(h)s \"%%(r)s\" %%(s)s %%(D)s' "
                             "(default: Apache combined)")
+    serve.add_argument("--log-level", choices=_LOG_LEVELS, default="info",
+                       help="the least severe messages logged, the app's too (default info)")
     serve.add_argument("--pid", metavar="FILE", help="write the front's pid to FILE (removed at exit)")
     serve.add_argument("-u", "--user", metavar="USER", help="run as USER once the sockets are bound")
     serve.add_argument("-g", "--group", metavar="GROUP",
@@ -6615,6 +6632,8 @@ def build_parser():
     app.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                      help="report requests running longer as stuck (default 30)")
     app.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # stop when this front dies
+    app.add_argument("--log-level", choices=_LOG_LEVELS, default="info",
+                     help="the least severe messages logged (default info)")
     app.add_argument("--reload", action="store_true",
                      help="ask the front (SIGHUP to --parent-pid) for a new app when a source file changes")
 
@@ -6780,6 +6799,8 @@ def main(argv=None):
         args = _parse_service_command(parser, argv)
     else:
         args = parser.parse_args(argv)
+    if getattr(args, "log_level", None):
+        _log_threshold[0] = _LOG_LEVELS.index(args.log_level)
     try:
         if args.command == "app":
             return run_app(args)
