@@ -3213,6 +3213,7 @@ class Listener:
 
     def __init__(self, sock, name, path=None):
         self.sock, self.name, self.path = sock, name, path  # path: a Unix socket's, ours to remove
+        self.inode = os.stat(path).st_ino if path is not None else None
         self.unix = sock.family == socket.AF_UNIX
         if self.unix:  # no port: PEP 3333 still wants SERVER_NAME and SERVER_PORT
             self.server_name, self.server_port = b"localhost", b"80"
@@ -3227,12 +3228,15 @@ class Listener:
         return "%s://%s/" % (self.scheme.decode(), self.name)
 
     def close(self):
+        """Close the socket; remove its file unless it is another server's by now (one
+        started while this one finished its requests)."""
         self.sock.close()
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+        path, self.path = self.path, None
+        try:
+            if path is not None and os.lstat(path).st_ino == self.inode:
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def open_listeners(binds, backlog=2048, unix_perms=0o600, environ=os.environ):
@@ -3370,7 +3374,6 @@ class TLSContext:
     def handshake(self, sock, timeout):
         """The TLS socket for an accepted `sock` once its handshake is done within
         `timeout` seconds, however the client paces it; None (and closed) otherwise."""
-        import select
         import ssl
         deadline = time.monotonic() + timeout
         try:
@@ -3410,7 +3413,6 @@ class FrontServer(ThreadingHTTPServer):
                  forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0, static=(), tls=None):
         socketserver.BaseServer.__init__(self, listeners[0].sock.getsockname(), FrontHandler)
         self.listeners = listeners
-        self.socket = listeners[0].sock
         self.mounts = sorted(mounts, key=lambda m: len(m.prefix), reverse=True)
         self.static = sorted(static, key=lambda s: len(s.prefix), reverse=True)
         self.limits = limits or Limits()
@@ -3421,6 +3423,8 @@ class FrontServer(ThreadingHTTPServer):
         if tls is not None:
             for listener in listeners:
                 listener.scheme = b"https"
+                if listener.unix:
+                    listener.server_port = b"443"
         self.stopping = False
         self._accepting = threading.Event()
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
@@ -6211,7 +6215,8 @@ def smf_manifest(args):
     pid_file = args.pid or "/var/run/%s.pid" % name
     command = _service_command(args) + ([] if args.pid else ["--pid", pid_file])
     quote = lambda word: escape(_shell_quote(word).replace("%", "%%"), {'"': "&quot;"})
-    signal_front = "/usr/bin/kill -%%s $(/usr/bin/cat %s)" % quote(pid_file)
+    def signal_front(name):
+        return "/usr/bin/kill -%s $(/usr/bin/cat %s)" % (name, quote(pid_file))
     stop_timeout = int(args.graceful_timeout) + 15
     access = ("its access log: %s" % os.path.abspath(args.access_log)
               if args.access_log not in ("-", "off") else "its access log goes there too"
@@ -6255,7 +6260,7 @@ def smf_manifest(args):
 </service_bundle>
 """.format(file=name, name=name, access=escape(access), cwd=escape(os.getcwd(), {'"': "&quot;"}),
            start_timeout=int(args.boot_timeout) + 30, start=" ".join(quote(w) for w in command),
-           stop_timeout=stop_timeout, stop=signal_front % "TERM", refresh=signal_front % "HUP",
+           stop_timeout=stop_timeout, stop=signal_front("TERM"), refresh=signal_front("HUP"),
            title=escape("doordown: %s" % (args.app or "the built-in hello app")))
 
 
@@ -6285,7 +6290,7 @@ RestartPreventExitStatus={usage} {load}
 WantedBy=multi-user.target
 """.format(name=_service_name(args), title=args.app or "the built-in hello app",
            start=" ".join(_systemd_quote(word) for word in _service_command(args)), kill=kill,
-           stop_timeout=int(args.graceful_timeout) + 15, cwd=_systemd_quote(os.getcwd()),
+           stop_timeout=int(args.graceful_timeout) + 15, cwd=os.getcwd().replace("%", "%%"),
            usage=EXIT_USAGE, load=EXIT_APP_LOAD)
 
 
