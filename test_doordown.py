@@ -291,11 +291,16 @@ def test_default_bind_and_access_log(started, tmp_path):
                         r'"GET /a\?b=c HTTP/1\.1" 200 24 "http://r/" "pytest-ua"\n', line), line
 
 
+def _read(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
-    readme = open(os.path.join(HERE, "README.md")).read()
+    readme = _read(os.path.join(HERE, "README.md"))
     commands = re.search(r"```sh\n(.*?)```", readme, re.S).group(1).splitlines()
     assert commands[1].startswith("python3 -m venv .venv && ")  # PEP 668: no pip outside a venv
-    assert commands[1] in open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+    assert commands[1] in _read(os.path.join(HERE, ".ci", "run")).splitlines()
 
 
 # -- WSGI ------------------------------------------------------------------------------
@@ -764,8 +769,8 @@ def test_inherited_sockets_fd_and_systemd_listen_fds(started):
         server = started("-c", launcher, DOORDOWN, "serve", "--doors", DOORS, "--access-log", "off",
                          pass_fds=(activated.fileno(),), script=False)
         assert server.port == activated.getsockname()[1] and server.get("/")[0] == 200
-        app_environ = open("/proc/%d/environ" % server.app_pid(), "rb").read().split(b"\0")
-        assert not [item for item in app_environ if item.startswith(b"LISTEN_")]
+        app_environ = _read("/proc/%d/environ" % server.app_pid()).split("\0")
+        assert not [item for item in app_environ if item.startswith("LISTEN_")]
 
 
 def _certificate(directory, name):
@@ -931,7 +936,7 @@ def test_user_and_group_dropped_after_binding_a_privileged_port(started, tmp_pat
     assert server.port == port and server.get("/")[0] == 200
 
     def ids(pid):
-        status = open("/proc/%d/status" % pid).read()
+        status = _read("/proc/%d/status" % pid)
         return [int(re.search(r"^%s:\s+(\d+)" % key, status, re.M).group(1)) for key in ("Uid", "Gid")]
     assert ids(server.proc.pid) == ids(server.app_pid()) == [nobody.pw_uid, nobody.pw_gid]
 
@@ -944,8 +949,8 @@ def test_readiness_is_notified_to_systemd(started, tmp_path):
         server = started("serve", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off",
                          env=dict(os.environ, NOTIFY_SOCKET=path))
         assert notify.recv(100) == b"READY=1"
-    app_environ = open("/proc/%d/environ" % server.app_pid(), "rb").read().split(b"\0")
-    assert not [item for item in app_environ if item.startswith(b"NOTIFY_SOCKET=")]
+    app_environ = _read("/proc/%d/environ" % server.app_pid()).split("\0")
+    assert not [item for item in app_environ if item.startswith("NOTIFY_SOCKET=")]
 
 
 DTD = os.path.join(HERE, "..", "shared", "data", "service_bundle.dtd.1")
