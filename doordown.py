@@ -5,6 +5,7 @@
     python3 doordown.py app [module:app] --door PATH    the app role alone
     python3 doordown.py bench [--faults]       measure the transports, or the failures
     python3 doordown.py check                  put this machine's doors through their paces
+    python3 doordown.py systemd|smf [serve options]    print a service file for that serve
 
 A web front and a web application talk over *doors*: a synchronous IPC in which a
 client thread calls into another process and the kernel picks, or creates, the
@@ -3435,18 +3436,22 @@ class FrontServer(ThreadingHTTPServer):
     def serve_forever(self, poll_interval=0.25):
         """Accept on every listener until stop_accepting()."""
         self._accepting.set()
-        with selectors.DefaultSelector() as selector:
-            for listener in self.listeners:
-                selector.register(listener.sock, selectors.EVENT_READ, listener)
-            while not self.stopping:
-                for key, _ in selector.select(poll_interval):
-                    self.accept(key.data)
-        self._accepting.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                for listener in self.listeners:
+                    selector.register(listener.sock, selectors.EVENT_READ, listener)
+                while not self.stopping:
+                    for key, _ in selector.select(poll_interval):
+                        self.accept(key.data)
+        finally:
+            self._accepting.clear()
 
     def accept(self, listener):
         try:
             request, client_address = listener.sock.accept()
-        except OSError:  # gone between select and accept, or the listener was closed
+        except OSError as exc:  # gone between select and accept, or out of descriptors
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(0.05)  # the backlog keeps the connection; do not spin meanwhile
             return
         self.process_request(request, client_address, listener)
 
@@ -6742,8 +6747,6 @@ def prepare_serve(args):
             for listener in args.listeners:
                 if listener.path is not None:  # the proxy in --group must reach it
                     os.chown(listener.path, uid, gid)
-            if args.access_logger is not None and args.access_logger.path is not None:
-                os.chown(args.access_logger.path, uid, gid)  # so that SIGUSR1 can reopen it
             if user is not None and os.getuid() != uid:
                 os.initgroups(user, gid)
             os.setgid(gid)
