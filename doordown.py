@@ -4978,6 +4978,7 @@ class Supervisor:
 
     def stop(self, signum):
         """Graceful stop: no new connections; requests already sent get their answers."""
+        sd_notify(self.args.notify_socket, "STOPPING=1")
         for slot in self.slots:  # a boot has no requests to finish: it stops at once
             if slot.boot is not None:
                 slot.boot.cancelled = True

@@ -949,8 +949,10 @@ def test_readiness_is_notified_to_systemd(started, tmp_path):
         server = started("serve", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off",
                          env=dict(os.environ, NOTIFY_SOCKET=path))
         assert notify.recv(100) == b"READY=1"
-    app_environ = _read("/proc/%d/environ" % server.app_pid()).split("\0")
-    assert not [item for item in app_environ if item.startswith("NOTIFY_SOCKET=")]
+        app_environ = _read("/proc/%d/environ" % server.app_pid()).split("\0")
+        assert not [item for item in app_environ if item.startswith("NOTIFY_SOCKET=")]
+        server.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(100) == b"STOPPING=1" and server.proc.wait(30) == 0
 
 
 DTD = os.path.join(HERE, "..", "shared", "data", "service_bundle.dtd.1")
