@@ -267,13 +267,11 @@ class _EmulatedDoorServer:
         self.threads = 0
         self.in_flight = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket file is born 0600: owner only
         try:
-            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale door left by a killed server
-            self._listener.bind(path)
-        finally:
-            os.umask(old_umask)
+            bind_unix_socket(self._listener, path)
+        except OSError:
+            self._listener.close()
+            raise
         self._listener.listen(256)
         self._acceptor = threading.Thread(target=self._accept_loop, name="door-accept", daemon=True)
         self._acceptor.start()
@@ -429,6 +427,38 @@ def _answer_revoked(conn):
     conn.close()
 
 
+def bind_unix_socket(sock, path, perms=0o600):
+    """Bind the Unix socket `sock` at `path`, its file born with mode `perms` (0600: its
+    owner only; the umask is set around bind, so there is no moment with a wider mode).
+
+    A socket file that a server that is gone left there is replaced; one a live server
+    answers on, or a file that is not a socket, is an OSError (EADDRINUSE, EEXIST).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, "it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left behind by a server that is gone
+        else:
+            raise OSError(errno.EADDRINUSE, "another server is listening there")
+        finally:
+            probe.close()
+    old_umask = os.umask(0o777 & ~perms)
+    try:
+        sock.bind(path)
+        os.chmod(path, perms)
+    finally:
+        os.umask(old_umask)
+
+
 def _io_timeout(sock, seconds):
     """Bound each send and receive on the blocking socket `sock` by `seconds` (None: no bound).
 
@@ -450,8 +480,7 @@ class _EmulatedDoorClient:
     def __init__(self, path, timeout=None):
         self.path = path
         self.timeout = timeout
-        self._idle = []  # LIFO of connected sockets; list append/pop are atomic
-        self._closed = False
+        self._pool = LifoPool(self._connect)
 
     def _connect(self):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -466,10 +495,7 @@ class _EmulatedDoorClient:
     def call(self, data, fds=()):
         if len(data) > DOOR_CALL_MAX:
             raise DoorError(errno.E2BIG, "door call of %d bytes exceeds %d" % (len(data), DOOR_CALL_MAX))
-        try:
-            sock = self._idle.pop()
-        except IndexError:
-            sock = self._connect()
+        sock = self._pool.get()
         try:
             _send_message(sock, data, fds)
         except OSError:  # the server closed this connection: the call was not delivered
@@ -485,10 +511,10 @@ class _EmulatedDoorClient:
             if isinstance(exc, DoorError):
                 raise
             raise DoorGone(errno.EINTR, "door server at %s went away during the call" % self.path)
-        if self._closed or revoked_after:
+        if revoked_after:
             sock.close()
         else:
-            self._idle.append(sock)
+            self._pool.put(sock)
         return reply, reply_fds
 
     def server_pid(self):
@@ -500,9 +526,7 @@ class _EmulatedDoorClient:
 
     def close(self):
         """Close idle connections now, busy ones when their call returns."""
-        self._closed = True
-        while self._idle:
-            self._idle.pop().close()
+        self._pool.close()
 
 
 def _shutdown(sock):
@@ -2309,35 +2333,82 @@ class _BodySink:
             self.spool.close()
 
 
-class _ClientReader:
-    """Reads a client's bytes into one buffer, each read bounded by a deadline."""
+class BufferedSocket:
+    """A connected socket and its receive buffer: how doordown reads every byte stream (a
+    client's requests, an application's replies, a FastCGI peer's records)."""
 
-    __slots__ = ("sock", "buf", "timeout")
+    __slots__ = ("sock", "buf", "chunk", "timeout")
 
-    def __init__(self, sock):
+    def __init__(self, sock, chunk=65536):
         self.sock = sock
         self.buf = bytearray()
+        self.chunk = chunk  # bytes per recv: more costs an allocation that large each time
         self.timeout = None
 
-    def fill(self, deadline):
-        """Read what is there; False on end-of-file.  Raises _ClientGone past the deadline."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _ReadTimeout("read timed out")
-        # settimeout costs a system call; skip it while the current one is close enough.
-        if self.timeout is None or abs(self.timeout - remaining) > 0.25:
-            self.sock.settimeout(remaining)
-            self.timeout = remaining
+    def fill(self, deadline=None):
+        """Receive what has arrived into `buf`; False at end-of-file (or a reset).
+
+        With `deadline` (a time.monotonic() value) a wait past it raises _ReadTimeout;
+        without, the socket's own bound (_io_timeout) raises TimeoutError.
+        """
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _ReadTimeout("read timed out")
+            # settimeout costs a system call; skip it while the current one is close enough.
+            if self.timeout is None or abs(self.timeout - remaining) > 0.25:
+                self.sock.settimeout(remaining)
+                self.timeout = remaining
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(self.chunk)
         except socket.timeout:
             raise _ReadTimeout("read timed out")
+        except BlockingIOError:  # the kernel's SO_RCVTIMEO: see _io_timeout
+            raise TimeoutError("the peer did not answer in time")
         except OSError:
             return False
         if not data:
             return False
         self.buf += data
         return True
+
+    def read_exact(self, size):
+        while len(self.buf) < size:
+            if not self.fill():
+                raise TransportError("the peer closed the connection")
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data
+
+    def read_until(self, separator, limit):
+        """Bytes up to `separator` (which is consumed, not returned)."""
+        start = 0
+        while True:
+            end = self.buf.find(separator, start)
+            if end >= 0:
+                data = bytes(self.buf[:end])
+                del self.buf[:end + len(separator)]
+                return data
+            if len(self.buf) > limit:
+                raise TransportError("no %r within %d bytes" % (separator, limit))
+            start = max(0, len(self.buf) - len(separator) + 1)
+            if not self.fill():
+                raise TransportError("the peer closed the connection")
+
+    def read_at_most(self, size):
+        """Up to `size` bytes, fewer if the peer closes first: (data, complete)."""
+        while len(self.buf) < size and self.fill():
+            pass
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data, len(data) == size
+
+    def read_to_end(self):
+        while self.fill():
+            pass
+        data = bytes(self.buf)
+        del self.buf[:]
+        return data
 
     # A body must start within body_timeout, then keep up a minimum rate: each byte
     # received earns 1/min_rate more seconds (as Apache's mod_reqtimeout does).
@@ -2352,6 +2423,52 @@ class _ClientReader:
             sink.write(piece)
             clock.earn(len(piece))
             size -= len(piece)
+
+    def send(self, data):
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # see _io_timeout
+            raise TimeoutError("the peer did not read in time")
+
+    def send_file(self, fd):
+        """The whole file open on `fd` (which the caller keeps), from its start."""
+        try:
+            with os.fdopen(os.dup(fd), "rb") as body_file:
+                self.sock.sendfile(body_file, 0)
+        except BlockingIOError:
+            raise TimeoutError("the peer did not read in time")
+
+    def close(self):
+        self.sock.close()
+
+
+class LifoPool:
+    """Idle connections to one peer, reused last in, first out (the hot one first), and
+    opened by `connect` only when none is idle: so their number follows the concurrency
+    high-water mark.  Safe from many threads: list append and pop are atomic."""
+
+    def __init__(self, connect):
+        self.connect = connect
+        self._idle = []
+        self._closed = False
+
+    def get(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self.connect()
+
+    def put(self, connection):
+        if self._closed:
+            connection.close()
+        else:
+            self._idle.append(connection)
+
+    def close(self):
+        """Close the idle connections now; busy ones are closed when they come back."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
 
 
 class _BodyClock:
@@ -2386,7 +2503,7 @@ class FrontHandler(socketserver.BaseRequestHandler):
         socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
 
     def setup(self):
-        self.reader = _ClientReader(self.request)
+        self.reader = BufferedSocket(self.request)
         self.limits = self.server.limits
         self.line = None  # the request line, once read (the access log's, even if refused)
         self.started = time.monotonic()  # when the current request began to arrive
@@ -3304,36 +3421,13 @@ def _host_port(host, port):
 def _open_unix_listener(path, backlog, perms):
     """A Unix socket at `path`, born with mode `perms`; a stale socket file is replaced,
     one a live server answers on is not."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as exc:
-        raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror))
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
-            raise BindError("cannot listen on unix:%s: it exists and is not a socket" % path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            raise BindError("cannot listen on unix:%s: another server is listening there" % path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # left behind by a server that is gone
-        except OSError as exc:
-            raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror or exc))
-        finally:
-            probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~perms)  # no moment with a wider mode than asked
     try:
-        sock.bind(path)
-        os.chmod(path, perms)
+        bind_unix_socket(sock, path, perms)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror or exc))
-    finally:
-        os.umask(old_umask)
     return Listener(sock, path, path)
 
 
@@ -3726,14 +3820,11 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.closing = False
         self._lock = threading.Lock()
         self._connections = {}  # socket -> True while a request is being answered
-        old_umask = os.umask(0o177)
-        try:
-            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # left by a killed app
-            socketserver.UnixStreamServer.__init__(self, path, handler)
-        finally:
-            os.umask(old_umask)
+        socketserver.UnixStreamServer.__init__(self, path, handler)
         threading.Thread(target=self.serve_forever, name="app-accept", daemon=True).start()
+
+    def server_bind(self):
+        bind_unix_socket(self.socket, self.server_address)
 
     def verify_request(self, request, client_address):
         try:
@@ -3784,114 +3875,26 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
 
 # -- the front end: pooled connections to a Unix socket ------------------------
 
-class _UpstreamConnection:
-    """One connection from the front to an app's Unix socket, with its read buffer."""
-
-    __slots__ = ("sock", "buf")
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = bytearray()
-
-    def send(self, data):
-        try:
-            self.sock.sendall(data)
-        except BlockingIOError:  # see _io_timeout
-            raise TimeoutError("the application did not read the request in time")
-
-    def send_file(self, fd):
-        """The whole file open on `fd` (which the caller keeps), from its start."""
-        try:
-            with os.fdopen(os.dup(fd), "rb") as body_file:
-                self.sock.sendfile(body_file, 0)
-        except BlockingIOError:
-            raise TimeoutError("the application did not read the request in time")
-
-    def fill(self):
-        try:
-            data = self.sock.recv(262144)
-        except BlockingIOError:
-            raise TimeoutError("the application did not answer in time")
-        if not data:
-            raise TransportError("the application closed the connection")
-        self.buf += data
-
-    def read_exact(self, size):
-        while len(self.buf) < size:
-            self.fill()
-        data = bytes(self.buf[:size])
-        del self.buf[:size]
-        return data
-
-    def read_until(self, separator, limit):
-        """Bytes up to `separator` (which is consumed, not returned)."""
-        start = 0
-        while True:
-            end = self.buf.find(separator, start)
-            if end >= 0:
-                data = bytes(self.buf[:end])
-                del self.buf[:end + len(separator)]
-                return data
-            if len(self.buf) > limit:
-                raise TransportError("no %r within %d bytes" % (separator, limit))
-            start = max(0, len(self.buf) - len(separator) + 1)
-            self.fill()
-
-    def read_at_most(self, size):
-        """Up to `size` bytes, fewer if the peer closes first: (data, complete)."""
-        try:
-            return self.read_exact(size), True
-        except TransportError:
-            data = bytes(self.buf)
-            del self.buf[:]
-            return data, False
-
-    def read_to_end(self):
-        while True:
-            try:
-                self.fill()
-            except TransportError:
-                data = bytes(self.buf)
-                del self.buf[:]
-                return data
-
-    def close(self):
-        self.sock.close()
-
-
-class _UnixPool:
-    """Idle connections to one Unix socket, reused LIFO (the hot one first), opened on demand."""
-
-    def __init__(self, path, timeout=None):
-        self.path = path
-        self.timeout = timeout
-        self._idle = []  # list append/pop are atomic
-        self._closed = False
-
-    def get(self):
-        try:
-            return self._idle.pop()
-        except IndexError:
-            pass
+def unix_pool(path, timeout=None):
+    """A LifoPool of BufferedSockets connected to the Unix socket at `path`, each send and
+    receive bounded by `timeout`."""
+    def connect():
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(self.path)
+            sock.connect(path)
         except OSError:
             sock.close()
             raise
-        _io_timeout(sock, self.timeout)
-        return _UpstreamConnection(sock)
+        _io_timeout(sock, timeout)
+        return BufferedSocket(sock, 262144)
+    return LifoPool(connect)
 
-    def put(self, connection):
-        if self._closed or connection.buf:
-            connection.close()  # bytes nobody asked for: the connection is out of step
-        else:
-            self._idle.append(connection)
 
-    def close(self):
-        self._closed = True
-        while self._idle:
-            self._idle.pop().close()
+def _put_back(pool, connection):
+    if connection.buf:
+        connection.close()  # bytes nobody asked for: the connection is out of step
+    else:
+        pool.put(connection)
 
 
 # -- proxy pass: HTTP/1.1 over a Unix socket -----------------------------------
@@ -3911,7 +3914,7 @@ class _ProxyAppHandler(FrontHandler):
     """The app end of proxy pass: requests parsed by the front's own strict parser."""
 
     def setup(self):
-        self.reader = _ClientReader(self.request)
+        self.reader = BufferedSocket(self.request)
         self.limits = self.server.limits
 
     def handle(self):
@@ -3995,7 +3998,7 @@ class ProxyUpstream:
 
     def __init__(self, path, timeout=None):
         self.path = path
-        self.pool = _UnixPool(path, timeout)
+        self.pool = unix_pool(path, timeout)
 
     def forward(self, request, env):
         head = [request.method, b" ", request.target, b" ", request.version, b"\r\n"]
@@ -4027,7 +4030,7 @@ class ProxyUpstream:
             connection.close()
             raise
         if reusable:
-            self.pool.put(connection)
+            _put_back(self.pool, connection)
         else:
             connection.close()
         return response
@@ -4147,7 +4150,7 @@ def parse_fcgi_pairs(data):
 
 
 def _read_fcgi_record(connection):
-    """(type, request id, content) of the next record on an _UpstreamConnection."""
+    """(type, request id, content) of the next record on a BufferedSocket."""
     version, kind, request_id, size, padding = _FCGI_HEADER.unpack(
         connection.read_exact(_FCGI_HEADER.size))
     if version != 1:
@@ -4191,7 +4194,7 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
     """One connection to the responder: requests one after another until the client is done."""
 
     def handle(self):
-        connection = _UpstreamConnection(self.request)
+        connection = BufferedSocket(self.request, 262144)
         server = self.server
         while not server.closing:
             try:
@@ -4309,7 +4312,7 @@ class FastCGIUpstream:
 
     def __init__(self, path, timeout=None):
         self.path = path
-        self.pool = _UnixPool(path, timeout)
+        self.pool = unix_pool(path, timeout)
 
     def forward(self, request, env):
         fields = request_fields(request, env)
@@ -4338,7 +4341,7 @@ class FastCGIUpstream:
         except BaseException:
             connection.close()
             raise
-        self.pool.put(connection)
+        _put_back(self.pool, connection)
         return parse_cgi_response(output)
 
     def _read_reply(self, connection):
@@ -4371,7 +4374,7 @@ class FastCGIUpstream:
         except BaseException:
             connection.close()
             raise
-        self.pool.put(connection)
+        _put_back(self.pool, connection)
         if stats is None:  # a responder other than doordown's: it answers, but says nothing more
             return {"pid": None, "threads": None, "requests": None}
         return json.loads(stats)
