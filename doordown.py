@@ -1420,9 +1420,9 @@ def cgi_variables(fields, headers, body_length):
         if name == "CONTENT_LENGTH":
             continue  # the front decoded the body; its true length is set above
         if name == "PROXY":
-            # httpoxy (CVE-2016-5385 and kin): as HTTP_PROXY in a CGI child's environment it
-            # would set the proxy of every HTTP client library there.  Dropped for every
-            # transport, as Apache httpd's ap_add_common_vars drops it.
+            # httpoxy (CVE-2016-1000110 for Python): as HTTP_PROXY in a CGI child's
+            # environment it would set the proxy of every HTTP client library there.
+            # Dropped for every transport, as Apache httpd's ap_add_common_vars drops it.
             continue
         key = "HTTP_" + name
         env[key] = env[key] + "," + value if key in env else value
@@ -3906,7 +3906,6 @@ def _put_back(pool, connection):
 # only its own user can connect.  The app answers without Date or Server: the front adds
 # its own, as nginx does with what an upstream sends.
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _PROXY_DROPPED = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 
 

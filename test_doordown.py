@@ -2238,9 +2238,10 @@ def test_transport_post_bodies_and_environ(started, transport):
     server = serve(started, "apps:echo", "--transport", transport, "--max-body", "8M")
     status, _, body = server.get("/a%20b?x=1", "POST", b"payload",
                                  {"Content-Type": "text/x-test", "X-Custom": "v1",
-                                  "Doordown-Forwarded": "https 6.6.6.6 1 evil 2 /x"})
+                                  "Doordown-Forwarded": "https 6.6.6.6 1 evil 2 /x",
+                                  "Proxy": "http://evil.example:3128/"})
     env = json.loads(body)
-    assert status == 200
+    assert status == 200 and "HTTP_PROXY" not in env  # httpoxy
     assert (env["REQUEST_METHOD"], env["PATH_INFO"], env["QUERY_STRING"], env["SCRIPT_NAME"]) == \
         ("POST", "/a b", "x=1", "")
     assert (env["CONTENT_TYPE"], env["CONTENT_LENGTH"], env["HTTP_X_CUSTOM"]) == ("text/x-test", "7", "v1")
