@@ -2410,20 +2410,6 @@ class BufferedSocket:
         del self.buf[:]
         return data
 
-    # A body must start within body_timeout, then keep up a minimum rate: each byte
-    # received earns 1/min_rate more seconds (as Apache's mod_reqtimeout does).
-
-    def read_into(self, sink, size, clock):
-        """Move `size` body bytes into `sink`."""
-        while size:
-            if not self.buf and not self.fill(clock.deadline):
-                raise HTTPError(400, "connection closed %d bytes before the end of the body" % size)
-            piece = bytes(self.buf[:size])
-            del self.buf[:len(piece)]
-            sink.write(piece)
-            clock.earn(len(piece))
-            size -= len(piece)
-
     def send(self, data):
         try:
             self.sock.sendall(data)
@@ -2472,7 +2458,11 @@ class LifoPool:
 
 
 class _BodyClock:
-    """The deadline for the rest of a request body, pushed back as bytes arrive."""
+    """The deadline for the rest of a request body, pushed back as bytes arrive.
+
+    A body must start within body_timeout, then keep up a minimum rate: each byte
+    received earns 1/min_rate more seconds (as Apache's mod_reqtimeout does).
+    """
 
     __slots__ = ("deadline", "rate")
 
@@ -2495,61 +2485,17 @@ _H2_GOAWAY = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
               b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0d")
 
 
-class FrontHandler(socketserver.BaseRequestHandler):
-    """One client connection: read requests, forward each, answer each, until close."""
+class RequestReader:
+    """Reads requests, bodies included, off a connection: the codec over a BufferedSocket.
 
-    def __init__(self, request, client_address, server, listener=None):
-        self.listener = listener  # the FrontServer listener that accepted this connection
-        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
+    What it reads is bounded by `self.limits` and their deadlines; a request it refuses is
+    an HTTPError.  Its users (the front, the proxy transport's app end) set `reader`,
+    `limits` and `request` (the socket, which answers 100 Continue).
+    """
 
-    def setup(self):
-        self.reader = BufferedSocket(self.request)
-        self.limits = self.server.limits
-        self.line = None  # the request line, once read (the access log's, even if refused)
-        self.started = time.monotonic()  # when the current request began to arrive
-        self.sent = 0  # body bytes of the last response
+    line = None  # the request line, once read (the access log's, even if refused)
+    started = 0.0  # when the current request began to arrive
 
-    def handle(self):
-        server = self.server
-        while True:  # even while stopping: a request already sent still gets its answer
-            try:
-                request = self.read_request()
-                if request is None:
-                    return
-                server.busy(self.request, True)
-                try:
-                    response = server.dispatch(request, self.client_address, self.listener)
-                    self.send_response(request, response)
-                finally:
-                    server.busy(self.request, False)
-                if not request.keep_alive or response.close:
-                    return
-            except HTTPError as exc:
-                self.refuse(exc)
-                return
-            except (_ClientGone, OSError):
-                return
-
-    def refuse(self, error):
-        """Answer a request the front will not take, then the connection closes."""
-        if self.line is None:  # refused inside the head: its line, if that much arrived
-            end = self.reader.buf.find(b"\r\n")
-            if 0 < end <= self.limits.max_line:
-                self.line = bytes(self.reader.buf[:end])
-        response = plain_response(error.status, "%s: %s" % (_REASONS.get(error.status, "Error"), error),
-                                  close=True)
-        try:
-            self.request.settimeout(1.0)  # a client that does not read cannot hold us
-            if self.line == _H2_PREFACE_LINE:
-                self.request.sendall(_H2_GOAWAY)
-                self.sent = len(_H2_GOAWAY)
-            else:
-                self.send_response(None, response)
-        except OSError:
-            pass
-        self.server.log_access(self, None, response)
-
-    # -- reading --------------------------------------------------------------------
     def read_request(self):
         """The next request with its body, or None when the client is done (or idle too long)."""
         limits, reader = self.limits, self.reader
@@ -2611,10 +2557,22 @@ class FrontHandler(socketserver.BaseRequestHandler):
             if request.chunked:
                 self.read_chunked(sink, clock)
             else:
-                reader.read_into(sink, request.length, clock)
+                self.read_length(sink, request.length, clock)
         except _ReadTimeout:
             raise HTTPError(408, "request body arrived slower than %d bytes/s" % limits.min_body_rate)
         sink.finish(request)
+
+    def read_length(self, sink, size, clock):
+        """Move a body of `size` bytes into `sink`."""
+        reader, buf = self.reader, self.reader.buf
+        while size:
+            if not buf and not reader.fill(clock.deadline):
+                raise HTTPError(400, "connection closed %d bytes before the end of the body" % size)
+            piece = bytes(buf[:size])
+            del buf[:len(piece)]
+            sink.write(piece)
+            clock.earn(len(piece))
+            size -= len(piece)
 
     def read_chunked(self, sink, clock):
         reader, buf = self.reader, self.reader.buf
@@ -2629,6 +2587,61 @@ class FrontHandler(socketserver.BaseRequestHandler):
                 return
             if not reader.fill(clock.deadline):
                 raise HTTPError(400, "connection closed inside a chunked body")
+
+
+class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
+    """One client connection: read requests, forward each, answer each, until close."""
+
+    def __init__(self, request, client_address, server, listener=None):
+        self.listener = listener  # the FrontServer listener that accepted this connection
+        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
+
+    def setup(self):
+        self.reader = BufferedSocket(self.request)
+        self.limits = self.server.limits
+        self.line = None  # the request line, once read (the access log's, even if refused)
+        self.started = time.monotonic()  # when the current request began to arrive
+        self.sent = 0  # body bytes of the last response
+
+    def handle(self):
+        server = self.server
+        while True:  # even while stopping: a request already sent still gets its answer
+            try:
+                request = self.read_request()
+                if request is None:
+                    return
+                server.busy(self.request, True)
+                try:
+                    response = server.dispatch(request, self.client_address, self.listener)
+                    self.send_response(request, response)
+                finally:
+                    server.busy(self.request, False)
+                if not request.keep_alive or response.close:
+                    return
+            except HTTPError as exc:
+                self.refuse(exc)
+                return
+            except (_ClientGone, OSError):
+                return
+
+    def refuse(self, error):
+        """Answer a request the front will not take, then the connection closes."""
+        if self.line is None:  # refused inside the head: its line, if that much arrived
+            end = self.reader.buf.find(b"\r\n")
+            if 0 < end <= self.limits.max_line:
+                self.line = bytes(self.reader.buf[:end])
+        response = plain_response(error.status, "%s: %s" % (_REASONS.get(error.status, "Error"), error),
+                                  close=True)
+        try:
+            self.request.settimeout(1.0)  # a client that does not read cannot hold us
+            if self.line == _H2_PREFACE_LINE:
+                self.request.sendall(_H2_GOAWAY)
+                self.sent = len(_H2_GOAWAY)
+            else:
+                self.send_response(None, response)
+        except OSError:
+            pass
+        self.server.log_access(self, None, response)
 
     # -- writing --------------------------------------------------------------------
     def send_response(self, request, response):
@@ -3909,7 +3922,7 @@ def _put_back(pool, connection):
 _PROXY_DROPPED = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 
 
-class _ProxyAppHandler(FrontHandler):
+class _ProxyAppHandler(RequestReader, socketserver.BaseRequestHandler):
     """The app end of proxy pass: requests parsed by the front's own strict parser."""
 
     def setup(self):
