@@ -5940,15 +5940,16 @@ def _limit_lwps():
     with open("/proc/self/psinfo", "rb") as psinfo:
         lwps = struct.unpack_from("i", psinfo.read(), 4)[0]  # psinfo_t.pr_nlwp
     prctl = shutil.which("prctl") or "/usr/bin/prctl"
-    subprocess.run([prctl, "-n", "process.max-lwps", "-t", "basic", "-v", str(lwps), "-e", "deny",
-                    "-i", "process", str(os.getpid())], check=True, stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run([prctl, "-n", "process.max-lwps", "-t", "basic", "-v", str(lwps), "-e", "deny",
+                        "-i", "process", str(os.getpid())], check=True, stdout=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        _log("check", "could not refuse thread creation with prctl: %s" % exc)
 
 
 def _serve_check_door(backend, path):
     """The check's server process: the door, and a Unix-socket echo beside it to compare."""
     server = backend.serve(path, _check_handler)
-    if os.environ.get("DOORDOWN_CHECK_NO_THREADS") and is_illumos():
-        _limit_lwps()
     echo = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(path + ".sock"):
         os.unlink(path + ".sock")  # left by a server the check killed
@@ -5964,6 +5965,8 @@ def _serve_check_door(backend, path):
             conn.sendall(data)
 
     threading.Thread(target=echo_loop, daemon=True).start()
+    if os.environ.get("DOORDOWN_CHECK_NO_THREADS") and is_illumos():
+        _limit_lwps()  # last: from here on no thread can be made, not even a Python one
     sys.stdout.write("READY\n")
     sys.stdout.flush()
     sys.stdin.read()  # until the checking process is done
