@@ -1134,6 +1134,9 @@ class _CallWatchdog:
             time.sleep(0.05)
             now = time.monotonic()
             with self._lock:
+                if not self._watches:  # idle: no thread left behind (a later fork() is safe)
+                    self._started = False
+                    return
                 for watch in self._watches.values():
                     if now >= watch.deadline:
                         watch.expired = True
