@@ -6402,6 +6402,8 @@ class _Parser(argparse.ArgumentParser):
             if arg[:1] != "-" or arg == "-":
                 continue
             name = arg.partition("=")[0]
+            if name[:2] in _NOT_FOR_DOORS and name[:2] not in options:  # -w4
+                name = name[:2]
             if name in _NOT_FOR_DOORS:
                 self.error("%s: %s" % (name, _NOT_FOR_DOORS[name]))
             action = options.get(name)

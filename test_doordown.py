@@ -560,6 +560,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "headers.py"], "name the module without .py, as in 'headers'"),
     (["serve", "./site/wsgi.py:app"], "as in 'site.wsgi:app'"),
     (["serve", "-w", "4"], "no worker count to set"), (["serve", "--workers=4"], "no worker count"),
+    (["serve", "-w4"], "no worker count"),
     (["serve", "--threads", "8"], "no thread count to set"), (["serve", "-k", "gevent"], "one model"),
     (["serve", "--worker-class", "gthread"], "one model"), (["serve", "--daemon"], "doordown systemd"),
     (["serve", "apps:create(os.system('x'))"], "must be literals"),
