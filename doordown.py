@@ -3112,15 +3112,29 @@ class Mount:
     (the old app revoked its door, or died) waits for the replacement instead of failing.
     """
 
-    def __init__(self, prefix, upstream=None, supervised=True):
+    def __init__(self, prefix, upstream=None, supervised=True, host=None):
         self.prefix = prefix.rstrip("/").encode("latin-1")
+        self.host = host  # lower-case bytes: only requests for this Host; None: any Host
         self.upstream = upstream
         self.supervised = supervised  # False: an app started separately; nobody replaces it
         self.refused = None  # why requests get 503 while restarts are paused, or None
         self.request_limit = 0  # ask for a replacement after this many requests (0: never)
         self.on_limit = None
         self._served = Counter()
+        self.on_demand = None  # called when a request finds no upstream: start the app
         self._changed = threading.Condition()
+        self._activity = threading.Lock()
+        self.active = 0  # requests being forwarded now
+        self.last_used = time.monotonic()  # when the last one ended
+
+    def enter(self):
+        with self._activity:
+            self.active += 1
+
+    def leave(self):
+        with self._activity:
+            self.active -= 1
+            self.last_used = time.monotonic()
 
     def replace(self, upstream, request_limit=0, refused=None):
         with self._changed:
@@ -3131,6 +3145,8 @@ class Mount:
     def next_upstream(self, stale, timeout):
         """The upstream after `stale`, waiting up to `timeout` for it; None if none comes."""
         with self._changed:
+            if self.on_demand is not None and self.upstream in (None, stale):
+                self.on_demand(self)  # a stopped (lazy or idle) app is started by its request
             self._changed.wait_for(lambda: self.refused or self.upstream not in (None, stale), timeout)
             return None if self.refused or self.upstream is stale else self.upstream
 
@@ -3524,7 +3540,7 @@ class FrontServer(ThreadingHTTPServer):
                  forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0, static=(), tls=None):
         socketserver.BaseServer.__init__(self, listeners[0].sock.getsockname(), FrontHandler)
         self.listeners = listeners
-        self.mounts = sorted(mounts, key=lambda m: len(m.prefix), reverse=True)
+        self.set_mounts(mounts)
         self.static = sorted(static, key=lambda s: len(s.prefix), reverse=True)
         self.limits = limits or Limits()
         self.access_log = access_log
@@ -3620,18 +3636,44 @@ class FrontServer(ThreadingHTTPServer):
             self._connections[sock] = busy
             self.in_flight += 1 if busy else -1
 
+    def set_mounts(self, mounts):
+        """Route to `mounts`: a mount for the request's Host before one for any Host, then
+        the longest path prefix (one assignment: requests see the old list or the new)."""
+        self.mounts = sorted(mounts, key=lambda m: (m.host is None, -len(m.prefix)))
+        self.host_routing = any(mount.host is not None for mount in mounts)
+
+    def route(self, request):
+        """The mount that claims the request, or None."""
+        path, host = request.path, None
+        if self.host_routing:
+            for name, value in request.headers:
+                if name.lower() == b"host":
+                    host = value.rpartition(b":")[0] if value.rsplit(b":", 1)[-1].isdigit() else value
+                    host = host.lower()
+                    break
+        for mount in self.mounts:
+            prefix = mount.prefix
+            if (mount.host is None or mount.host == host) and (
+                    not prefix or path == prefix or path.startswith(prefix + b"/")):
+                return mount
+        return None
+
     def dispatch(self, request, client_address, listener):
         """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
         path = request.path
         for files in self.static:
             if files.matches(path):
                 return files.answer(request)
-        for mount in self.mounts:
-            prefix = mount.prefix
-            if not prefix or path == prefix or path.startswith(prefix + b"/"):
-                break
-        else:
+        mount = self.route(request)
+        if mount is None:
             return plain_response(404)
+        mount.enter()
+        try:
+            return self.forward(request, client_address, listener, mount)
+        finally:
+            mount.leave()
+
+    def forward(self, request, client_address, listener, mount):
         env = _RequestEnv()
         env.scheme = listener.scheme
         env.remote_addr = client_address[0].encode()
@@ -4557,6 +4599,208 @@ def make_upstream(transport, target, backend, timeout=None):
 
 
 ###############################################################################
+# Site configuration: many applications behind one front ######################
+###############################################################################
+#
+# `serve --config site.ini` (after mod_fcgid's classes, uWSGI's vassals, NGINX Unit's
+# applications): [serve] takes serve's long options by name, without the dashes; one
+# [app:NAME] section per application.  The single-app command line is a site of one app.
+# Each app keeps serve's per-app options (timeout, max-requests, ...) and may override
+# them in its own section; what is wrong is named as FILE: [SECTION] KEY: why, exit 2.
+
+class ConfigError(Exception):
+    """A site configuration that cannot be used: one line, naming file, section and key."""
+
+
+# Keys of an [app:NAME] section besides the serve options an app may set for itself.
+_APP_KEYS = ("wsgi", "mount", "host", "directory", "python", "env", "user", "group", "spawn",
+             "idle-timeout", "lifetime")
+_APP_SERVE_OPTIONS = ("timeout", "graceful-timeout", "boot-timeout", "max-requests",
+                      "max-requests-jitter", "max-stuck", "allow-uid")
+
+
+class AppConfig:
+    """One application of the site: how to start it, where it is mounted, when to stop it."""
+
+    def __init__(self, name, spec, args, settings=None, prefix="", host=None, directory=None,
+                 python=None, env=None, user=None, credentials=None, spawn="eager",
+                 idle_timeout=0.0, lifetime=0.0):
+        self.name, self.spec, self.args = name, spec, args
+        self.settings = settings or {}  # the section as written: what a reload compares
+        self.prefix, self.host = prefix, host
+        self.directory, self.python, self.env = directory, python, env or {}
+        self.user, self.credentials = user, credentials  # (uid, gid, name) to run as, or None
+        self.spawn, self.idle_timeout, self.lifetime = spawn, idle_timeout, lifetime
+
+
+def _serve_parser():
+    """serve's own argument parser, raising ConfigError instead of exiting."""
+    root = build_parser()
+    serve = next(action for action in root._actions
+                 if isinstance(action, argparse._SubParsersAction)).choices["serve"]
+
+    def error(message):
+        raise ConfigError(message)
+    serve.error = error
+    return serve
+
+
+def _option_argv(parser, where, key, value):
+    """The command-line words for `key = value` of a section, checked by serve's parser."""
+    action = parser._option_string_actions.get("--" + key)
+    if action is None or key in ("config", "help", "version"):
+        raise ConfigError("%s %s: unknown key" % (where, key))
+    if action.nargs == 0:  # a flag: yes/no
+        flag = value.strip().lower()
+        if flag not in ("1", "yes", "true", "on", "0", "no", "false", "off"):
+            raise ConfigError("%s %s: expected yes or no, got %r" % (where, key, value))
+        argv = ["--" + key] if flag in ("1", "yes", "true", "on") else []
+    else:  # one value a line: a repeatable option (bind, env, ...) may have several
+        argv = []
+        for line in value.splitlines() or [""]:
+            if line.strip() or not argv:
+                argv += ["--" + key, line.strip()]
+    try:
+        parser.parse_args(argv)
+    except ConfigError as exc:
+        raise ConfigError("%s %s: %s" % (where, key, exc))
+    return argv
+
+
+def read_site(path, command_line):
+    """(serve's args, [AppConfig]) for `serve --config path`; raises ConfigError.
+
+    The command line's options come after [serve]'s, so they win; an app's own
+    options win over both, for that app.
+    """
+    import configparser
+    import shlex
+    config = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config.read_file(f)
+    except OSError as exc:
+        raise ConfigError("%s: %s" % (path, exc.strerror or exc))
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError("%s: line %d: a line before any [section]" % (path, exc.lineno))
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError("%s: [%s] %s: given twice (line %d)" % (path, exc.section, exc.option, exc.lineno))
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError("%s: [%s]: given twice (line %d)" % (path, exc.section, exc.lineno))
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError("%s: %s" % (path, " ".join(str(exc).replace(repr(path), "").split())))
+    parser = _serve_parser()
+    serve_argv = []
+    for section in config.sections():
+        if section != "serve" and not re.fullmatch(r"app:[A-Za-z0-9_.-]+", section):
+            raise ConfigError("%s: [%s]: unknown section (expected [serve] or [app:NAME])" % (path, section))
+    if config.has_section("serve"):
+        for key, value in config.items("serve"):
+            serve_argv += _option_argv(parser, "%s: [serve]" % path, key, value)
+    try:
+        args = parser.parse_args(serve_argv + command_line)
+    except ConfigError as exc:
+        raise ConfigError("%s: [serve]: %s" % (path, exc))
+    if args.app:
+        raise ConfigError("%s: an application on the command line as well as in the file: "
+                          "give it an [app:NAME] section" % path)
+    if args.app_door or args.transport in ("cgi", "inprocess"):
+        raise ConfigError("%s: [serve] transport: a site's apps are processes of their own: "
+                          "door, proxy or fastcgi" % path)
+    args.serve_argv, args.command_line = serve_argv, command_line
+    apps, routes = [], {}
+    for section in config.sections():
+        if section == "serve":
+            continue
+        name, where = section[4:], "%s: [%s]" % (path, section)
+        settings = dict(config.items(section))
+        app_argv = []
+        for key, value in settings.items():
+            if key in _APP_SERVE_OPTIONS:
+                app_argv += _option_argv(parser, where, key, value)
+            elif key not in _APP_KEYS:
+                raise ConfigError("%s %s: unknown key (an app takes %s)"
+                                  % (where, key, ", ".join(_APP_KEYS + _APP_SERVE_OPTIONS)))
+        app_args = parser.parse_args(serve_argv + command_line + app_argv)
+
+        def value_of(key, check, default=None, message="", settings=settings, where=where):
+            if key not in settings:
+                return default
+            try:
+                return check(settings[key].strip())
+            except (ValueError, KeyError, argparse.ArgumentTypeError, OSError) as exc:
+                raise ConfigError("%s %s: %s" % (where, key, message or exc))
+        if "wsgi" not in settings:
+            raise ConfigError("%s wsgi: missing (the application, as module:callable)" % where)
+        spec = value_of("wsgi", _app_spec)
+
+        def mount(text):
+            if not text.startswith("/"):
+                raise ValueError("expected a URL path prefix starting with /, got %r" % text)
+            return text.rstrip("/")
+
+        def seconds(text):
+            value = float(text)
+            if not value >= 0:
+                raise ValueError("expected seconds (0: never), got %r" % text)
+            return value
+
+        def directory(text):
+            if not os.path.isdir(text):
+                raise ValueError("no such directory: %s" % text)
+            return os.path.abspath(text)
+
+        def python(text):
+            if not (os.path.isfile(text) and os.access(text, os.X_OK)):
+                raise ValueError("not an executable: %s" % text)
+            return text
+
+        def environment(text):
+            pairs = {}
+            for word in shlex.split(text):
+                name, equals, value = word.partition("=")
+                if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise ValueError("expected NAME=VALUE, got %r" % word)
+                pairs[name] = value
+            return pairs
+
+        def spawn(text):
+            if text not in ("lazy", "eager"):
+                raise ValueError("expected lazy or eager, got %r" % text)
+            return text
+        credentials = None
+        if "user" in settings or "group" in settings:
+            try:
+                credentials = _credentials(settings.get("user", "").strip() or None,
+                                           settings.get("group", "").strip() or None)
+            except BindError as exc:
+                raise ConfigError("%s %s" % (where, str(exc).lstrip("-")))
+            if os.geteuid() != 0 and credentials[:2] != (os.geteuid(), os.getegid()):
+                raise ConfigError("%s user: serve must run as root to run an app as another user" % where)
+        app = AppConfig(name, spec, app_args, settings, prefix=value_of("mount", mount, ""),
+                        host=value_of("host", lambda text: text.lower().encode("ascii") or None),
+                        directory=value_of("directory", directory), python=value_of("python", python),
+                        env=value_of("env", environment, {}), credentials=credentials,
+                        spawn=value_of("spawn", spawn, "lazy"),
+                        idle_timeout=value_of("idle-timeout", seconds, 300.0),
+                        lifetime=value_of("lifetime", seconds, 0.0))
+        route = (app.host, app.prefix)
+        if route in routes:
+            raise ConfigError("%s mount: %s%s is [app:%s]'s already" % (
+                where, (app.host or b"").decode(), app.prefix or "/", routes[route]))
+        routes[route] = name
+        apps.append(app)
+    if not apps:
+        raise ConfigError("%s: no [app:NAME] section" % path)
+    if (args.user or args.group) and any(app.credentials is not None for app in apps):
+        raise ConfigError("%s: [serve] user: the front must stay root to start apps as their own "
+                          "users (give the apps user and group, not [serve])" % path)
+    args.site = path
+    return args, apps
+
+
+
+###############################################################################
 # Supervisor #################################################################
 ###############################################################################
 #
@@ -4565,20 +4809,25 @@ def make_upstream(transport, target, backend, timeout=None):
 # own exit code instead of becoming a respawn loop.
 
 class AppProcess:
-    """One app-role child, spawned as `sys.executable doordown.py app ...`, and its door."""
+    """One app-role child, spawned as `python doordown.py app ...` (the app's own python,
+    in its directory, with its environment and user), and its door."""
 
-    def __init__(self, spec, door_path, backend, args):
-        self.spec, self.door_path, self.backend, self.args = spec, door_path, backend, args
+    def __init__(self, config, door_path, backend):
+        self.config, self.door_path, self.backend = config, door_path, backend
+        self.spec, self.args = config.spec, config.args
         self.proc = None
         self.started = 0.0
 
     def start(self):
-        args = self.args
-        command = [sys.executable, os.path.abspath(__file__), "app", "--door", self.door_path,
-                   "--doors", self.backend.name, "--transport", args.transport,
+        args, config = self.args, self.config
+        command = [config.python or sys.executable, os.path.abspath(__file__), "app",
+                   "--door", self.door_path, "--doors", self.backend.name, "--transport", args.transport,
                    "--graceful-timeout", str(args.graceful_timeout), "--timeout", str(args.timeout),
                    "--parent-pid", str(os.getpid())]
-        for uid in args.allow_uid or ():
+        allowed = list(args.allow_uid or ())
+        if config.credentials is not None:
+            allowed.append(os.geteuid())  # an app of another user still answers its front
+        for uid in allowed:
             command += ["--allow-uid", str(uid)]
         if args.reload:
             command.append("--reload")
@@ -4586,9 +4835,16 @@ class AppProcess:
             command += ["--log-level", args.log_level]
         if self.spec:
             command.append(self.spec)
+        extra = {}
+        if config.credentials is not None:
+            uid, gid, name = config.credentials
+            extra = dict(user=uid, group=gid, extra_groups=[])
+            if name is not None:
+                extra["extra_groups"] = os.getgrouplist(name, gid)
         # Its own session: a Ctrl-C at the terminal reaches the front, which then stops
         # the app in order, after the requests in flight.
-        self.proc = subprocess.Popen(command, start_new_session=True)
+        self.proc = subprocess.Popen(command, start_new_session=True, cwd=config.directory,
+                                     env=dict(os.environ, **config.env) if config.env else None, **extra)
         self.started = time.monotonic()
         return self
 
@@ -4700,14 +4956,15 @@ class _Boot:
 
 
 class _AppSlot:
-    """A mount's supervised application: its serving process, its boot, the ones retiring.
+    """One supervised application: its mount, serving process, boot, the ones retiring.
 
     Its state moves only on the supervisor's loop; the threads that wait on doors (boots,
     health checks) report there through the event queue.
     """
 
-    def __init__(self, mount, spec):
-        self.mount, self.spec = mount, spec
+    def __init__(self, config, label=""):
+        self.config, self.name, self.label = config, config.name, label  # label: "app NAME: "
+        self.mount = Mount(config.prefix, host=config.host)
         self.process = None
         self.health = None  # a second door client with a short timeout, for health checks
         self.boot = None  # the _Boot under way, at most one
@@ -4717,29 +4974,51 @@ class _AppSlot:
         self.checking = False  # a health check is under way
         self.next_check = 0.0
         self.failed_checks = 0  # health checks in a row that failed other than by a timeout
+        self.wanted = config.spawn == "eager"  # to be running: eager, or asked for by a request
+        self.held = False  # stopped by the control door: no request starts it
+        self.removed = False  # gone from the configuration: draining, then dropped
+        self.serving_since = 0.0
+        self.stats = {}  # the last health check's figures
+        self.last_exit = None  # how its last process ended, for `status`
+
+    def state(self):
+        if self.process is not None:
+            return "running"
+        if self.boot is not None:
+            return "starting"
+        if self.removed:
+            return "removed"
+        if self.held:
+            return "stopped"
+        return "refusing" if self.mount.refused else "idle"
 
 
 class Supervisor:
     """`serve`: start the apps, run the front, then one loop that reaps, replaces and stops.
 
-    Signal handlers and front threads only put events on a queue; this loop alone starts
-    and stops processes, and it never waits on one.  Whatever waits on a door (a booting
-    app, a health check) runs on a thread of its own and reports back through the queue,
-    so a SIGTERM is acted on within a turn of the loop, whatever the apps are doing.
+    Signal handlers, the control door and front threads only put events on a queue; this
+    loop alone starts and stops processes, and it never waits on one.  Whatever waits on
+    a door (a booting app, a health check) runs on a thread of its own and reports back
+    through the queue, so a SIGTERM is acted on within a turn of the loop, whatever the
+    apps are doing.  `apps` (from `serve --config`) makes a site of many apps; without it
+    the command line's one app is the site, and a boot failure stops `serve`.
     """
 
     health_interval = 1.0  # seconds between checks for stuck requests
     health_timeout = 5.0  # an app that cannot answer its door within this is stuck
     turn = 0.1  # the loop's longest sleep: retirees' deadlines and respawns are this late at most
 
-    def __init__(self, args):
+    def __init__(self, args, apps=None):
         self.args = args
+        self.apps = apps
+        self.single = apps is None
         self.backend = door_backend(args.doors)
-        # signal numbers, ("replace", slot, why), ("booted", slot, boot),
-        # ("health", slot, process, outcome, detail)
+        # signal numbers, ("replace", slot, why), ("booted", slot, boot), ("demand", slot),
+        # ("health", slot, process, outcome, detail), ("control", command, app, answer)
         self.events = queue.SimpleQueue()
         self.door_dir = None
         self.front = None
+        self.control = None  # the control door's server
         self.mount = None  # the one unsupervised mount (--app-door, cgi, inprocess)
         self.what = None  # what the front serves, for its start-up line
         self.slots = []
@@ -4747,18 +5026,36 @@ class Supervisor:
         self.forced = False  # the stop ran out of patience: apps are killed, not asked
 
     # -- boots ------------------------------------------------------------------
+    def app_dir(self, slot):
+        """Where an app's doors live: the private directory itself for the one app of the
+        command line; else a directory of its own in it, 0700 and owned by the app's user,
+        so that no app can reach another's door."""
+        if self.single:
+            return self.door_dir
+        path = os.path.join(self.door_dir, slot.name)
+        if not os.path.isdir(path):
+            os.mkdir(path, 0o700)
+            if slot.config.credentials is not None:
+                os.chmod(self.door_dir, 0o711)  # the app may pass through to its own
+                os.chown(path, *slot.config.credentials[:2])
+        return path
+
     def start_boot(self, slot):
         """Start a new generation on a fresh door; it takes the traffic once it answers."""
-        args = self.args
+        args = slot.config.args
         slot.generation += 1
         slot.score.add(1)
-        path = os.path.join(self.door_dir, "app-%d.%s" % (
-            slot.generation, "door" if args.transport == "door" else "sock"))
         try:
-            process = AppProcess(slot.spec, path, self.backend, args).start()
+            path = os.path.join(self.app_dir(slot), "app-%d.%s" % (
+                slot.generation, "door" if args.transport == "door" else "sock"))
+            process = AppProcess(slot.config, path, self.backend).start()
         except OSError as exc:  # no process to be had (EAGAIN, EMFILE): the score paces retries
-            _log("front", "cannot start the app: %s" % exc, "error")
+            _log("front", "%scannot start the app: %s" % (slot.label, exc), "error")
             slot.score.add(2)
+            slot.last_exit = "could not start: %s" % (exc.strerror or exc)
+            if not self.single and slot.process is None:  # 503 at once, not at --boot-timeout
+                slot.wanted = False
+                slot.mount.replace(None, refused="the application could not be started")
             return
         slot.boot = _Boot(process, make_upstream(args.transport, path, self.backend, args.timeout),
                           make_upstream(args.transport, path, self.backend, self.health_timeout),
@@ -4774,18 +5071,26 @@ class Supervisor:
             boot.outcome = "exited" if boot.process.exited() else "timeout"
         self.events.put(("booted", slot, boot))
 
+    def cancel_boot(self, slot):
+        boot, slot.boot = slot.boot, None
+        if boot is not None:
+            boot.cancelled = True
+            boot.process.terminate()  # it has no requests to finish: it stops at once
+            slot.retiring.append((boot.process, time.monotonic() + 5))
+            boot.close()
+
     def boot_ended(self, slot, boot):
         if boot is not slot.boot or boot.cancelled:
             return
         slot.boot = None
-        process = boot.process
+        process, args = boot.process, slot.config.args
         if boot.outcome == "ready":
             old, old_upstream = slot.process, slot.mount.upstream
             if slot.health is not None:
                 slot.health.close()
             slot.process, slot.health = process, boot.probe
             slot.failed_checks, slot.next_check = 0, time.monotonic() + self.health_interval
-            args = self.args
+            slot.serving_since = slot.mount.last_used = time.monotonic()  # idle from now on
             limit = args.max_requests + random.randint(0, args.max_requests_jitter) if args.max_requests else 0
             slot.mount.replace(boot.upstream, limit)
             if old_upstream is not None:
@@ -4797,18 +5102,31 @@ class Supervisor:
                 slot.retiring.append((old, time.monotonic() + args.graceful_timeout + 2))
             if self.front is None:
                 self.start_front()
+            elif not self.single:
+                _log("front", "%spid %d serving at %s%s" % (slot.label, process.pid,
+                     (slot.config.host or b"").decode(), slot.config.prefix or "/"))
             return
         boot.close()
         code = process.proc.returncode
         if boot.outcome == "timeout":
-            _log("front", "app pid %d did not answer on its door within %ss" % (process.pid, self.args.boot_timeout), "warning")
+            _log("front", "%sapp pid %d did not answer on its door within %ss"
+                 % (slot.label, process.pid, args.boot_timeout), "warning")
             process.kill()
             slot.retiring.append((process, float("inf")))  # killed already: only to be reaped
-        elif code == EXIT_APP_LOAD:
-            _log("front", "the application failed to load (see above)", "error")
+            slot.last_exit = "did not answer within --boot-timeout %ss" % args.boot_timeout
+        else:
+            slot.last_exit = "could not start (%s)" % _describe_exit(code)
+            if code == EXIT_APP_LOAD:
+                _log("front", "%sthe application failed to load (see above)" % slot.label, "error")
         slot.score.add(2)
         if slot.process is not None:
-            _log("front", "the replacement did not start; app pid %d keeps serving" % slot.process.pid, "warning")
+            _log("front", "%sthe replacement did not start; app pid %d keeps serving"
+                 % (slot.label, slot.process.pid), "warning")
+        elif not self.single:  # isolation: 503 for this app's mount only; a request retries
+            why = "the application failed to load" if code == EXIT_APP_LOAD else "the application did not start"
+            _log("front", "%s%s: answering 503 at its mount" % (slot.label, why), "error")
+            slot.wanted = False
+            slot.mount.replace(None, refused=why)
         elif self.front is None:  # the first boot: a boot failure stops serve, with its own code
             self.exit_code = code if code in (EXIT_APP_LOAD, EXIT_DOOR_FAILED) else 1
         elif code == EXIT_APP_LOAD:  # it loaded before and no longer does: no respawn loop
@@ -4819,7 +5137,7 @@ class Supervisor:
         """A checker thread: one stats call, retried once if it fails other than by timing out."""
         for attempt in (1, 2):
             try:
-                outcome, detail = "stats", health.stats()["stuck"]
+                outcome, detail = "stats", health.stats()
                 break
             except _CALL_TIMEOUTS:
                 outcome, detail = "timeout", None
@@ -4837,11 +5155,14 @@ class Supervisor:
         slot.next_check = time.monotonic() + self.health_interval
         if process is not slot.process or process.exited():
             return
+        args = slot.config.args
         slot.failed_checks = slot.failed_checks + 1 if outcome == "failed" else 0
+        if outcome == "stats":
+            slot.stats = detail
         if outcome == "timeout":
             self.replace(slot, "it does not answer its door within %ss" % self.health_timeout)
-        elif outcome == "stats" and detail >= self.args.max_stuck:
-            self.replace(slot, "%d requests ran past --timeout %ss" % (detail, self.args.timeout))
+        elif outcome == "stats" and (detail.get("stuck") or 0) >= args.max_stuck:
+            self.replace(slot, "%d requests ran past --timeout %ss" % (detail["stuck"], args.timeout))
         elif slot.failed_checks >= 3:
             self.replace(slot, "its door keeps failing: %s" % detail)
 
@@ -4850,18 +5171,40 @@ class Supervisor:
         """Zero-loss replacement: the new generation takes new requests, then the old one retires."""
         if slot.process is None or slot.boot is not None:
             return  # a boot is under way already: it is the replacement
-        _log("front", "replacing app pid %d: %s" % (slot.process.pid, why))
+        _log("front", "%sreplacing app pid %d: %s" % (slot.label, slot.process.pid, why))
         self.start_boot(slot)
 
+    def retire(self, slot, why, refused=None):
+        """Stop serving the app without a replacement: requests wait (or get 503 if
+        `refused`) while it finishes those it runs."""
+        process, slot.process = slot.process, None
+        slot.mount.replace(None, refused=refused)
+        if slot.health is not None:
+            slot.health.close()
+            slot.health = None
+        _log("front", "%sstopping app pid %d: %s" % (slot.label, process.pid, why))
+        process.terminate()
+        slot.retiring.append((process, time.monotonic() + slot.config.args.graceful_timeout + 2))
+        slot.last_exit = why
+
+    def demanded(self, slot):
+        """A request found the app stopped: start it, if its spawn score allows."""
+        if slot.removed or slot.held or slot.process is not None or slot.boot is not None:
+            return
+        slot.wanted = True
+        if slot.mount.refused and slot.score.allows_spawn():
+            slot.mount.replace(None)  # requests from now on wait for this boot
+
     def advance(self, slot):
-        """One non-blocking step: reap, kill retirees past their grace, respawn, check health."""
+        """One non-blocking step: reap, kill retirees past their grace, respawn, stop the
+        idle, check health."""
         now = time.monotonic()
         for entry in list(slot.retiring):
             process, kill_at = entry
             if process.exited():
                 slot.retiring.remove(entry)
             elif now > kill_at:
-                _log("front", "retired app pid %d is still running: killing it" % process.pid, "warning")
+                _log("front", "%sretired app pid %d is still running: killing it" % (slot.label, process.pid), "warning")
                 process.kill()
                 slot.retiring[slot.retiring.index(entry)] = (process, float("inf"))
         process = slot.process
@@ -4869,23 +5212,159 @@ class Supervisor:
             slot.process = None
             slot.mount.replace(None)  # requests wait for the replacement
             slot.score.add(2)
-            _log("front", "app pid %d exited (%s); starting a new one"
-                 % (process.pid, _describe_exit(process.proc.returncode)), "warning")
+            slot.last_exit = _describe_exit(process.proc.returncode)
+            _log("front", "%sapp pid %d exited (%s); starting a new one"
+                 % (slot.label, process.pid, slot.last_exit), "warning")
         boot = slot.boot
         if boot is not None:
             if not boot.watched:
                 boot.watched = _in_background(self._watch_boot, slot, boot)
             return
+        config = slot.config
         if slot.process is None:
+            if not slot.wanted or slot.removed or slot.held:
+                return
             if not slot.score.allows_spawn():
                 if not slot.mount.refused:
                     why = "the application keeps exiting; restarts paused (spawn score %.0f)" % slot.score.value
-                    _log("front", why + ": answering 503 meanwhile", "warning")
+                    _log("front", slot.label + why + ": answering 503 meanwhile", "warning")
                     slot.mount.replace(None, refused=why)
                 return
             self.start_boot(slot)
+        elif config.idle_timeout and not slot.mount.active and now - slot.mount.last_used >= config.idle_timeout:
+            slot.wanted = False  # its next request starts it again
+            self.retire(slot, "idle for %gs" % config.idle_timeout)
+        elif config.lifetime and now - slot.serving_since >= config.lifetime:
+            self.replace(slot, "it has served its lifetime of %gs" % config.lifetime)
         elif not slot.checking and now >= slot.next_check:
             slot.checking = _in_background(self._check_health, slot, slot.process, slot.health)
+
+    def add_slot(self, config):
+        slot = _AppSlot(config, "" if self.single else "app %s: " % config.name)
+        slot.mount.on_limit = lambda _mount: self.events.put(("replace", slot, "it served its --max-requests"))
+        if not self.single:
+            slot.mount.on_demand = lambda _mount: self.events.put(("demand", slot))
+        self.slots.append(slot)
+        return slot
+
+    def remove_slot(self, slot, why):
+        """Take an app out: its mount stops routing, its requests finish, it stops."""
+        slot.removed, slot.wanted = True, False
+        self.cancel_boot(slot)
+        if slot.process is not None:
+            self.retire(slot, why, refused="the application was removed")
+        else:
+            slot.mount.replace(None, refused="the application was removed")
+
+    # -- the site: reload and control ---------------------------------------------
+    def reload_site(self):
+        """SIGHUP with --config: read the file again; add, remove and replace what changed."""
+        try:
+            args, apps = read_site(self.args.site, self.args.command_line)
+        except ConfigError as exc:
+            _log("front", "SIGHUP: %s; keeping the configuration loaded before" % exc, "error")
+            return
+        if args.serve_argv != self.args.serve_argv:
+            _log("front", "SIGHUP: changes to [serve] take effect when serve is restarted", "warning")
+        current = {slot.name: slot for slot in self.slots if not slot.removed}
+        configs = {config.name: config for config in apps}
+        for name, slot in current.items():
+            if name not in configs:
+                self.remove_slot(slot, "removed from %s" % self.args.site)
+        for name, config in configs.items():
+            slot = current.get(name)
+            if slot is not None and config.settings == slot.config.settings:
+                continue  # unchanged: it keeps its process
+            if slot is not None and (config.prefix, config.host) != (slot.config.prefix, slot.config.host):
+                self.remove_slot(slot, "moved to another mount")  # a new slot takes the new one
+                slot = None
+            if slot is None:
+                slot = self.add_slot(config)
+                _log("front", "%sadded at %s%s" % (slot.label, (config.host or b"").decode(),
+                                                    config.prefix or "/"))
+            else:
+                slot.config = config
+                slot.wanted = slot.wanted or config.spawn == "eager"
+                if slot.process is not None:
+                    self.replace(slot, "its configuration changed")
+        self.front.set_mounts([slot.mount for slot in self.slots if not slot.removed])
+
+    def start_control(self):
+        """The control door (0600): `status`, `reload|stop|start APP` from the front's user."""
+        path = self.args.control
+        try:
+            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # left by a serve that was killed
+            self.control = self.backend.serve(path, self.control_call)
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            _log("front", "cannot make the control door %s: %s" % (path, exc.strerror or exc), "error")
+            self.exit_code = 1
+
+    def control_call(self, data, fds, caller):
+        """A control door call (on a door thread): JSON in, JSON out."""
+        _close_fds(fds)
+        if caller.euid not in (os.geteuid(), 0):
+            return json.dumps({"error": "euid %d may not control this serve" % caller.euid}).encode(), []
+        try:
+            call = json.loads(data)
+            command, name = call["command"], call.get("app")
+        except (ValueError, KeyError, TypeError):
+            return json.dumps({"error": "not a control call"}).encode(), []
+        if command == "status":
+            return json.dumps({"apps": self.status()}).encode(), []
+        if command not in ("reload", "stop", "start"):
+            return json.dumps({"error": "unknown command %r" % command}).encode(), []
+        answer = queue.SimpleQueue()
+        self.events.put(("control", command, name, answer))
+        try:
+            return json.dumps(answer.get(timeout=10)).encode(), []
+        except queue.Empty:
+            return json.dumps({"error": "the supervisor did not answer"}).encode(), []
+
+    def controlled(self, command, name, answer):
+        """The loop's side of `reload|stop|start APP`."""
+        slot = next((slot for slot in self.slots if slot.name == name and not slot.removed), None)
+        if slot is None:
+            names = ", ".join(slot.name for slot in self.slots if not slot.removed)
+            answer.put({"error": "no application %r (there are: %s)" % (name, names)})
+            return
+        if command == "reload":
+            if slot.process is None:
+                answer.put({"message": "%s is not running: its next request starts it" % name})
+                return
+            self.replace(slot, "reload from the control door")
+            answer.put({"message": "%s: a new process replaces pid %d" % (name, slot.process.pid)})
+        elif command == "stop":
+            slot.held, slot.wanted = True, False
+            self.cancel_boot(slot)
+            why = "the application is stopped (doordown start %s starts it)" % name
+            if slot.process is not None:
+                self.retire(slot, "stopped from the control door", refused=why)
+            else:
+                slot.mount.replace(None, refused=why)
+            answer.put({"message": "%s stopped; its mount answers 503" % name})
+        else:
+            slot.held, slot.wanted = False, True
+            slot.mount.replace(None)
+            answer.put({"message": "%s starting" % name})
+
+    def status(self):
+        """One entry an app: what `doordown.py status` prints (read off the loop's thread)."""
+        now, rows = time.monotonic(), []
+        for slot in list(self.slots):
+            process = slot.process
+            facts = process_facts(process.pid, memory=False) if process is not None else None
+            stats = slot.stats if process is not None else {}
+            rows.append({
+                "app": slot.name, "state": slot.state(),
+                "mount": (slot.config.host or b"").decode() + (slot.config.prefix or "/"),
+                "pid": process.pid if process is not None else None,
+                "uptime": round(now - slot.serving_since, 1) if process is not None else None,
+                "requests": stats.get("requests"), "threads": stats.get("threads"),
+                "rss": facts.rss if facts is not None else None,
+                "spawn_score": round(slot.score.value, 1), "last_exit": slot.last_exit})
+        return rows
 
     # -- the loop ---------------------------------------------------------------
     def run(self):
@@ -4895,6 +5374,8 @@ class Supervisor:
         try:
             return self._run()
         finally:
+            if self.control is not None:
+                self.control.close(1.0)
             processes = []
             for slot in self.slots:
                 if slot.boot is not None:
@@ -4915,7 +5396,8 @@ class Supervisor:
             shutil.rmtree(self.door_dir, ignore_errors=True)
 
     def start_front(self):
-        """Take connections on the listeners bound at start-up, once the first app answers."""
+        """Take connections on the listeners bound at start-up: for one app, once it answers;
+        for a site, at once (its apps start when they are asked for, or eagerly meanwhile)."""
         args = self.args
         limits = Limits(max_connections=args.max_connections, max_body=args.max_body,
                         keepalive=args.keepalive, header_timeout=args.header_timeout,
@@ -4925,10 +5407,11 @@ class Supervisor:
         static = [StaticFiles(prefix, root, args.static_index or ()) for prefix, root in args.static_map or ()]
         self.front = FrontServer(args.listeners, [slot.mount for slot in self.slots] or [self.mount],
                                  limits, args.access_logger, args.forwarded_allow_ips,
-                                 upstream_wait=args.timeout, static=static, tls=args.tls)
+                                 upstream_wait=args.timeout if self.single else args.boot_timeout, static=static,
+                                 tls=args.tls)
         threading.Thread(target=self.front.serve_forever, name="front-accept", daemon=True).start()
         what = self.what
-        if self.slots:
+        if self.single and self.slots:
             slot = self.slots[0]
             what = "%s (app pid %d, door %s)" % (what, slot.process.pid, slot.process.door_path)
         _log("front", "serving %s at %s through %s"
@@ -4953,14 +5436,19 @@ class Supervisor:
                 _log("front", "cannot load the application: %s" % exc, "error")
                 return EXIT_APP_LOAD
             self.what = args.app or "the built-in hello app"
-        else:
+        elif self.single:
             self.what = args.app or "the built-in hello app"
-            slot = _AppSlot(Mount(""), args.app)
-            slot.mount.on_limit = lambda _mount: self.events.put(
-                ("replace", slot, "it served its --max-requests"))
-            self.slots.append(slot)
-            self.start_boot(slot)
-        if not self.slots:
+            self.start_boot(self.add_slot(AppConfig("app", args.app, args)))
+        else:
+            for config in self.apps:
+                slot = self.add_slot(config)
+                if slot.wanted:
+                    self.start_boot(slot)
+            self.what = "%d applications of %s (%s)" % (len(self.apps), args.site,
+                                                       ", ".join(config.name for config in self.apps))
+            if args.control:
+                self.start_control()
+        if not self.single or not self.slots:
             self.start_front()
         while self.exit_code is None:
             try:
@@ -4971,8 +5459,11 @@ class Supervisor:
             if event in (signal.SIGTERM, signal.SIGINT):
                 return self.stop(event)
             if event == signal.SIGHUP:
-                for slot in self.slots:
-                    self.replace(slot, "SIGHUP")
+                if self.single:
+                    for slot in self.slots:
+                        self.replace(slot, "SIGHUP")
+                else:
+                    self.reload_site()
                 if front is not None and front.tls is not None and front.tls.reload():
                     _log("front", "SIGHUP: TLS certificate reloaded for new connections")
             elif event == signal.SIGUSR1:
@@ -4987,9 +5478,15 @@ class Supervisor:
                 self.boot_ended(event[1], event[2])
             elif isinstance(event, tuple) and event[0] == "health":
                 self.health_checked(*event[1:])
+            elif isinstance(event, tuple) and event[0] == "demand":
+                self.demanded(event[1])
+            elif isinstance(event, tuple) and event[0] == "control":
+                self.controlled(*event[1:])
             if self.exit_code is None:
                 for slot in self.slots:
                     self.advance(slot)
+                self.slots = [slot for slot in self.slots if not (
+                    slot.removed and slot.process is None and slot.boot is None and not slot.retiring)]
         if self.front is not None:
             self.front.stop_accepting()
         return self.exit_code
@@ -5028,6 +5525,44 @@ class Supervisor:
             except queue.Empty:
                 pass
         return 0
+
+
+def run_control(args):
+    """`status`, `reload APP`, `stop APP`, `start APP`: one call on a serve's control door."""
+    call = {"command": args.command}
+    if getattr(args, "app", None):
+        call["app"] = args.app
+    try:
+        client = door_backend(args.doors).open(args.control, timeout=15)
+        try:
+            reply, fds = client.call(json.dumps(call).encode())
+        finally:
+            client.close()
+        _close_fds(fds)
+        answer = json.loads(reply)
+    except (DoorError, OSError, ValueError) as exc:
+        sys.stderr.write("doordown: error: no serve answers on %s: %s\n"
+                         % (args.control, getattr(exc, "strerror", None) or exc))
+        return 1
+    if "error" in answer:
+        sys.stderr.write("doordown: error: %s\n" % answer["error"])
+        return 1
+    if args.command != "status":
+        print(answer["message"])
+    elif args.json:
+        print(json.dumps(answer["apps"], indent=1))
+    else:
+        def shown(value, form="%s"):
+            return "-" if value is None else form % value
+        print("%-16s %-9s %-24s %7s %9s %9s %7s %9s %5s  %s" % (
+            "APP", "STATE", "MOUNT", "PID", "UPTIME", "REQUESTS", "THREADS", "RSS", "SCORE", "LAST EXIT"))
+        for row in answer["apps"]:
+            print("%-16s %-9s %-24s %7s %9s %9s %7s %9s %5s  %s" % (
+                row["app"], row["state"], row["mount"], shown(row["pid"]), shown(row["uptime"], "%.0fs"),
+                shown(row["requests"]), shown(row["threads"]),
+                shown(row["rss"] and row["rss"] / 1048576, "%.1fM"), row["spawn_score"],
+                shown(row["last_exit"])))
+    return 0
 
 
 def _describe_exit(code):
@@ -6644,6 +7179,12 @@ def build_parser():
                             "(default 127.0.0.1,::1); from others these headers are dropped")
     serve.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                        help="also accept door calls from this euid (repeatable)")
+    serve.add_argument("--config", metavar="FILE",
+                       help="serve the applications of a site file: [serve] takes these options by "
+                            "name, one [app:NAME] section per application; SIGHUP reads it again")
+    serve.add_argument("--control", metavar="PATH",
+                       help="with --config: a control door here (0600) for doordown status, "
+                            "reload, stop and start")
     serve.add_argument("--static-map", type=_static_map, action="append", metavar="/URL=DIR",
                        help="serve the files under DIR at /URL from the front itself (repeatable)")
     serve.add_argument("--static-index", type=_static_index, action="append", metavar="NAME",
@@ -6710,6 +7251,19 @@ def build_parser():
                              help="the service's name (default: doordown-MODULE)")
         service.add_argument("serve_options", nargs="*", metavar="SERVE-OPTION",
                              help="the application and options, as serve takes them")
+
+    for name, what in (("status", "print the state of every app of a serve --config"),
+                       ("reload", "replace one app of a serve --config with a new process"),
+                       ("stop", "stop one app of a serve --config; its mount answers 503"),
+                       ("start", "start an app stopped with doordown stop")):
+        control = commands.add_parser(name, help=what, description=what[0].upper() + what[1:] +
+                                      ", through its control door.")
+        if name != "status":
+            control.add_argument("app", metavar="APP", help="the app's name, from its [app:NAME]")
+        control.add_argument("--control", required=True, metavar="PATH", help="the serve's control door")
+        control.add_argument("--doors", choices=("auto", "native", "emulated"), default="auto", help=doors_help)
+        if name == "status":
+            control.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     check = commands.add_parser("check", help="put this machine's doors through their paces",
                                 description="Create a door, attach it, make 10,000 calls and "
@@ -6845,6 +7399,18 @@ def main(argv=None):
             return run_bench(args)
         if args.command in ("smf", "systemd"):
             return print_service_file(args)
+        if args.command in ("status", "reload", "stop", "start"):
+            return run_control(args)
+        apps = None
+        if args.config:
+            try:
+                args, apps = read_site(args.config, argv[1:])
+            except ConfigError as exc:
+                sys.stderr.write("doordown: error: %s\n" % exc)
+                return EXIT_USAGE
+        elif args.control:
+            sys.stderr.write("doordown: error: --control needs --config\n")
+            return EXIT_USAGE
         if args.app_door and args.transport in ("cgi", "inprocess"):
             sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")
             return EXIT_USAGE
@@ -6852,7 +7418,7 @@ def main(argv=None):
         if failed is not None:
             return failed
         try:
-            return Supervisor(args).run()
+            return Supervisor(args, apps).run()
         finally:
             for listener in args.listeners:
                 listener.close()

@@ -74,6 +74,7 @@ def native_doors_under_the_model(request):
 RUN_MARK = "doordown-test-run-%d-%d" % (os.getpid(), time.time_ns())
 tempfile.gettempdir()  # pytest's own directories stay where they are
 RUN_TMP = tempfile.mkdtemp(prefix="doordown-suite-")
+os.chmod(RUN_TMP, 0o711)  # apps run as another user pass through to their doors
 os.environ["DOORDOWN_TEST_RUN"] = RUN_MARK
 os.environ["TMPDIR"] = RUN_TMP  # for every process the tests start
 
@@ -131,6 +132,7 @@ class Process:
         self.changed = threading.Condition()
         # Its own temporary directory and mark: what it leaves when killed can be found.
         self.tmp = tempfile.mkdtemp(dir=RUN_TMP)
+        os.chmod(self.tmp, 0o711)
         self.mark = "DOORDOWN_TEST_PROCESS=%s" % self.tmp
         env = dict(env or os.environ, TMPDIR=self.tmp, DOORDOWN_TEST_PROCESS=self.tmp)
         self.proc = subprocess.Popen([python, DOORDOWN, *args] if script else [python, *args], cwd=cwd,
@@ -2656,6 +2658,244 @@ http {
         except subprocess.TimeoutExpired:
             nginx.kill()
             nginx.wait()
+
+
+# -- many applications behind one front: serve --config ------------------------------------------
+
+def _site(tmp_path, text, name="site.ini"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def site_serve(started, config, *args, **kwargs):
+    return started("serve", "--config", config, "--doors", DOORS, *args, **kwargs)
+
+
+def doordown_command(*args):
+    return subprocess.run([sys.executable, DOORDOWN, *args], capture_output=True, timeout=30, cwd=SUPPORT)
+
+
+def _app_pids(server, name):
+    """Pids the front has said serve app `name`, in order."""
+    return [int(pid) for pid in re.findall(r"app %s: pid (\d+) serving" % re.escape(name), server.log)]
+
+
+SITE = """
+[serve]
+bind = 127.0.0.1:0
+access-log = off
+control = {control}
+
+[app:hello]
+wsgi = doordown:hello_app   ; the built-in hello app
+mount = /hello
+spawn = eager
+
+[app:flask]
+wsgi = flask_app:app
+mount = /flask
+idle-timeout = 2
+
+[app:django]
+wsgi = django_app
+host = django.test          ; this Host only, and it beats a bare mount
+mount = /
+
+[app:echo]
+wsgi = apps:interpreter
+mount = /echo/deep
+env = GREETING="hello there"
+
+[app:broken]
+wsgi = no_such_module
+mount = /broken
+"""
+
+
+def test_site_routes_spawns_lazily_isolates_and_stops_the_idle(started, tmp_path):
+    pytest.importorskip("flask", reason="Flask is a test dependency: pip install flask")
+    pytest.importorskip("django", reason="Django is a test dependency: pip install django")
+    control = str(tmp_path / "control")
+    server = site_serve(started, _site(tmp_path, SITE.format(control=control)))
+    server.wait_for(r"app hello: pid \d+ serving")
+    assert len(_children(server.proc.pid)) == 1  # lazy apps cost nothing until asked for
+    assert server.get("/hello")[::2] == (200, b"Well, hello to you too!\n")
+    assert server.get("/nobody/claims/this")[0] == 404
+    assert server.get("/hellothere")[0] == 404  # a prefix matches whole segments only
+    # Concurrent first requests to a stopped app share one spawn.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        firsts = list(pool.map(lambda _: server.get("/flask/"), range(8)))
+    assert [(status, body) for status, _, body in firsts] == [(200, b"Hello from Flask")] * 8
+    assert len(_app_pids(server, "flask")) == 1
+    status, _, body = server.get("/flask/items/7?x=y")  # Flask routes on PATH_INFO
+    assert status == 200 and json.loads(body)["args"] == {"x": "y"}
+    env = json.loads(server.get("/echo/deep/a%20b/c")[2])
+    assert (env["script_name"], env["path_info"], env["greeting"]) == ("/echo/deep", "/a b/c", "hello there")
+    status, _, body = server.get("/echo/deep/x", headers={"Host": "Django.Test:8000"})  # Host beats the rest
+    assert status == 200 and json.loads(body)["path"] == "/echo/deep/x"
+    # Isolation: the app that cannot load gets 503 at its mount only; serve and the others go on.
+    begin = time.monotonic()
+    status, _, body = server.get("/broken/page")
+    assert (status, body) == (503, b"the application failed to load\n") and time.monotonic() - begin < 10
+    hello_pid = _app_pids(server, "hello")[0]
+    os.kill(env["pid"], signal.SIGKILL)  # a crash: restarted, the others untouched
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and server.get("/echo/deep")[0] != 200:
+        time.sleep(0.1)
+    assert json.loads(server.get("/echo/deep")[2])["pid"] != env["pid"]
+    assert server.get("/hello")[0] == 200 and _app_pids(server, "hello") == [hello_pid]
+    assert server.proc.poll() is None
+    # Idle stop: flask goes after 2 s without a request; the next request starts it again.
+    flask_pid = _app_pids(server, "flask")[-1]
+    server.wait_for(r"app flask: stopping app pid %d: idle for 2s" % flask_pid, timeout=15)
+    deadline = time.monotonic() + 10
+    while _pid_alive(flask_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(flask_pid)
+    assert server.get("/flask/")[::2] == (200, b"Hello from Flask") and len(_app_pids(server, "flask")) == 2
+    # The control door: status, reload, stop, start.
+    assert server.get("/broken/")[0] == 503  # and it is tried again, as its own spawn score allows
+    result = doordown_command("status", "--control", control, "--doors", DOORS, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["app"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {"hello", "flask", "django", "echo", "broken"}
+    assert rows["hello"]["state"] == "running" and rows["hello"]["pid"] == hello_pid
+    assert rows["hello"]["rss"] > 0 and rows["hello"]["uptime"] > 0
+    assert rows["broken"]["state"] in ("refusing", "starting") and "exit code 4" in rows["broken"]["last_exit"]
+    assert rows["broken"]["spawn_score"] > 0
+    table = doordown_command("status", "--control", control, "--doors", DOORS).stdout.decode()
+    assert len(table.strip().splitlines()) == 6 and "django.test/" in table
+    echo_pid = json.loads(server.get("/echo/deep")[2])["pid"]
+    result = doordown_command("reload", "echo", "--control", control, "--doors", DOORS)
+    assert result.returncode == 0 and b"replaces pid %d" % echo_pid in result.stdout
+    deadline = time.monotonic() + 15
+    while _app_pids(server, "echo")[-1] == echo_pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads(server.get("/echo/deep")[2])["pid"] != echo_pid
+    assert doordown_command("stop", "echo", "--control", control, "--doors", DOORS).returncode == 0
+    assert server.get("/echo/deep")[0] == 503
+    assert doordown_command("start", "echo", "--control", control, "--doors", DOORS).returncode == 0
+    assert server.get("/echo/deep")[0] == 200
+    result = doordown_command("stop", "nosuch", "--control", control, "--doors", DOORS)
+    assert result.returncode == 1 and b"no application 'nosuch'" in result.stderr
+    assert _app_pids(server, "hello") == [hello_pid]
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0 and not os.path.exists(control)
+
+
+def test_site_sighup_adds_removes_and_replaces_changed_apps_only(started, tmp_path):
+    base = ("[serve]\nbind = 127.0.0.1:0\naccess-log = off\ncontrol = %s\n\n" % (tmp_path / "control") +
+            "[app:keep]\nwsgi = apps:counter\nmount = /keep\nspawn = eager\n\n")
+    config = _site(tmp_path, base + "[app:change]\nwsgi = apps:interpreter\nmount = /change\nspawn = eager\n"
+                   "env = GREETING=one\n\n[app:drop]\nwsgi = apps:counter\nmount = /drop\nspawn = eager\n")
+    server = site_serve(started, config)
+    for name in ("keep", "change", "drop"):
+        server.wait_for(r"app %s: pid \d+ serving" % name)
+    keep_pid, drop_pid = _app_pids(server, "keep")[0], _app_pids(server, "drop")[0]
+    load = Load(server, threads=4, path="/change/")
+    time.sleep(0.5)
+    _site(tmp_path, base + "[app:change]\nwsgi = apps:interpreter\nmount = /change\nspawn = eager\n"
+          "env = GREETING=two\n\n[app:new]\nwsgi = apps:counter\nmount = /new\n")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(r"app change: replacing app pid \d+: its configuration changed")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if json.loads(server.get("/change/")[2])["greeting"] == "two":
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    outcomes = load.stop()
+    assert set(outcomes) == {200}, (outcomes, server.log)  # replaced under load, nothing lost
+    assert json.loads(server.get("/change/")[2])["greeting"] == "two"
+    assert server.get("/new/")[0] == 200  # added (lazy: started by this request)
+    assert server.get("/drop/")[0] == 404  # removed: its mount is gone
+    deadline = time.monotonic() + 10
+    while _pid_alive(drop_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(drop_pid)
+    assert json.loads(server.get("/keep/")[2])["pid"] == keep_pid and _app_pids(server, "keep") == [keep_pid]
+    # A broken file on SIGHUP changes nothing.
+    _site(tmp_path, base + "[app:new]\nwsgi = apps:counter\nmount = /new\nbogus = 1\n")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(r"SIGHUP: .*\[app:new\] bogus: unknown key.*; keeping the configuration loaded before")
+    assert server.get("/change/")[0] == 200 and server.get("/keep/")[0] == 200
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[app:a]\nmount = /a\n", r"\[app:a\] wsgi: missing"),
+    ("[app:a]\nwsgi = apps:echo\nmount = a\n", r"\[app:a\] mount: expected a URL path prefix"),
+    ("[app:a]\nwsgi = apps:echo\nidle-timeout = soon\n", r"\[app:a\] idle-timeout: could not convert"),
+    ("[app:a]\nwsgi = apps:echo\nbogus = 1\n", r"\[app:a\] bogus: unknown key"),
+    ("[app:a]\nwsgi = apps:echo\ntimeout = -1\n", r"\[app:a\] timeout: .*positive number"),
+    ("[app:a]\nwsgi = apps:echo\nspawn = sometimes\n", r"\[app:a\] spawn: expected lazy or eager"),
+    ("[app:a]\nwsgi = apps:echo\ndirectory = /no/such/dir\n", r"\[app:a\] directory: no such directory"),
+    ("[app:a]\nwsgi = apps:echo\npython = /no/python\n", r"\[app:a\] python: not an executable"),
+    ("[app:a]\nwsgi = apps:echo\nuser = no-such-user-here\n", r"\[app:a\] user no-such-user-here: no such user"),
+    ("[app:a]\nwsgi = apps:echo\n[app:b]\nwsgi = apps:echo\n", r"\[app:b\] mount: / is \[app:a\]'s already"),
+    ("[serve]\nbind = nonsense:port\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] bind: "),
+    ("[serve]\nworkers = 4\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] workers: "),
+    ("[serve]\nbind = 127.0.0.1:0\n", r"no \[app:NAME\] section"),
+    ("[wrong]\n", r"\[wrong\]: unknown section"),
+    ("not ini at all\n", r"line 1: a line before any \[section\]"),
+    ("[app:a]\nwsgi = apps:echo\nwsgi = apps:echo\n", r"\[app:a\] wsgi: given twice"),
+])
+def test_site_config_errors_are_one_line_naming_file_section_and_key(tmp_path, text, message):
+    result = doordown_command("serve", "--config", _site(tmp_path, text))
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert re.search(r"^doordown: error: \S*site.ini: " + message, lines[0]), lines[0]
+    assert doordown_command("serve", "--config", str(tmp_path / "missing.ini")).returncode == 2
+
+
+def test_site_app_runs_its_own_python_virtualenv(started, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
+                   "[app:venv]\nwsgi = apps:interpreter\nmount = /venv\npython = %s\ndirectory = %s\n\n"
+                   "[app:system]\nwsgi = apps:interpreter\nmount = /system\n" % (venv / "bin" / "python", SUPPORT))
+    server = site_serve(started, config)
+    inside, outside = json.loads(server.get("/venv/")[2]), json.loads(server.get("/system/")[2])
+    assert inside["prefix"] == str(venv) and outside["prefix"] == sys.prefix
+    assert inside["cwd"] == SUPPORT
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
+def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, tmp_path):
+    probe = "import ctypes, os; os.environ.get('DOORDOWN_LIBDOOR') and ctypes.CDLL(os.environ['DOORDOWN_LIBDOOR'])"
+    for python in (sys.executable, "/usr/bin/python3"):  # one that user nobody may run
+        try:
+            subprocess.run([python, "-c", probe], user=65534, group=65534, check=True,
+                           capture_output=True, timeout=30, cwd="/")
+            break
+        except (OSError, subprocess.CalledProcessError):
+            continue
+    else:
+        pytest.skip("no Python here that user nobody may run (with the door library)")
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
+                   "[app:nobody]\nwsgi = apps:interpreter\nmount = /nobody\nuser = nobody\nspawn = eager\n"
+                   "directory = %s\npython = %s\n\n"
+                   "[app:root]\nwsgi = apps:interpreter\nmount = /root\nspawn = eager\n" % (SUPPORT, python))
+    server = site_serve(started, config)
+    assert json.loads(server.get("/nobody/")[2])["uid"] == 65534
+    assert json.loads(server.get("/root/")[2])["uid"] == 0
+    root_door = server.wait_for(r"serving apps:interpreter on door (\S+/root/\S+) \(").group(1)
+    nobody_door = server.wait_for(r"serving apps:interpreter on door (\S+/nobody/\S+) \(").group(1)
+    assert os.stat(nobody_door).st_uid == 65534
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, as the nobody app's user
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                doordown.door_backend(DOORS).open(root_door).call(
+                    doordown.pack_message(doordown.KIND_PING, 0, []))
+            except doordown.DoorError as exc:
+                code = 0 if exc.errno == errno.EACCES else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0  # another app's door is out of its reach
 
 
 # -- the bench command, end to end (no timing assertions) ---------------------------------------

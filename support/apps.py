@@ -136,3 +136,11 @@ def misbehaving(environ, start_response):
     start_response("200 OK", [("Date", "Thu, 01 Jan 1970 00:00:00 GMT"), ("Server", "app/1.0"),
                               ("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
+
+
+def interpreter(environ, start_response):
+    """Which interpreter, user, directory and environment the app process runs with."""
+    import sys
+    return _reply(start_response, {"prefix": sys.prefix, "uid": os.getuid(), "cwd": os.getcwd(),
+                                   "greeting": os.environ.get("GREETING"), "pid": os.getpid(),
+                                   "script_name": environ["SCRIPT_NAME"], "path_info": environ["PATH_INFO"]})
