@@ -2,6 +2,8 @@
 """doordown: serve a Python WSGI application through illumos doors.
 
     python3 doordown.py serve [module:app]     HTTP front; spawns the app role itself
+    python3 doordown.py serve --config site.ini    many apps behind one front
+    python3 doordown.py status|reload|stop|start [APP] --control PATH    and their control
     python3 doordown.py app [module:app] --door PATH    the app role alone
     python3 doordown.py bench [--faults]       measure the transports, or the failures
     python3 doordown.py check                  put this machine's doors through their paces
@@ -18,7 +20,7 @@ and named at start-up.  One file, the standard library only, Python 3.9 or newer
 
 The file reads in the order data flows: door layer (emulated, then native) -> wire
 format -> app role (with per-thread resources) -> front role -> the other transports
-(proxy, FastCGI, CGI, in-process: the comparison) -> supervisor -> benchmark -> door
+(proxy, FastCGI, CGI, in-process: the comparison) -> site configuration -> supervisor -> benchmark -> door
 check -> command line.
 """
 
