@@ -2822,6 +2822,20 @@ def test_site_sighup_adds_removes_and_replaces_changed_apps_only(started, tmp_pa
     assert server.get("/change/")[0] == 200 and server.get("/keep/")[0] == 200
 
 
+def test_site_app_is_replaced_when_its_lifetime_is_over(started, tmp_path):
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
+                   "[app:short]\nwsgi = apps:counter\nmount = /\nspawn = eager\nlifetime = 1\n")
+    server = site_serve(started, config)
+    first = server.wait_for(r"app short: pid (\d+) serving").group(1)
+    load = Load(server, threads=2)
+    server.wait_for(r"app short: replacing app pid %s: it has served its lifetime of 1s" % first)
+    deadline = time.monotonic() + 15
+    while len(_app_pids(server, "short")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert set(load.stop()) == {200} and len(_app_pids(server, "short")) >= 2
+
+
 @pytest.mark.parametrize("text,message", [
     ("[app:a]\nmount = /a\n", r"\[app:a\] wsgi: missing"),
     ("[app:a]\nwsgi = apps:echo\nmount = a\n", r"\[app:a\] mount: expected a URL path prefix"),
