@@ -5180,7 +5180,10 @@ class Supervisor:
         """Stop serving the app without a replacement: requests wait (or get 503 if
         `refused`) while it finishes those it runs."""
         process, slot.process = slot.process, None
+        upstream = slot.mount.upstream
         slot.mount.replace(None, refused=refused)
+        if upstream is not None:
+            upstream.close()  # its connections close as their calls return
         if slot.health is not None:
             slot.health.close()
             slot.health = None
@@ -5348,8 +5351,9 @@ class Supervisor:
             answer.put({"message": "%s stopped; its mount answers 503" % name})
         else:
             slot.held, slot.wanted = False, True
-            slot.mount.replace(None)
-            answer.put({"message": "%s starting" % name})
+            if slot.process is None:
+                slot.mount.replace(None)  # no longer refused: requests wait for the start
+            answer.put({"message": "%s starting" % name if slot.process is None else "%s is running" % name})
 
     def status(self):
         """One entry an app: what `doordown.py status` prints (read off the loop's thread)."""
