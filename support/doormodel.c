@@ -2527,7 +2527,11 @@ fattach(int fildes, const char *path)
 		if (faccessat(AT_FDCWD, path, W_OK, AT_EACCESS) != 0)
 			return (seterr(EACCES));
 	}
-	/* nm_mount(): "if (vp->v_flag & VROOT) ... EBUSY" -- still mounted */
+	/*
+	 * nm_mount() in namevfs.c: EBUSY if the node is already namefs-mounted
+	 * ((mvp->v_flag & VROOT) || vfs_matchops(mvp->v_vfsp, namefs_vfsops)),
+	 * stale or not: only fifo_close() unmounts by itself (nm_unmountall()).
+	 */
 	if (getxattr(path, STALE_XATTR, NULL, 0) >= 0)
 		return (seterr(EBUSY));
 	if ((a = calloc(1, sizeof (*a))) == NULL)
