@@ -1970,6 +1970,62 @@ can_take_fds(int fd, unsigned n)
 static uint32_t call_seq;
 static unsigned long noverflow;	/* doormodel_overflows() */
 
+/*
+ * Ask the server's dispatcher to take the call `token` off its queue.  1 if
+ * it did (the call never reached a server thread), 0 if a thread has it --
+ * or if the dispatcher does not answer within a second (a stopped or dying
+ * server): the kernel would know, the model then says the call may have run.
+ * Signals (a watchdog repeating its interrupt) do not stretch the wait.
+ */
+static int
+cancel_call(const struct dref *r, uint64_t token)
+{
+	struct timespec deadline, now;
+	struct dm_msg h, rep;
+	unsigned nf;
+	int fd, done = 0;
+
+	clock_gettime(CLOCK_MONOTONIC, &deadline);
+	deadline.tv_sec += 1;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		return (0);
+	while (connect(fd, (const struct sockaddr *)&r->addr, r->alen) != 0) {
+		if (errno != EINTR) {
+			(void) close(fd);
+			return (0);
+		}
+	}
+	memset(&h, 0, sizeof (h));
+	h.type = M_CANCEL;
+	h.a = token;
+	if (send_message(fd, &h, NULL, 0, NULL, 0, 0) != 0) {
+		(void) close(fd);
+		return (0);
+	}
+	for (;;) {
+		struct pollfd p = { fd, POLLIN, 0 };
+		long ms;
+
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		ms = (deadline.tv_sec - now.tv_sec) * 1000 +
+		    (deadline.tv_nsec - now.tv_nsec) / 1000000;
+		if (ms <= 0)
+			break;
+		int n = poll(&p, 1, (int)ms);
+
+		if (n > 0) {
+			done = recv_header(fd, &rep, NULL, 0, &nf, 0) == 0 &&
+			    rep.type == M_REPLY && rep.err == 0 && rep.b == 1;
+			break;
+		}
+		if (n == 0 || errno != EINTR)
+			break;
+	}
+	(void) close(fd);
+	return (done);
+}
+
 EXPORT int
 door_call(int d, door_arg_t *params)
 {
@@ -2056,12 +2112,9 @@ door_call(int d, door_arg_t *params)
 		 * EINTR: the caller detaches (the server's door_ucred()
 		 * then fails with EINVAL and its results are discarded).
 		 */
-		struct dm_msg cr;
-
 		(void) close(fd);
 		fd = -1;
-		e = (rpc(&r, M_CANCEL, h.b, &cr, NULL, 0) == 0 && cr.b == 1) ?
-		    EAGAIN : EINTR;
+		e = cancel_call(&r, h.b) ? EAGAIN : EINTR;
 		goto out;
 	}
 	if (e != 0 && e != -EMFILE) {

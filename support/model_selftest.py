@@ -903,6 +903,7 @@ def test_failure_paths(lib, libpath, tmpdir):
         _test_stack(cl, fd)
         _test_eagain(cl, fd)
         _test_reply_fds(cl, fd)
+        _test_stopped(cl, fd, spid)
     finally:
         os.close(fd)
         stop_server(p)
@@ -990,6 +991,16 @@ def _test_reply_fds(cl, fd):
     check("overflowed reply with a descriptor: 4056 bytes ok, 4071 -> %s "
           "(descriptors past the mapping)" % unpadded,
           not isinstance(padded, str) and unpadded == "EFAULT")
+
+
+def _test_stopped(cl, fd, spid):
+    os.kill(spid, signal.SIGSTOP)             # nobody in the server can answer
+    try:
+        res, took = _interrupted_call(cl, fd, b"Estopped", 0.2)
+    finally:
+        os.kill(spid, signal.SIGCONT)
+    check("signal during a call to a stopped server -> %s after %.2f s"
+          % (res, took), res == "EINTR" and took < 2.5)
 
 
 def _close(fds):
