@@ -1236,11 +1236,22 @@ def door_backend(choice="auto"):
 # Bodies up to INLINE_BODY_MAX travel in the message.  Larger ones travel as a passed
 # descriptor of an unlinked temporary file (flag BODY_IN_FD, body field empty): the
 # door call stays far below illumos' per-call limit and the body is never copied
-# through the door.
+# through the door.  A response may also pass a descriptor:
+#
+#   BODY_IN_FD   a regular file (a spooled body, or the app's wsgi.file_wrapper file); the
+#                body field is empty (all of it) or holds offset and length (!QQ): the
+#                front sends that span with sendfile, no byte of it through Python.
+#   BODY_STREAM  the read end of a pipe; the body field holds what the app had produced
+#                when the call returned, the rest follows on the pipe as frames (length
+#                !I, then the bytes) written by an app thread as the iterable yields.
+#                An empty frame ends the body; end-of-file without it means the app failed.
 
 KIND_REQUEST, KIND_RESPONSE, KIND_PING, KIND_STATS, KIND_FAIL = b"Q", b"R", b"P", b"S", b"E"
 FLAG_BODY_IN_FD = 1
 FLAG_CLOSE = 2  # response: close the connection after it (e.g. framing the app broke)
+FLAG_BODY_STREAM = 4
+_FILE_SPAN = struct.Struct("!QQ")
+_STREAM_FRAME = struct.Struct("!I")
 INLINE_BODY_MAX = 1 << 20
 REPLY_HEAD_MAX = 64 * 1024  # a response head larger than this is the app's error: 500
 _REQUEST_FIXED = 10
@@ -1455,6 +1466,7 @@ class WSGIGateway:
         self.served = Counter()
         self.door_threads = lambda: 0
         self._running = {}  # thread ident -> when its current request started
+        self.streams = set()  # _StreamBody still being relayed: not running, not stuck
 
     # -- the door handler -------------------------------------------------------
     def __call__(self, data, fds, caller):
@@ -1477,7 +1489,7 @@ class WSGIGateway:
         now = time.monotonic()
         stuck = sum(1 for started in list(self._running.values()) if now - started > self.stuck_after)
         return {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.served.value,
-                "running": len(self._running), "stuck": stuck,
+                "running": len(self._running), "stuck": stuck, "streams": len(self.streams),
                 "python_threads": threading.active_count()}
 
     def stats_message(self):
@@ -1527,10 +1539,33 @@ class WSGIGateway:
                  % (environ["REQUEST_METHOD"], environ["PATH_INFO"], REPLY_HEAD_MAX), "warning")
             status, headers, body, close = self.error_reply()
         flags = FLAG_CLOSE if close else 0
+        if type(body) is not bytes:
+            return self.passed_body(status, headers, body, flags)
         if len(body) > INLINE_BODY_MAX:
             return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
                                 [status, b"", *headers]), [spool_body(body)]
         return pack_message(KIND_RESPONSE, flags, [status, body, *headers]), []
+
+    def passed_body(self, status, headers, body, flags):
+        """The door reply of a body that travels on a descriptor: a file span, or a stream
+        whose app thread is started here, so that this door thread returns at once."""
+        if type(body) is _FileBody:
+            return pack_message(KIND_RESPONSE, flags | FLAG_BODY_IN_FD,
+                                [status, _FILE_SPAN.pack(body.offset, body.length), *headers]), [body.fd]
+        first = body.first
+        if len(first) > INLINE_BODY_MAX:  # too big for the call: the pipe carries it too
+            body.out.chunks.append(first)
+            body.first = first = b""
+        read_end, write_end = os.pipe()
+        try:
+            threading.Thread(target=_stream_to_pipe, args=(body, write_end), name="stream",
+                             daemon=True).start()
+        except BaseException:
+            os.close(read_end)
+            os.close(write_end)
+            body.close()
+            raise
+        return pack_message(KIND_RESPONSE, flags | FLAG_BODY_STREAM, [status, first, *headers]), [read_end]
 
     def respond(self, environ):
         """Call the application: (status, header fields, body, close), whatever the transport.
@@ -1572,11 +1607,18 @@ class WSGIGateway:
         result = None
         try:
             result = self.app(environ, start_response)
-            for chunk in result:
-                if chunk:
-                    if out.status is None:
-                        raise AssertionError("body yielded before start_response()")
-                    write(chunk)
+            if type(result) is not list:
+                started = self.start_body(environ, out, result, write)
+                if started is not None:
+                    if type(started[2]) is _StreamBody:
+                        result = None  # its close() is the stream's now
+                    return started
+            else:
+                for chunk in result:
+                    if chunk:
+                        if out.status is None:
+                            raise AssertionError("body yielded before start_response()")
+                        write(chunk)
             if out.status is None:
                 raise AssertionError("application returned without calling start_response()")
         except Exception:
@@ -1591,6 +1633,34 @@ class WSGIGateway:
                 except Exception:
                     _log("app", "error in close():\n" + traceback.format_exc().rstrip(), "error")
         return self.framed(environ, out)
+
+    def start_body(self, environ, out, result, write):
+        """An iterable other than a list: run it to its first chunk.  None when that
+        collected the whole body in `out` (a materialized iterator, HEAD, or a body that
+        reached its Content-Length); else the response with a _FileBody or _StreamBody."""
+        if type(result) is FileWrapper and out.status is not None and not out.chunks \
+                and _declared_length(out.headers) != -1:
+            body = _FileBody.of(result.filelike, _declared_length(out.headers))
+            if body is not None:
+                if environ["REQUEST_METHOD"] == "HEAD":
+                    os.close(body.fd)
+                    return None
+                return out.status, out.headers, body, body.short
+        iterator = iter(result)
+        whole = type(iterator) in _MATERIALIZED
+        head = environ["REQUEST_METHOD"] == "HEAD"
+        for chunk in iterator:
+            if chunk:
+                if out.status is None:
+                    raise AssertionError("body yielded before start_response()")
+                write(chunk)
+                if head:
+                    return None  # the body is not sent: no need to produce the rest
+                if not whole:
+                    length = _declared_length(out.headers)
+                    if length is None or out.size < length:
+                        return out.status, out.headers, _StreamBody(self, environ, out, iterator, result), False
+        return None
 
     @staticmethod
     def checked_status(status, headers):
@@ -1648,6 +1718,165 @@ class WSGIGateway:
         return (b"500 Internal Server Error",
                 [b"Content-Type", b"text/plain", b"Content-Length", str(len(self.error_body)).encode()],
                 self.error_body, False)
+
+
+_MATERIALIZED = (type(iter([])), type(iter(())))  # e.g. Django's HttpResponse: all there already
+
+
+def _declared_length(headers):
+    """The Content-Length an application declared: None without one, -1 if not a number."""
+    for i in range(0, len(headers), 2):
+        if headers[i].lower() == b"content-length":
+            return int(headers[i + 1]) if headers[i + 1].isdigit() else -1
+    return None
+
+
+class _FileBody:
+    """A body that is a span of a regular file: `length` bytes of `fd` from `offset`."""
+
+    __slots__ = ("fd", "offset", "length", "short")
+
+    def __init__(self, fd, offset, length, short=False):
+        self.fd, self.offset, self.length, self.short = fd, offset, length, short
+
+    @classmethod
+    def of(cls, filelike, declared):
+        """The rest of a wsgi.file_wrapper file from its current position (on a descriptor of
+        our own), cut to the declared length; None if it is no regular file."""
+        try:
+            fd = filelike.fileno()
+            info = os.fstat(fd)
+            offset = filelike.tell() if hasattr(filelike, "tell") else os.lseek(fd, 0, os.SEEK_CUR)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        length = max(0, info.st_size - offset)
+        short = declared is not None and declared > length  # the close tells the client
+        if declared is not None and declared < length:
+            length = declared
+        return cls(os.dup(fd), offset, length, short)
+
+
+class _StreamFailed(Exception):
+    """The application failed in the middle of a body (already logged)."""
+
+
+class _StreamBody:
+    """A body the application is still producing: what it had produced when the response
+    started (`first`), then pieces() iterates on, on whichever thread relays it.
+
+    The relaying transport calls pieces() and, whatever happened, close() once.  Whatever
+    the transport, the body is cut to the application's Content-Length.  end() lets the
+    app role end a stream it is stopping with while the application is still producing.
+    """
+
+    def __init__(self, gateway, environ, out, iterator, result):
+        self.gateway, self.environ, self.out = gateway, environ, out
+        self.iterator, self.result = iterator, result
+        self.first = b"".join(out.chunks)
+        del out.chunks[:]
+        length = _declared_length(out.headers)
+        self.left = None if length is None else length - len(self.first)
+        self.lock = threading.Lock()  # held while a piece is written, and by end()
+        self.finish = None  # the transport's way to end the body cleanly, for end()
+        self.ended = False
+        gateway.streams.add(self)
+
+    def pieces(self):
+        """The rest of the body as the application produces it; _StreamFailed if it fails."""
+        out = self.out
+        try:
+            for piece in out.chunks:
+                yield self.cut(piece)
+            del out.chunks[:]
+            for chunk in self.iterator:
+                if out.chunks:  # write() called from inside the iterable
+                    chunks, out.chunks = out.chunks, []
+                    for piece in chunks:
+                        yield self.cut(piece)
+                if chunk:
+                    if type(chunk) is not bytes:
+                        raise TypeError("the iterable yielded %s, not bytes" % type(chunk).__name__)
+                    yield self.cut(chunk)
+                if self.left == 0:
+                    return
+            for piece in out.chunks:
+                yield self.cut(piece)
+        except GeneratorExit:
+            raise
+        except Exception:
+            _log("app", "error in %s %s, in the middle of the body:\n%s"
+                 % (_log_text(self.environ.get("REQUEST_METHOD", "")),
+                    _log_text(self.environ.get("PATH_INFO", "")), traceback.format_exc().rstrip()), "error")
+            raise _StreamFailed()
+
+    def cut(self, piece):
+        if self.left is not None:
+            piece = piece[:self.left]
+            self.left -= len(piece)
+        return piece
+
+    def end(self):
+        """Stopping: end the body cleanly now (unless a write is stuck), whatever the app does."""
+        if self.lock.acquire(timeout=1.0):
+            try:
+                if not self.ended and self.finish is not None:
+                    self.ended = True
+                    try:
+                        self.finish()
+                    except OSError:
+                        pass
+            finally:
+                self.lock.release()
+
+    def close(self):
+        self.gateway.streams.discard(self)
+        result, self.result = self.result, None
+        if hasattr(result, "close"):
+            try:
+                result.close()
+            except Exception:
+                _log("app", "error in close():\n" + traceback.format_exc().rstrip(), "error")
+
+
+def _stream_to_pipe(body, fd):
+    """The app thread of a door stream: the rest of `body`, framed, into the pipe `fd`.
+
+    The pipe's small buffer is the backpressure: a client that reads slowly makes this
+    write wait, and so the application's iteration.  A front that has gone (its client
+    left) makes it fail (EPIPE): the iterable is closed at once.
+    """
+    def write_frame(piece):
+        data = _STREAM_FRAME.pack(len(piece)) + piece if len(piece) < 65536 else None
+        if data is None:
+            _write_all(fd, _STREAM_FRAME.pack(len(piece)))
+            data = piece
+        _write_all(fd, data)
+
+    body.finish = lambda: _write_all(fd, _STREAM_FRAME.pack(0))
+    try:
+        for piece in body.pieces():
+            if piece:
+                with body.lock:
+                    if body.ended:
+                        break
+                    write_frame(piece)
+        with body.lock:
+            if not body.ended:
+                body.ended = True
+                _write_all(fd, _STREAM_FRAME.pack(0))
+    except (_StreamFailed, OSError):
+        pass  # the front sees end-of-file without the end frame, or has gone away
+    finally:
+        body.close()
+        os.close(fd)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 def run_app(args):
     """The `app` command: serve one WSGI application on a door until SIGTERM/SIGINT."""
@@ -1864,6 +2093,7 @@ class Limits:
     keepalive = 5.0  # seconds an idle keep-alive connection is kept
     body_timeout = 30.0  # seconds for a body to start arriving ...
     min_body_rate = 1024  # ... and bytes per second it must keep up after that
+    stream_idle_timeout = 60.0  # seconds a streamed response may go without a byte either way
 
     def __init__(self, **overrides):
         for name, value in overrides.items():
@@ -2288,15 +2518,17 @@ class Request:
 class Response:
     """What an upstream answers: status line tail, header pairs, and the body: bytes, or
     `body_length` bytes of the file on `body_fd` from `body_offset` (all of it when the
-    length is None), sent with sendfile."""
+    length is None), sent with sendfile, or bytes followed by a `stream` (a body source,
+    see _PipeStream) that the front relays as it arrives."""
 
-    __slots__ = ("status", "headers", "body", "body_fd", "close", "body_offset", "body_length")
+    __slots__ = ("status", "headers", "body", "body_fd", "close", "body_offset", "body_length",
+                 "stream")
 
     def __init__(self, status, headers, body=b"", body_fd=None, close=False, body_offset=0,
-                 body_length=None):
+                 body_length=None, stream=None):
         self.status, self.headers, self.body, self.body_fd, self.close = (
             status, headers, body, body_fd, close)
-        self.body_offset, self.body_length = body_offset, body_length
+        self.body_offset, self.body_length, self.stream = body_offset, body_length, stream
 
 
 def plain_response(code, text=None, close=False):
@@ -2651,6 +2883,8 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
     # -- writing --------------------------------------------------------------------
     def send_response(self, request, response):
         """Frame and send a response in one write (plus sendfile for a body on a descriptor)."""
+        if response.stream is not None:
+            return self.relay(request, response)
         fd = response.body_fd
         body = response.body
         if fd is None:
@@ -2695,6 +2929,91 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
                 os.close(fd)
         if request is not None:
             self.server.log_access(self, request, response)
+
+
+    def relay(self, request, response):
+        """Send a streamed response as its body arrives, chunk by chunk (or up to its
+        Content-Length, or until the close on HTTP/1.0).
+
+        While the app is silent, the client's socket is watched too: a client that goes away
+        ends the stream at once (the source's close() tells the app).  No byte from the app
+        for --stream-idle-timeout, or a stop that has run out of grace, ends it cleanly (the
+        last chunk, then the close); a body that broke off ends with the close alone.
+        """
+        stream, sock, server = response.stream, self.request, self.server
+        idle = self.limits.stream_idle_timeout
+        keep_alive = (request is not None and request.keep_alive and not response.close
+                      and not server.stopping)
+        own = b"Date: %s\r\nServer: doordown\r\n" % http_date()
+        method, version = (request.method, request.version) if request is not None else (None, b"HTTP/1.1")
+        declared = _declared_length(response.headers)
+        try:
+            head, length, chunked, close = frame_response(
+                response.status, response.headers, max(declared or 0, 0), method, version, keep_alive, own)
+        except ValueError as exc:
+            stream.close()
+            self.server.log_failure(request, "unusable response from the application: %s" % exc)
+            return self.send_response(request, plain_response(502, "the application sent an unusable "
+                                                                   "response", close=True))
+        if chunked or declared is None:
+            length = None  # no bound but the end of the stream
+        body = response.body if length is None else response.body[:length]
+        clean = False  # the body was sent whole, or ended as a complete message
+        self.sent = 0
+        try:
+            if has_no_body(method, int(response.status[:3])):
+                sock.sendall(head)
+                clean = True
+                return
+            sock.settimeout(idle)  # a client that stops reading is bounded as the app is
+            self.reader.timeout = idle
+            sock.sendall(head + encode_chunk(body) if chunked else head + body)
+            self.sent = len(body)
+            source = stream.fileno()
+            poller = select.poll()
+            if source is not None:
+                poller.register(source, select.POLLIN)
+            client = sock.fileno()
+            poller.register(client, select.POLLIN)
+            quiet_since = time.monotonic()
+            while not stream.done and not server.ending_streams:
+                if source is not None and not stream.ready():
+                    events = dict(poller.poll(250))
+                    if client in events:
+                        if not sock.recv(1, socket.MSG_PEEK):
+                            raise _ClientGone("the client went away during the stream")
+                        poller.unregister(client)  # a pipelined request: it waits its turn
+                    if source not in events:
+                        if time.monotonic() - quiet_since >= idle:
+                            self.server.log_failure(request, "no byte from the app for %ss "
+                                                    "(--stream-idle-timeout): stream ended" % idle)
+                            break
+                        continue
+                piece = stream.read()
+                if not piece:
+                    continue
+                quiet_since = time.monotonic()
+                if length is not None:
+                    piece = piece[:length - self.sent]
+                    if not piece:
+                        break  # more than the app's Content-Length: not sent, and we close
+                sock.sendall(encode_chunk(piece) if chunked else piece)
+                self.sent += len(piece)
+            if chunked:
+                sock.sendall(LAST_CHUNK)
+            clean = stream.done and (length is None or self.sent == length)
+        except TransportError as exc:
+            self.server.log_failure(request, "stream broken off: %s" % exc)
+        except (_ClientGone, OSError):
+            pass  # the client left, or stopped reading for --stream-idle-timeout
+        finally:
+            stream.close()
+            if not clean:
+                close = True
+            response.close = close
+            if request is not None:
+                request.keep_alive = not close
+                server.log_access(self.client_address, request, response, self.sent)
 
 
 def _poll_one(fd, events, timeout):
@@ -3081,14 +3400,23 @@ class DoorUpstream:
                 raise WireError("the app refused the call: %s" % _log_text(b" ".join(fields)[:200]))
             if len(fields) < 2 or len(fields) % 2:
                 raise WireError("response with %d fields" % len(fields))
-            body_fd = None
-            if flags & FLAG_BODY_IN_FD:
-                if len(reply_fds) != 1:
-                    raise WireError("response body descriptor missing")
-                body_fd = reply_fds.pop()
+            if flags & (FLAG_BODY_IN_FD | FLAG_BODY_STREAM):
+                return self.passed_body(flags, fields, reply_fds)
         finally:
             _close_fds(reply_fds)
-        return Response(fields[0], fields[2:], fields[1], body_fd, bool(flags & FLAG_CLOSE))
+        return Response(fields[0], fields[2:], fields[1], None, bool(flags & FLAG_CLOSE))
+
+    @staticmethod
+    def passed_body(flags, fields, reply_fds):
+        """The Response of a reply whose body is on a descriptor: a file span or a stream."""
+        if len(reply_fds) != 1:
+            raise WireError("response body descriptor missing")
+        fd = reply_fds.pop()
+        if flags & FLAG_BODY_STREAM:
+            return Response(fields[0], fields[2:], fields[1], close=bool(flags & FLAG_CLOSE),
+                            stream=_PipeStream(fd))
+        offset, length = _FILE_SPAN.unpack(fields[1]) if len(fields[1]) == _FILE_SPAN.size else (0, None)
+        return Response(fields[0], fields[2:], b"", fd, bool(flags & FLAG_CLOSE), offset, length)
 
     def stats(self):
         reply, fds = self.client.call(pack_message(KIND_PING, 0, []))
@@ -3098,6 +3426,55 @@ class DoorUpstream:
 
     def close(self):
         self.client.close()
+
+
+class _PipeStream:
+    """The rest of a door response's body: frames on the pipe the app passed in its reply.
+
+    Every body source the front relays has this shape: fileno() to wait on (None: read()
+    never waits long), ready() when read() can go on without waiting, read() for the next
+    bytes (possibly none yet), `done` once the body ended cleanly, close() always, once
+    (before `done`, it tells the app to stop).  A source raises TransportError when the
+    body broke off.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.left = 0  # bytes still to come of the current frame
+        self.header = b""
+        self.done = False
+
+    def fileno(self):
+        return self.fd
+
+    def ready(self):
+        return False
+
+    def read(self):
+        try:
+            if not self.left:
+                data = os.read(self.fd, _STREAM_FRAME.size - len(self.header))
+                if not data:
+                    raise TransportError("the application stopped in the middle of the body")
+                self.header += data
+                if len(self.header) < _STREAM_FRAME.size:
+                    return b""
+                self.left, = _STREAM_FRAME.unpack(self.header)
+                self.header = b""
+                if not self.left:
+                    self.done = True
+                    return b""
+            # A frame's bytes follow its length at once (one write, or two back to back).
+            data = os.read(self.fd, min(self.left, 262144))
+            self.left -= len(data)
+        except OSError as exc:
+            raise TransportError("reading the body from the app: %s" % exc)
+        if not data:
+            raise TransportError("the application stopped in the middle of the body")
+        return data
+
+    def close(self):
+        os.close(self.fd)
 
 
 class _RequestEnv:
@@ -3556,6 +3933,7 @@ class FrontServer(ThreadingHTTPServer):
                     listener.server_port = b"443"
         self.stopping = False
         self._accepting = threading.Event()
+        self.ending_streams = False  # set when a stop has run out of grace: streams end now
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._lock = threading.Lock()
         self._connections = {}  # socket -> True while a request is being answered
@@ -4024,6 +4402,8 @@ class _ProxyAppHandler(RequestReader, socketserver.BaseRequestHandler):
             status, headers, body, close = gateway.respond(gateway.environ(fields, body_input, length))
         finally:
             body_input.close()
+        if type(body) is not bytes:
+            return self.send_passed(request, status, headers, body, close)
         return self.send(request, Response(status, headers, body, None, close))
 
     def send(self, request, response):
@@ -4037,6 +4417,45 @@ class _ProxyAppHandler(RequestReader, socketserver.BaseRequestHandler):
         return not close
 
 
+    def send_passed(self, request, status, headers, body, close):
+        """A file (its length made the Content-Length) or a stream: sent as it comes."""
+        sock = self.request
+        keep_alive = request.keep_alive and not close
+        if type(body) is _FileBody:
+            try:
+                if _declared_length(headers) is None:
+                    headers = headers + [b"Content-Length", b"%d" % body.length]
+                head, size, _, close = frame_response(status, headers, body.length, request.method,
+                                                      request.version, keep_alive and not body.short)
+                sock.sendall(head)
+                return send_file(sock, body.fd, body.offset, size) == size and not close
+            finally:
+                os.close(body.fd)
+        try:
+            head, _, chunked, close = frame_response(status, headers, max(_declared_length(headers) or 0, 0),
+                                                     request.method, request.version, keep_alive)
+            sock.sendall(head + encode_chunk(body.first) if chunked else head + body.first)
+            if chunked:
+                body.finish = lambda: sock.sendall(LAST_CHUNK)
+            for piece in body.pieces():
+                if piece:
+                    with body.lock:
+                        if body.ended:
+                            return False
+                        sock.sendall(encode_chunk(piece) if chunked else piece)
+            with body.lock:
+                if body.ended:
+                    return False
+                body.ended = True
+                if chunked:
+                    sock.sendall(LAST_CHUNK)
+            return not close and (body.left is None or body.left == 0)
+        except (_StreamFailed, OSError, ValueError):
+            return False  # the close, without the last chunk, tells the front the body broke
+        finally:
+            body.close()
+
+
 class ProxyAppServer(_UnixAppServer):
     """The app role of `--transport proxy`: HTTP/1.1 on a Unix socket, a thread per connection."""
 
@@ -4048,6 +4467,70 @@ class ProxyAppServer(_UnixAppServer):
 
     def __init__(self, path, gateway):
         _UnixAppServer.__init__(self, path, gateway, _ProxyAppHandler)
+
+
+class _ProxyStream:
+    """The body of a proxied response, read as it arrives (see _PipeStream): `framing` is
+    b"chunked", a Content-Length, or None (the app's close ends it).  Once the body is
+    through, the connection goes back to `pool` (None: the app closes it)."""
+
+    def __init__(self, connection, pool, framing):
+        self.connection, self.pool = connection, pool
+        self.decoder = ChunkedDecoder(1 << 62, 65536, 10000) if framing == b"chunked" else None
+        self.left = None if self.decoder is not None else framing  # bytes still to come
+        self.done = False
+
+    def fileno(self):
+        return self.connection.sock.fileno()
+
+    def ready(self):
+        return bool(self.connection.buf)
+
+    def read(self):
+        connection = self.connection
+        data = self.parse() if connection.buf else b""
+        if data or self.done:
+            return data
+        if not connection.fill():
+            if self.decoder is None and self.left is None:
+                self.done = True  # the close ends a body without framing
+                return b""
+            raise TransportError("the application closed the connection in the middle of the body")
+        return self.parse()
+
+    def parse(self):
+        """What the buffer holds of the body, framing removed."""
+        buf = self.connection.buf
+        if self.decoder is not None:
+            try:
+                data = self.decoder.decode(buf)
+            except HTTPError as exc:
+                raise TransportError("malformed chunked body from the app: %s" % exc)
+            self.done = self.decoder.done
+            return data
+        data = bytes(buf if self.left is None else buf[:self.left])
+        del buf[:len(data)]
+        if self.left is not None:
+            self.left -= len(data)
+            self.done = not self.left
+        return data
+
+    def close(self):
+        if self.done and self.pool is not None and (self.decoder is not None or self.left is not None):
+            _put_back(self.pool, self.connection)
+        else:
+            self.connection.close()  # the app sees its writes fail: it stops
+
+
+def _read_whole(stream):
+    """All of a body source's bytes (for the front's own small exchanges with an app)."""
+    pieces = []
+    try:
+        while not stream.done:
+            pieces.append(stream.read())
+    finally:
+        stream.close()
+    return b"".join(pieces)
 
 
 class ProxyUpstream:
@@ -4088,6 +4571,8 @@ class ProxyUpstream:
         except BaseException:
             connection.close()
             raise
+        if response.stream is not None:
+            return response  # the stream hands the connection back when the body is through
         if reusable:
             _put_back(self.pool, connection)
         else:
@@ -4105,29 +4590,20 @@ class ProxyUpstream:
             headers, length, chunked, close = parse_response_fields(lines[1:])
             if head_only or has_no_body(None, int(status[:3])):
                 body = b""
-            elif chunked:
-                body = self._read_chunked(connection)
-            elif length is not None:
-                body, complete = connection.read_at_most(length)
-                close = close or not complete  # a short body: the client sees it, then the close
-            else:
-                body, close = connection.read_to_end(), True
+            elif length is not None and len(connection.buf) >= length:  # all there: the fast path
+                body = connection.read_exact(length)
+            else:  # the rest follows as the app produces it
+                stream = _ProxyStream(connection, self.pool if not close else None,
+                                      b"chunked" if chunked else length)
+                return Response(status, headers, b"", None, close, stream=stream), False
         except HTTPError as exc:
             raise TransportError("malformed reply from the app: %s" % exc)
         return Response(status, headers, body, None, close), not close
 
-    @staticmethod
-    def _read_chunked(connection):
-        decoder = ChunkedDecoder(1 << 62, 65536, 10000)
-        chunks = [decoder.decode(connection.buf)]
-        while not decoder.done:
-            connection.fill()
-            chunks.append(decoder.decode(connection.buf))
-        return b"".join(chunks)
-
     def stats(self):
         head = [b"OPTIONS * HTTP/1.1\r\nHost: app\r\nDoordown-Stats: 1\r\n\r\n"]
-        return json.loads(self._exchange(head, b"", None, False).body)
+        response = self._exchange(head, b"", None, False)
+        return json.loads(response.body if response.stream is None else _read_whole(response.stream))
 
     def close(self):
         self.pool.close()
@@ -4162,11 +4638,12 @@ def fcgi_record(kind, request_id, content=b""):
                      b"\0" * padding))
 
 
-def fcgi_stream(kind, request_id, data):
-    """`data` as a stream of records, ended by the empty record."""
+def fcgi_stream(kind, request_id, data, end=True):
+    """`data` as a stream of records, ended by the empty record (unless more is to come)."""
     records = [fcgi_record(kind, request_id, data[i:i + _FCGI_PIECE])
                for i in range(0, len(data), _FCGI_PIECE)]
-    records.append(fcgi_record(kind, request_id))
+    if end:
+        records.append(fcgi_record(kind, request_id))
     return b"".join(records)
 
 
@@ -4218,6 +4695,68 @@ def _read_fcgi_record(connection):
     return kind, request_id, content[:size] if padding else content
 
 
+def _fcgi_record_buffered(connection):
+    """Whether a whole record is in the connection's buffer (reading it will not wait)."""
+    buf = connection.buf
+    if len(buf) < _FCGI_HEADER.size:
+        return False
+    _, _, _, size, padding = _FCGI_HEADER.unpack_from(buf)
+    return len(buf) >= _FCGI_HEADER.size + size + padding
+
+
+def _fcgi_reply_record(kind, request_id, content):
+    """True for the END_REQUEST of request 1; logs its STDERR; refusals raise."""
+    if request_id != 1:
+        return False  # management records we did not ask for
+    if kind == _FCGI_STDERR and content:
+        _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip(), "error")
+    elif kind == _FCGI_END_REQUEST:
+        if len(content) < _FCGI_END.size:
+            raise TransportError("FastCGI END_REQUEST of %d bytes" % len(content))
+        app_status, protocol_status = _FCGI_END.unpack_from(content)
+        if protocol_status != _FCGI_REQUEST_COMPLETE:
+            raise TransportError("the FastCGI app refused the request (protocol status %d)"
+                                 % protocol_status)
+        return True
+    return False
+
+
+class _FastCGIStream:
+    """The rest of a FastCGI response: STDOUT records as they arrive (see _PipeStream)."""
+
+    def __init__(self, connection, pool):
+        self.connection, self.pool = connection, pool
+        self.done = False
+
+    def fileno(self):
+        return self.connection.sock.fileno()
+
+    def ready(self):
+        return _fcgi_record_buffered(self.connection)
+
+    def read(self):
+        if not _fcgi_record_buffered(self.connection) and not self.connection.fill():
+            raise TransportError("the application closed the connection in the middle of the body")
+        return self.parse()
+
+    def parse(self):
+        out = []
+        connection = self.connection
+        while not self.done and _fcgi_record_buffered(connection):
+            kind, request_id, content = _read_fcgi_record(connection)
+            if _fcgi_reply_record(kind, request_id, content):
+                self.done = True
+            elif kind == _FCGI_STDOUT and request_id == 1:
+                out.append(content)
+        return b"".join(out)
+
+    def close(self):
+        if self.done:
+            _put_back(self.pool, self.connection)
+        else:
+            self.connection.close()
+
+
 class _FastCGIErrors:
     """wsgi.errors of one FastCGI request: what the app writes goes back as FCGI_STDERR."""
 
@@ -4264,7 +4803,10 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
                 continue  # aborted before it ran
             server.busy(self.request, True)
             try:
-                self.request.sendall(self.run(request))
+                records, passed = self.run(request)
+                self.request.sendall(records)
+                if passed is not None and not self.send_passed(request.request_id, passed):
+                    return
             except OSError:
                 return
             finally:
@@ -4345,14 +4887,58 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
         environ.setdefault("SCRIPT_NAME", "")
         environ.setdefault("QUERY_STRING", "")
         try:
-            output = cgi_response(*gateway.respond(environ))
+            status, headers, body, close = gateway.respond(environ)
         finally:
             body_input.close()
+        passed = None
+        if type(body) is not bytes:  # a file or a stream: send_passed() sends the rest
+            passed, body = body, body.first if type(body) is _StreamBody else b""
+        output = cgi_response(status, headers, body, close)
         request_id = request.request_id
         records = [fcgi_stream(_FCGI_STDERR, request_id, b"".join(errors.chunks))] if errors.chunks else []
+        if passed is not None:
+            return b"".join(records) + fcgi_stream(_FCGI_STDOUT, request_id, output, end=False), passed
         records += (fcgi_stream(_FCGI_STDOUT, request_id, output),
                     fcgi_record(_FCGI_END_REQUEST, request_id, _FCGI_END.pack(0, _FCGI_REQUEST_COMPLETE)))
-        return b"".join(records)
+        return b"".join(records), None
+
+    def send_passed(self, request_id, body):
+        """The rest of a file or stream body as STDOUT records, then END_REQUEST; False when
+        it broke off (the connection is then closed: the front sees no END_REQUEST)."""
+        sock = self.request
+        end = fcgi_record(_FCGI_STDOUT, request_id) + fcgi_record(
+            _FCGI_END_REQUEST, request_id, _FCGI_END.pack(0, _FCGI_REQUEST_COMPLETE))
+        if type(body) is _FileBody:
+            try:
+                offset, left = body.offset, body.length
+                while left:
+                    piece = os.pread(body.fd, min(left, _FCGI_PIECE), offset)
+                    if not piece:
+                        return False
+                    sock.sendall(fcgi_record(_FCGI_STDOUT, request_id, piece))
+                    offset, left = offset + len(piece), left - len(piece)
+                sock.sendall(end)
+                return not body.short
+            finally:
+                os.close(body.fd)
+        try:
+            body.finish = lambda: sock.sendall(end)
+            for piece in body.pieces():
+                if piece:
+                    with body.lock:
+                        if body.ended:
+                            return False
+                        sock.sendall(fcgi_stream(_FCGI_STDOUT, request_id, piece, end=False))
+            with body.lock:
+                if body.ended:
+                    return False
+                body.ended = True
+                sock.sendall(end)
+            return True
+        except (_StreamFailed, OSError):
+            return False
+        finally:
+            body.close()
 
 
 class FastCGIAppServer(_UnixAppServer):
@@ -4396,31 +4982,33 @@ class FastCGIUpstream:
                     for piece in iter(lambda: body_file.read(_FCGI_PIECE), b""):
                         connection.send(fcgi_record(_FCGI_STDIN, 1, piece))
                 connection.send(fcgi_record(_FCGI_STDIN, 1))
-            output = self._read_reply(connection)
+            output, complete = self._read_reply(connection)
+            response = parse_cgi_response(output)
         except BaseException:
             connection.close()
             raise
-        _put_back(self.pool, connection)
-        return parse_cgi_response(output)
+        if complete:
+            _put_back(self.pool, connection)
+        else:  # the rest follows as the app produces it
+            response.stream = _FastCGIStream(connection, self.pool)
+        return response
 
     def _read_reply(self, connection):
-        stdout = []
+        """(STDOUT so far, whether END_REQUEST came): all of it if it is there, else at least
+        the response head, as soon as nothing more has arrived."""
+        stdout = bytearray()
+        searched, headed = 0, False
         while True:
             kind, request_id, content = _read_fcgi_record(connection)
-            if request_id != 1:
-                continue  # management records we did not ask for
-            if kind == _FCGI_STDOUT:
-                stdout.append(content)
-            elif kind == _FCGI_STDERR and content:
-                _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip(), "error")
-            elif kind == _FCGI_END_REQUEST:
-                if len(content) < _FCGI_END.size:
-                    raise TransportError("FastCGI END_REQUEST of %d bytes" % len(content))
-                app_status, protocol_status = _FCGI_END.unpack_from(content)
-                if protocol_status != _FCGI_REQUEST_COMPLETE:
-                    raise TransportError("the FastCGI app refused the request (protocol status %d)"
-                                         % protocol_status)
-                return b"".join(stdout)
+            if _fcgi_reply_record(kind, request_id, content):
+                return bytes(stdout), True
+            if kind == _FCGI_STDOUT and request_id == 1:
+                stdout += content
+                if not headed:
+                    headed = stdout.find(b"\n\n", searched) >= 0 or stdout.find(b"\r\n\r\n", searched) >= 0
+                    searched = max(0, len(stdout) - 3)
+                if headed and not _fcgi_record_buffered(connection):
+                    return bytes(stdout), False
 
     def stats(self):
         connection = self.pool.get()
@@ -4486,30 +5074,103 @@ class CGIUpstream:
                           b"REQUEST_URI": request.target})
         if env.scheme == b"https":
             variables[b"HTTPS"] = b"on"
-        # Its own session: a Ctrl-C at the terminal must not kill requests in flight.
-        child = spawn_unmasked(self.command, stdin=subprocess.PIPE if fd is None else fd,
-                               stdout=subprocess.PIPE, env=variables, start_new_session=True)
+        # A body larger than a pipe surely holds goes in a file: the child may write before
+        # it reads.  Its own session: a Ctrl-C at the terminal must not kill requests in flight.
+        if fd is None and len(request.body) > 4096:
+            fd = spool_body(request.body)
+        elif fd is not None:
+            fd = os.dup(fd)
         try:
-            output, _ = child.communicate(request.body if fd is None else None, self.timeout)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            raise TimeoutError("the CGI program did not answer within %ss" % self.timeout)
+            child = spawn_unmasked(self.command, stdin=subprocess.PIPE if fd is None else fd,
+                                   stdout=subprocess.PIPE, env=variables, start_new_session=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            if child.stdin is not None:
+                try:
+                    child.stdin.write(request.body)
+                    child.stdin.close()
+                except BrokenPipeError:
+                    pass  # it answered without reading the body
+            output, ended = self._read_head(child)
+            if ended and child.wait() != 0:
+                raise TransportError("the CGI program stopped without answering (%s)"
+                                     % _describe_exit(child.returncode))
+            response = parse_cgi_response(output)
         except BaseException:
             child.kill()
             child.wait()
+            child.stdout.close()
             raise
-        if child.returncode != 0:
-            raise TransportError("the CGI program stopped without answering (%s)"
-                                 % _describe_exit(child.returncode))
         self.served.add()
-        return parse_cgi_response(output)
+        if ended:
+            child.stdout.close()
+        else:  # the rest follows as the program writes it
+            response.stream = _CGIStream(child)
+        return response
+
+    def _read_head(self, child):
+        """(output so far, whether the program ended it) once it holds the response head."""
+        fd = child.stdout.fileno()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        output = bytearray()
+        searched = 0
+        while True:
+            if not _poll_one(fd, select.POLLIN, None if deadline is None else deadline - time.monotonic()):
+                raise TimeoutError("the CGI program did not answer within %ss" % self.timeout)
+            data = os.read(fd, 262144)
+            if not data:
+                return bytes(output), True
+            output += data
+            if output.find(b"\n\n", searched) >= 0 or output.find(b"\r\n\r\n", searched) >= 0:
+                if not _poll_one(fd, select.POLLIN, 0):
+                    return bytes(output), False
+            searched = max(0, len(output) - 3)
 
     def stats(self):
         return {"pid": None, "threads": 0, "requests": self.served.value}
 
     def close(self):
         pass
+
+
+class _CGIStream:
+    """The rest of a CGI program's output, as it writes it (see _PipeStream).  The body ends
+    cleanly when the program exits 0."""
+
+    def __init__(self, child):
+        self.child = child
+        self.done = False
+
+    def fileno(self):
+        return self.child.stdout.fileno()
+
+    def ready(self):
+        return False
+
+    def read(self):
+        data = os.read(self.child.stdout.fileno(), 262144)
+        if data:
+            return data
+        try:
+            code = self.child.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code != 0:
+            raise TransportError("the CGI program failed in the middle of the body (%s)"
+                                 % ("still running" if code is None else _describe_exit(code)))
+        self.done = True
+        return b""
+
+    def close(self):
+        self.child.stdout.close()  # a program still writing sees EPIPE: it stops
+        if not self.done:
+            try:
+                self.child.wait(1)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
 
 
 def run_cgi(args):
@@ -4532,12 +5193,67 @@ def run_cgi(args):
                     "wsgi.url_scheme": "https" if environ.get("HTTPS") in ("on", "1") else "http"})
     for name in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING"):
         environ.setdefault(name, "")
-    sys.stdout.buffer.write(cgi_response(*gateway.respond(environ)))
-    sys.stdout.buffer.flush()
+    status, headers, body, close = gateway.respond(environ)
+    out = sys.stdout.buffer
+    if type(body) is bytes:
+        out.write(cgi_response(status, headers, body, close))
+        out.flush()
+        return 0
+    # A file or a stream: each piece goes out (and on to the client) as it comes.
+    out.write(cgi_response(status, headers, body.first if type(body) is _StreamBody else b"", close))
+    out.flush()
+    if type(body) is _FileBody:
+        with os.fdopen(body.fd, "rb") as source:
+            source.seek(body.offset)
+            left = body.length
+            while left:
+                piece = source.read(min(left, 262144))
+                if not piece:
+                    return 1
+                out.write(piece)
+                left -= len(piece)
+        out.flush()
+        return 1 if body.short else 0
+    try:
+        for piece in body.pieces():
+            out.write(piece)
+            out.flush()
+    except (_StreamFailed, OSError):
+        return 1  # a non-zero exit tells the front the body broke off
+    finally:
+        body.close()
     return 0
 
 
 # -- in-process: the reference -------------------------------------------------------
+
+class _IterStream:
+    """In-process: the front's own thread iterates the application's body (see _PipeStream)."""
+
+    def __init__(self, body):
+        self.body = body
+        self.pieces = body.pieces()
+        self.done = False
+
+    def fileno(self):
+        return None
+
+    def ready(self):
+        return True
+
+    def read(self):
+        try:
+            return next(self.pieces)
+        except StopIteration:
+            self.done = True
+            return b""
+        except _StreamFailed:
+            raise TransportError("the application failed in the middle of the body")
+
+    def close(self):
+        self.pieces.close()
+        self.body.close()
+
 
 class InProcessUpstream:
     """The front calls the application itself, on the connection's thread: no IPC at all.
@@ -4559,6 +5275,10 @@ class InProcessUpstream:
                 self.gateway.environ(fields, body_input, length))
         finally:
             body_input.close()
+        if type(body) is _FileBody:
+            return Response(status, headers, b"", body.fd, close, body.offset, body.length)
+        if type(body) is _StreamBody:
+            return Response(status, headers, body.first, None, close, stream=_IterStream(body))
         return Response(status, headers, body, None, close)
 
     def stats(self):
