@@ -1449,8 +1449,10 @@ class WSGIGateway:
     """Runs requests through a WSGI application (PEP 3333).
 
     respond() is the WSGI part, the same for every transport; the door handler (__call__)
-    packs its result into one door reply, other transports frame it their own way.  The
-    whole response is collected before it is returned: one door call, one reply.
+    packs its result into one door reply, other transports frame it their own way.  A
+    short response is collected whole (one door call, one reply); a file is passed on its
+    descriptor (_FileBody); any other body is returned at its first chunk with the rest
+    still to come (_StreamBody), which the transport relays on another thread or socket.
     Configuration is class attributes, overridable per instance.
     """
 
@@ -1915,7 +1917,13 @@ def run_app(args):
         if args.parent_pid and os.getppid() != args.parent_pid:
             _log("app", "the front went away: stopping")
             break
+    deadline = time.monotonic() + args.graceful_timeout
     server.close(args.graceful_timeout)
+    # Streams are not door calls: they get the rest of the grace, then end cleanly.
+    while gateway.streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for body in list(gateway.streams):
+        body.end()
     _close_every_per_thread()
     _log("app", "stopped after %d requests" % gateway.served.value)
     if backend is not None and backend.exit_hard:
@@ -6128,6 +6136,7 @@ class Supervisor:
         limits = Limits(max_connections=args.max_connections, max_body=args.max_body,
                         keepalive=args.keepalive, header_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, min_body_rate=args.min_body_rate,
+                        stream_idle_timeout=args.stream_idle_timeout,
                         max_line=args.max_line, max_headers=args.max_headers,
                         max_header_size=args.max_header_size)
         static = [StaticFiles(prefix, root, args.static_index or ()) for prefix, root in args.static_map or ()]
@@ -6237,7 +6246,12 @@ class Supervisor:
         # on its way; it is answered with `Connection: close`.  Then they are closed.
         linger_until = now + min(1.0, self.args.keepalive)
         while front.open_connections:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline and not front.ending_streams:
+                # Streams have had their time: they end cleanly (the last chunk, then the
+                # close) within a moment; whatever is still running then is forced.
+                front.ending_streams = True
+                deadline += 1.0
+            elif time.monotonic() >= deadline:
                 self.forced = True
                 _log("front", "grace period over: forced stop with %d request(s) in flight" % front.in_flight, "warning")
                 break
@@ -7891,6 +7905,9 @@ def build_parser():
                        help="set an environment variable for the front and the app (repeatable)")
     serve.add_argument("--reload", action="store_true",
                        help="development: restart the app when one of its source files changes")
+    serve.add_argument("--stream-idle-timeout", type=_positive(float), default=Limits.stream_idle_timeout,
+                       metavar="SECONDS", help="end a streamed response after this long without a "
+                                               "byte from the app, or the client not reading (default 60)")
     serve.add_argument("--min-body-rate", type=_size, default=Limits.min_body_rate, metavar="SIZE",
                        help="bytes/s a request body must keep up once started (default 1K)")
     serve.add_argument("--max-requests", type=int, default=0, metavar="N",

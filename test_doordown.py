@@ -2469,6 +2469,164 @@ def test_transport_sigterm_lets_slow_request_finish(started, transport):
         assert not os.path.exists(os.path.dirname(socket_path))
 
 
+def _read_events(sock, until=b"0\r\n\r\n"):
+    """(arrival time of each SSE event, all the bytes) of a response read until `until` or EOF."""
+    data, arrivals = b"", []
+    while not data.endswith(until):
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        arrivals += [time.monotonic()] * chunk.count(b"data: ")
+        data += chunk
+    return arrivals, data
+
+
+def _wait_for_file(path, timeout):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.exists(path)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_streams_events_at_the_apps_pace(started, transport):
+    # --timeout bounds the time to the first byte only, and a stream is no stuck request.
+    server = serve(started, "apps:streams", "--transport", transport, "--timeout", "0.5",
+                   "--max-stuck", "1")
+    pid = server.app_pid() if transport in APP_PROCESS_TRANSPORTS else None
+    assert server.get("/")[0] == 200
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        asked = time.monotonic()
+        sock.sendall(b"GET /events?n=8&every=0.2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        arrivals, data = _read_events(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"200 OK" in head and b"Transfer-Encoding: chunked" in head and b"text/event-stream" in head
+    assert body.endswith(b"\r\n0\r\n\r\n") and len(arrivals) == 8, data
+    # CGI starts a Python process for the request first.
+    assert arrivals[0] - asked < (0.3 if transport != "cgi" else 1.5), arrivals[0] - asked
+    print("first event after %.1f ms" % ((arrivals[0] - asked) * 1000))
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(0.1 < gap < 0.6 for gap in gaps), gaps  # one by one, at the app's pace
+    if transport != "inprocess":  # which has no --timeout: the app runs on the front's thread
+        assert server.get("/lazy?s=2")[0] == 504  # nothing produced within --timeout
+    status, headers, body = server.get("/bytesio")  # a file-like without a descriptor: streamed
+    assert (status, body) == (200, b"no descriptor " * 1000)
+    if pid is not None:
+        assert server.app_pid() == pid and "replacing" not in server.log, server.log
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_client_disconnect_closes_the_iterable(started, transport, tmp_path):
+    server = serve(started, "apps:streams", "--transport", transport)
+    mark = str(tmp_path / "closed")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /events?n=100000&every=0.05&mark=%s HTTP/1.1\r\nHost: x\r\n\r\n" % mark.encode())
+        assert b"data: 0" in _read_events(sock, until=b"\n\n\r\n")[1].split(b"\r\n\r\n", 1)[1]
+    gone = time.monotonic()
+    assert _wait_for_file(mark, 5) and time.monotonic() - gone < 2.0
+    if transport == "door":  # and its app thread has ended
+        deadline = time.monotonic() + 2
+        while server.stats()["streams"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.stats()["streams"] == 0
+    assert server.get("/")[0] == 200
+
+
+def _tree_rss(pid):
+    """Resident memory (bytes) of a process and all its descendants."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open("/proc/%d/status" % current) as f:
+                total += int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) << 10
+        except (OSError, AttributeError):
+            continue
+        pending += _children(current)
+    return total
+
+
+def _download(port, path, sample):
+    """Bytes of the body of an HTTP/1.0 GET (close-delimited), calling sample() as it goes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET %s HTTP/1.0\r\n\r\n" % path)
+        buffer = bytearray(1 << 20)
+        head, size, calls = b"", 0, 0
+        while True:
+            got = sock.recv_into(buffer)
+            if not got:
+                break
+            if not head:
+                head = bytes(buffer[:got])
+                size -= head.index(b"\r\n\r\n") + 4
+            size += got
+            calls += 1
+            if calls % 64 == 0:
+                sample()
+    return head, size
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_512mib_stream_and_200mib_file_download_in_flat_memory(started, transport, tmp_path):
+    server = serve(started, "apps:streams", "--transport", transport)
+    assert server.get("/big?mib=1")[2] == bytes(range(256)) * 4096
+    assert server.get("/file?mib=1&dir=%s" % tmp_path)[2] == bytes(1 << 20)  # never read by the app
+    base = _tree_rss(server.proc.pid)
+    peak = [base]
+
+    def sample():
+        peak[0] = max(peak[0], _tree_rss(server.proc.pid))
+
+    head, size = _download(server.port, b"/big?mib=512", sample)
+    assert b"200 OK" in head and size == 512 << 20
+    head, size = _download(server.port, b"/file?mib=200&dir=%s" % str(tmp_path).encode(), sample)
+    assert b"200 OK" in head and size == 200 << 20
+    assert peak[0] - base < 40 << 20, (base, peak)
+    assert "AssertionError" not in server.log
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_sigterm_lets_a_stream_run_its_grace_then_ends_it_cleanly(started, transport, tmp_path):
+    server = serve(started, "apps:streams", "--transport", transport, "--graceful-timeout", "1")
+    mark = str(tmp_path / "closed")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /events?n=100000&every=0.1&mark=%s HTTP/1.1\r\nHost: x\r\n\r\n" % mark.encode())
+        assert b"data: 0" in _read_events(sock, until=b"\n\n\r\n")[1].split(b"\r\n\r\n", 1)[1]
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        arrivals, data = _read_events(sock)
+    assert arrivals and arrivals[-1] - signalled > 0.7  # the stream ran on through the grace
+    assert data.endswith(b"\r\n0\r\n\r\n")  # then ended as a complete response
+    assert server.proc.wait(10) == 0
+    assert _wait_for_file(mark, 3)
+
+
+def test_stream_idle_timeout_and_sighup_during_a_stream(started, tmp_path):
+    server = serve(started, "apps:streams", "--stream-idle-timeout", "0.5", "--graceful-timeout", "1")
+    old = server.app_pid()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        asked = time.monotonic()
+        sock.sendall(b"GET /idle?s=1.5&mark=%s HTTP/1.1\r\nHost: x\r\n\r\n" % str(tmp_path / "idle").encode())
+        _, data = _read_events(sock)
+        assert data.endswith(b"5\r\nfirst\r\n0\r\n\r\n") and 0.4 < time.monotonic() - asked < 1.4
+        assert sock.recv(10) == b""  # and closed
+    server.wait_for(r"--stream-idle-timeout")
+    assert _wait_for_file(str(tmp_path / "idle"), 3)  # closed once the app looked up again
+    # SIGHUP: the old app's stream runs through its grace, then ends cleanly; the new app serves.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /events?n=100000&every=0.1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"data: 0" in _read_events(sock, until=b"\n\n\r\n")[1].split(b"\r\n\r\n", 1)[1]
+        server.proc.send_signal(signal.SIGHUP)
+        signalled = time.monotonic()
+        server.wait_for(r"app pid \d+ exited|replacing app pid %d" % old)
+        arrivals, data = _read_events(sock)
+    assert data.endswith(b"\r\n0\r\n\r\n") and arrivals[-1] - signalled > 0.7
+    assert json.loads(server.get("/")[2])["pid"] != old
+
+
 def test_transport_timeout_gives_504(started):
     for transport in ("door", "proxy", "fastcgi", "cgi"):
         server = serve(started, "apps:slow", "--transport", transport, "--timeout", "0.5")

@@ -144,3 +144,89 @@ def interpreter(environ, start_response):
     return _reply(start_response, {"prefix": sys.prefix, "uid": os.getuid(), "cwd": os.getcwd(),
                                    "greeting": os.environ.get("GREETING"), "pid": os.getpid(),
                                    "script_name": environ["SCRIPT_NAME"], "path_info": environ["PATH_INFO"]})
+
+
+def _query(environ):
+    return dict(item.partition("=")[::2] for item in environ.get("QUERY_STRING", "").split("&") if item)
+
+
+def streams(environ, start_response):
+    """Streaming bodies.  /events?n=N&every=S: server-sent events, one every S seconds;
+    /big?mib=N: N MiB generated in 64 KiB chunks, no Content-Length; /file?mib=N: a file of
+    N MiB through wsgi.file_wrapper; /bytesio: a file-like with no descriptor; /lazy?s=S: the
+    first chunk after S seconds.  ?mark=PATH: close() writes PATH (seen from any process)."""
+    query = _query(environ)
+    path = environ["PATH_INFO"]
+
+    def closed():
+        if query.get("mark"):
+            with open(query["mark"], "w") as f:
+                f.write("closed")
+
+    if path == "/events":
+        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+
+        def events():
+            try:
+                for i in range(int(query.get("n", 4))):
+                    if i:
+                        time.sleep(float(query.get("every", 0.2)))
+                    yield b"data: %d %.3f\n\n" % (i, time.time())
+            finally:
+                closed()
+        return events()
+    if path == "/big":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        block = bytes(range(256)) * 256
+
+        def big():
+            try:
+                for _ in range(int(query.get("mib", 1)) * 16):
+                    yield block
+            finally:
+                closed()
+        return big()
+    if path == "/file":
+        name = os.path.join(query["dir"], "file-%s" % query.get("mib", "1"))
+        if not os.path.exists(name):
+            with open(name + ".tmp", "wb") as f:
+                f.truncate(int(query.get("mib", 1)) << 20)  # sparse: quick to make, all zeros
+            os.rename(name + ".tmp", name)
+        f = _NoReadFile(name)
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(os.path.getsize(name)))])
+        return environ["wsgi.file_wrapper"](f, 65536)
+    if path == "/bytesio":
+        import io
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"no descriptor " * 1000), 1000)
+    if path == "/lazy":
+        def lazy():
+            time.sleep(float(query.get("s", 1)))
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"late"
+        return lazy()
+    if path == "/idle":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def idle():
+            try:
+                yield b"first"
+                time.sleep(float(query.get("s", 30)))
+                yield b"never"
+            finally:
+                closed()
+        return idle()
+    return _reply(start_response, {"pid": os.getpid()})
+
+
+import io as _io  # noqa: E402
+
+
+class _NoReadFile(_io.FileIO):
+    """A file whose bytes Python must never read: the server is to pass its descriptor."""
+
+    def read(self, *args):
+        raise AssertionError("the file was read through Python")
+
+    readinto = readall = read
