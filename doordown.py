@@ -3021,7 +3021,7 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
             response.close = close
             if request is not None:
                 request.keep_alive = not close
-                server.log_access(self.client_address, request, response, self.sent)
+                server.log_access(self, request, response)
 
 
 def _poll_one(fd, events, timeout):
