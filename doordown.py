@@ -4479,12 +4479,13 @@ class ProxyAppServer(_UnixAppServer):
 
 class _ProxyStream:
     """The body of a proxied response, read as it arrives (see _PipeStream): `framing` is
-    b"chunked", a Content-Length, or None (the app's close ends it).  Once the body is
-    through, the connection goes back to `pool` (None: the app closes it)."""
+    the ChunkedDecoder of a chunked body, a Content-Length, or None (the app's close ends
+    it).  Once the body is through, the connection goes back to `pool` (None: the app
+    closes it)."""
 
     def __init__(self, connection, pool, framing):
         self.connection, self.pool = connection, pool
-        self.decoder = ChunkedDecoder(1 << 62, 65536, 10000) if framing == b"chunked" else None
+        self.decoder = framing if type(framing) is ChunkedDecoder else None
         self.left = None if self.decoder is not None else framing  # bytes still to come
         self.done = False
 
@@ -4600,10 +4601,15 @@ class ProxyUpstream:
                 body = b""
             elif length is not None and len(connection.buf) >= length:  # all there: the fast path
                 body = connection.read_exact(length)
-            else:  # the rest follows as the app produces it
-                stream = _ProxyStream(connection, self.pool if not close else None,
-                                      b"chunked" if chunked else length)
-                return Response(status, headers, b"", None, close, stream=stream), False
+            else:
+                body = b""
+                if chunked:  # what is there is decoded now: all of it, or a malformed one, is a 502
+                    chunked = ChunkedDecoder(1 << 62, 65536, 10000)
+                    body = chunked.decode(connection.buf)
+                if not chunked or not chunked.done:  # the rest follows as the app produces it
+                    stream = _ProxyStream(connection, self.pool if not close else None,
+                                          chunked or length)
+                    return Response(status, headers, body, None, close, stream=stream), False
         except HTTPError as exc:
             raise TransportError("malformed reply from the app: %s" % exc)
         return Response(status, headers, body, None, close), not close
