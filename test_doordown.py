@@ -2642,6 +2642,10 @@ def test_socket_app_keeps_the_door_rules(started, tmp_path, transport):
     app = started("app", "apps:counter", "--transport", transport, "--socket", path,
                   ready=r"serving apps:counter on socket")
     assert os.stat(path).st_mode & 0o777 == 0o600
+    # a second app on the same path is refused: the live one keeps its socket
+    second = started("app", "apps:counter", "--transport", transport, "--socket", path, ready=None)
+    assert second.proc.wait(10) == doordown.EXIT_DOOR_FAILED
+    assert "another server is listening there" in second.log
     front = serve(started, "--transport", transport, "--app-door", path)
     status, _, body = front.get("/")
     assert status == 200 and json.loads(body)["pid"] == app.proc.pid
