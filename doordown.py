@@ -270,11 +270,10 @@ class _EmulatedDoorServer:
         self.in_flight = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            bind_unix_socket(self._listener, path)
+            bind_unix_socket(self._listener, path, 256)
         except OSError:
             self._listener.close()
             raise
-        self._listener.listen(256)
         self._acceptor = threading.Thread(target=self._accept_loop, name="door-accept", daemon=True)
         self._acceptor.start()
 
@@ -429,9 +428,11 @@ def _answer_revoked(conn):
     conn.close()
 
 
-def bind_unix_socket(sock, path, perms=0o600):
-    """Bind the Unix socket `sock` at `path`, its file born with mode `perms` (0600: its
-    owner only; the umask is set around bind, so there is no moment with a wider mode).
+def bind_unix_socket(sock, path, backlog, perms=0o600):
+    """Bind the Unix socket `sock` at `path` and listen, its file born with mode `perms`
+    (0600: its owner only; the umask is set around bind, so there is no moment with a
+    wider mode).  listen() follows bind() at once: a caller that sees the file and is
+    refused retries, but the moment is kept as short as it can be.
 
     A socket file that a server that is gone left there is replaced; one a live server
     answers on, or a file that is not a socket, is an OSError (EADDRINUSE, EEXIST).
@@ -456,9 +457,9 @@ def bind_unix_socket(sock, path, perms=0o600):
     old_umask = os.umask(0o777 & ~perms)
     try:
         sock.bind(path)
-        os.chmod(path, perms)
     finally:
         os.umask(old_umask)
+    sock.listen(backlog)
 
 
 def _io_timeout(sock, seconds):
@@ -3842,8 +3843,7 @@ def _open_unix_listener(path, backlog, perms):
     one a live server answers on is not."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        bind_unix_socket(sock, path, perms)
-        sock.listen(backlog)
+        bind_unix_socket(sock, path, backlog, perms)
     except OSError as exc:
         sock.close()
         raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror or exc))
@@ -4270,7 +4270,7 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         threading.Thread(target=self.serve_forever, name="app-accept", daemon=True).start()
 
     def server_bind(self):
-        bind_unix_socket(self.socket, self.server_address)
+        bind_unix_socket(self.socket, self.server_address, self.request_queue_size)
 
     def verify_request(self, request, client_address):
         try:
