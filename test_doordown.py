@@ -2940,11 +2940,15 @@ def test_site_routes_spawns_lazily_isolates_and_stops_the_idle(started, tmp_path
     table = doordown_command("status", "--control", control, "--doors", DOORS).stdout.decode()
     assert len(table.strip().splitlines()) == 6 and "django.test/" in table
     echo_pid = json.loads(server.get("/echo/deep")[2])["pid"]
+    load = Load(server, threads=4, path="/echo/deep")  # a reload under load loses nothing
+    time.sleep(0.3)
     result = doordown_command("reload", "echo", "--control", control, "--doors", DOORS)
     assert result.returncode == 0 and b"replaces pid %d" % echo_pid in result.stdout
     deadline = time.monotonic() + 15
     while _app_pids(server, "echo")[-1] == echo_pid and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.3)
+    assert set(load.stop()) == {200}
     assert json.loads(server.get("/echo/deep")[2])["pid"] != echo_pid
     assert doordown_command("stop", "echo", "--control", control, "--doors", DOORS).returncode == 0
     assert server.get("/echo/deep")[0] == 503
