@@ -3145,6 +3145,15 @@ def test_bench_with_wrk_checks_the_64k_answer(tmp_path):
     assert "| 64k | fastcgi | 4 |" in table
 
 
+def test_bench_streams_reports_first_event_and_rates(tmp_path):
+    report, _, out, _ = _bench(tmp_path, "--streams", "--quick", "--transports", "door,inprocess", "--doors", DOORS)
+    rows = {row["transport"]: row for row in report["streams"]}
+    assert set(rows) == {"door", "inprocess"} and not any("failed" in row for row in rows.values())
+    for row in rows.values():
+        assert row["first_event_p50_ms"] > 0 and row["stream_mb_per_s"] > 0 and row["file_mb_per_s"] > 0
+    assert "| door |" in out and "first event p50 ms" in out
+
+
 def test_bench_faults_counts_failures_per_event(tmp_path):
     report = tmp_path / "faults.json"
     result = subprocess.run([sys.executable, DOORDOWN, "bench", "--faults", "-d", "3", "--doors", DOORS,
