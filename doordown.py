@@ -5,7 +5,7 @@
     python3 doordown.py serve --config site.ini    many apps behind one front
     python3 doordown.py status|reload|stop|start [APP] --control PATH    and their control
     python3 doordown.py app [module:app] --door PATH    the app role alone
-    python3 doordown.py bench [--faults]       measure the transports, or the failures
+    python3 doordown.py bench [--faults|--streams]   measure the transports, failures, streams
     python3 doordown.py check                  put this machine's doors through their paces
     python3 doordown.py systemd|smf [serve options]    print a service file for that serve
 
