@@ -2513,7 +2513,7 @@ def test_transport_streams_events_at_the_apps_pace(started, transport):
     assert b"200 OK" in head and b"Transfer-Encoding: chunked" in head and b"text/event-stream" in head
     assert body.endswith(b"\r\n0\r\n\r\n") and len(arrivals) == 8, data
     # CGI starts a Python process for the request first.
-    assert arrivals[0] - asked < (0.3 if transport != "cgi" else 1.5), arrivals[0] - asked
+    assert arrivals[0] - asked < (0.3 if transport != "cgi" else 5), arrivals[0] - asked
     print("first event after %.1f ms" % ((arrivals[0] - asked) * 1000))
     gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:]))
     assert arrivals[-1] - arrivals[0] > 1.0 and gaps[0] > 0.03 and gaps[3] > 0.15, gaps  # at the app's pace
