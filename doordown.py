@@ -2997,7 +2997,9 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
                 if source is not None and not stream.ready():
                     events = dict(poller.poll(250))
                     if client in events:
-                        if not sock.recv(1, socket.MSG_PEEK):
+                        # A TLS socket cannot be peeked at: its client's leaving is seen at
+                        # the next write instead.
+                        if not hasattr(sock, "getpeercert") and not sock.recv(1, socket.MSG_PEEK):
                             raise _ClientGone("the client went away during the stream")
                         poller.unregister(client)  # a pipelined request: it waits its turn
                     if source not in events:

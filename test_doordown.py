@@ -834,6 +834,36 @@ def test_tls_https_handshake_timeout_and_reload_on_sighup(started, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl (to make a test certificate) is not installed")
+def test_tls_static_files_passed_files_and_streams(started, tmp_path):
+    import ssl
+    cert, key = _certificate(tmp_path, "server")
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "a.css").write_bytes(b"body {}\n" * 1000)
+    server = started("serve", "apps:streams", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log", "off",
+                     "--certfile", cert, "--keyfile", key, "--static-map", "/static=%s" % root,
+                     ready=r"serving .* at https://[^ ]+:(\d+)/")
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=10,
+                                       context=ssl.create_default_context(cafile=cert))
+    try:  # a stream over TLS, whose client socket cannot be peeked at while the app is silent
+        for path, expected in (("/static/a.css", b"body {}\n" * 1000),
+                               ("/file?mib=2&dir=%s" % tmp_path, bytes(2 << 20)),
+                               ("/events?n=3&every=0.05", None)):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200 and (body == expected if expected else body.count(b"data: ") == 3)
+        # A TLS client that leaves in the middle of a stream, the app silent in between:
+        mark = str(tmp_path / "closed")
+        conn.request("GET", "/events?n=100000&every=0.3&mark=" + mark)
+        response = conn.getresponse()
+        assert response.status == 200 and b"data: 0" in response.read1()
+    finally:
+        conn.close()
+    assert _wait_for_file(mark, 3) and "Traceback" not in server.log, server.log
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl (to make a test certificate) is not installed")
 def test_tls_client_certificates_required_with_ca_certs(started, tmp_path):
     import ssl
     cert, key = _certificate(tmp_path, "server")
