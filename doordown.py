@@ -24,37 +24,30 @@ format -> app role (with per-thread resources) -> front role -> the other transp
 check -> command line.
 """
 
-import argparse
+# What every role needs.  Anything else is imported inside the functions that use it, so
+# each process loads only its role's share: the app role never loads http.server,
+# http.client, subprocess or argparse (http.client and what it pulls in alone is 6 MB).
 import array
 import collections
 import ctypes
 import errno
-import http.client
 import io
-import ipaddress
 import json
 import os
 import queue
-import random
 import re
 import select
-import selectors
-import shutil
 import signal
 import socket
 import socketserver
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import weakref
-from http.server import ThreadingHTTPServer
 from urllib.parse import quote as urllib_quote, unquote_to_bytes
-from xml.sax.saxutils import escape
 from wsgiref.util import FileWrapper
 
 __version__ = "0.1.0"
@@ -177,28 +170,36 @@ _REVOKED_MARK = 0xFFFF
 _REVOKED_FRAME = _FRAME.pack(0, _REVOKED_MARK)
 
 
+def send_gathered(sock, head, body, anc=()):
+    """Send `head` then `body` in one gathering write, without joining (copying) them."""
+    sent = sock.sendmsg([head, body], anc)
+    if sent < len(head):  # a stream socket may take less than all (a signal, a timeout)
+        sock.sendall(memoryview(head)[sent:])
+        sent = len(head)
+    if sent < len(head) + len(body):
+        sock.sendall(memoryview(body)[sent - len(head):])
+
+
 def _send_message(sock, data, fds=()):
-    frame = _FRAME.pack(len(data), len(fds))
-    if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        sent = sock.sendmsg([frame, data], anc)
-        rest = memoryview(frame + data)[sent:] if sent < len(frame) + len(data) else b""
-        if rest:
-            sock.sendall(rest)
-    elif len(data) < 65536:
-        sock.sendall(frame + data)  # one write: small messages are the hot path
-    else:
-        sock.sendall(frame)
-        sock.sendall(data)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else ()
+    send_gathered(sock, _FRAME.pack(len(data), len(fds)), data, anc)
 
 
-def _recv_message(sock, limit):
+def receive_buffer():
+    """The buffer a connection reuses for the first read of each message it receives."""
+    return memoryview(bytearray(_FIRST_READ))
+
+
+def _recv_message(sock, limit, buffer):
     """Read one message: (payload, fds, revoked_after).  EOFError on a clean close first.
 
+    `buffer` is the connection's receive_buffer(): a message that fits in it costs one
+    read and one copy, with no allocation of a 64 KiB buffer per read.
     `revoked_after` is True when the server's REVOKED frame came in right behind the
     message (the only bytes that may ever follow a reply unasked).
     """
-    data, anc, flags, _ = sock.recvmsg(_FIRST_READ, _ANC_SPACE, _RECV_FLAGS)
+    got, anc, flags, _ = sock.recvmsg_into([buffer], _ANC_SPACE, _RECV_FLAGS)
+    data = buffer[:got]
     fds = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -206,27 +207,28 @@ def _recv_message(sock, limit):
     if flags & socket.MSG_CTRUNC:
         _close_fds(fds)
         raise DoorError(errno.EMSGSIZE, "too many descriptors in one door message")
-    if not data:
+    if not got:
         _close_fds(fds)
         raise EOFError
     try:
-        while len(data) < _FRAME.size:
-            more = sock.recv(_FRAME.size - len(data))
+        while got < _FRAME.size:
+            more = sock.recv_into(buffer[got:_FRAME.size])
             if not more:
                 raise EOFError
-            data += more
+            got += more
+        data = buffer[:got]
         size, nfds = _FRAME.unpack_from(data)
         if nfds == _REVOKED_MARK:
             raise DoorRevoked(errno.EBADF, "door revoked")
         if size > limit or nfds != len(fds):
             raise DoorError(errno.EPROTO, "malformed door message (size %d, %d fds)" % (size, nfds))
-        have = len(data) - _FRAME.size
+        have = got - _FRAME.size
         if have == size:
-            return data[_FRAME.size:], fds, False
+            return data[_FRAME.size:].tobytes(), fds, False
         if have > size:
             if data[_FRAME.size + size:] != _REVOKED_FRAME:
                 raise DoorError(errno.EPROTO, "door message longer than its header says")
-            return data[_FRAME.size:_FRAME.size + size], fds, True
+            return data[_FRAME.size:_FRAME.size + size].tobytes(), fds, True
         buf = bytearray(size)
         buf[:have] = data[_FRAME.size:]
         view = memoryview(buf)
@@ -267,7 +269,6 @@ class _EmulatedDoorServer:
         self._connections = {}  # socket -> True while a call is being served
         self._revoked = False
         self.threads = 0
-        self.in_flight = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             bind_unix_socket(self._listener, path, 256)
@@ -345,27 +346,27 @@ class _EmulatedDoorServer:
             item = handoff.get()
 
     def _serve_connection(self, conn, caller):
+        # No lock per call: one item store marks the connection busy or idle (atomic), and
+        # close() sets _revoked before it looks at them.  A call read just as close() looks
+        # either sees _revoked and is answered REVOKED, or runs and is waited for.
+        buffer = receive_buffer()
         with conn:
             while not self._revoked:
                 try:
-                    data, fds, _ = _recv_message(conn, DOOR_CALL_MAX)
+                    data, fds, _ = _recv_message(conn, DOOR_CALL_MAX, buffer)
                 except (EOFError, OSError):
                     break
-                with self._lock:
-                    if self._revoked:
-                        _close_fds(fds)
-                        break
-                    self._connections[conn] = True
-                    self.in_flight += 1
+                if self._revoked:
+                    _close_fds(fds)
+                    break
+                self._connections[conn] = True
                 try:
                     reply, reply_fds = self._handler(data, fds, caller)
                 except BaseException:  # on illumos the thread would exit; the caller gets EINTR
                     _log("door", "door handler raised:\n" + traceback.format_exc(), "error")
                     return
                 finally:
-                    with self._lock:
-                        self._connections[conn] = False
-                        self.in_flight -= 1
+                    self._connections[conn] = False
                 try:
                     _send_message(conn, reply, reply_fds)
                 except OSError:
@@ -477,6 +478,12 @@ def _io_timeout(sock, seconds):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
+class _DoorSocket(socket.socket):
+    """A client's connection to an emulated door, with the buffer it reads replies into."""
+
+    __slots__ = ("buffer",)
+
+
 class _EmulatedDoorClient:
     """A door opened by path; call() is safe from many threads at once."""
 
@@ -486,13 +493,14 @@ class _EmulatedDoorClient:
         self._pool = LifoPool(self._connect)
 
     def _connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _DoorSocket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
         except OSError as exc:
             sock.close()
             raise DoorRevoked(exc.errno, "no door server at %s (%s)" % (self.path, exc.strerror))
         _io_timeout(sock, self.timeout)
+        sock.buffer = receive_buffer()
         return sock
 
     def call(self, data, fds=()):
@@ -505,7 +513,7 @@ class _EmulatedDoorClient:
             sock.close()
             raise DoorRevoked(errno.EBADF, "door at %s revoked" % self.path)
         try:
-            reply, reply_fds, revoked_after = _recv_message(sock, 1 << 30)
+            reply, reply_fds, revoked_after = _recv_message(sock, 1 << 30, sock.buffer)
         except BlockingIOError:  # the kernel's timeout: see _io_timeout
             sock.close()
             raise DoorTimeout(errno.ETIMEDOUT, "door call timed out after %ss" % self.timeout)
@@ -1295,6 +1303,7 @@ def unpack_message(data, expected_kinds):
 
 def spool_body(body):
     """Descriptor of an unlinked temporary file holding `body` (bytes or chunks), at offset 0."""
+    import tempfile
     with tempfile.TemporaryFile() as spool:
         for chunk in ([body] if isinstance(body, (bytes, bytearray)) else body):
             spool.write(chunk)
@@ -1914,6 +1923,7 @@ def run_app(args):
         _log("app", "cannot listen at %s: %s" % (args.door, exc), "error")
         return EXIT_DOOR_FAILED
     gateway.door_threads = lambda: server.threads
+    release_free_memory()  # what loading doordown and the application left behind
     _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
     if args.reload and args.parent_pid:
         threading.Thread(target=watch_sources, args=(args.parent_pid,), name="reload", daemon=True).start()
@@ -2344,7 +2354,16 @@ def parse_status(text):
     if match is None:
         raise HTTPError(400, "malformed status %r" % text[:40])
     code, reason = match.groups()
-    return b"%s %s" % (code, reason or http.client.responses.get(int(code), "").encode())
+    return b"%s %s" % (code, reason or _reason_phrase(code))
+
+
+def _reason_phrase(code):
+    """The standard reason phrase of a status code given as bytes (b"" if there is none)."""
+    import http  # the package alone: HTTPStatus, without http.client
+    try:
+        return http.HTTPStatus(int(code)).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def has_no_body(method, code):
@@ -2573,6 +2592,7 @@ class _BodySink:
             return
         self.buf += data
         if len(self.buf) > INLINE_BODY_MAX:
+            import tempfile
             self.spool = tempfile.TemporaryFile()
             self.spool.write(self.buf)
             self.buf = None
@@ -2609,15 +2629,23 @@ class BufferedSocket:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _ReadTimeout("read timed out")
-            # settimeout costs a system call; skip it while the current one is close enough.
+            # The kernel's timeouts (_io_timeout), which bound the next send too: a Python
+            # timeout would poll() before every recv and send.  Setting them costs two
+            # system calls, skipped while the current bound is close enough.  TLS needs
+            # Python's own (OpenSSL sees the kernel's as "want read").
             if self.timeout is None or abs(self.timeout - remaining) > 0.25:
-                self.sock.settimeout(remaining)
+                if type(self.sock) is socket.socket:
+                    _io_timeout(self.sock, remaining)
+                else:
+                    self.sock.settimeout(remaining)
                 self.timeout = remaining
         try:
             data = self.sock.recv(self.chunk)
         except socket.timeout:
             raise _ReadTimeout("read timed out")
         except BlockingIOError:  # the kernel's SO_RCVTIMEO: see _io_timeout
+            if deadline is not None:
+                raise _ReadTimeout("read timed out")
             raise TimeoutError("the peer did not answer in time")
         except OSError:
             return False
@@ -2930,7 +2958,9 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
         response.close = close
         self.sent = size
         try:
-            if fd is None:
+            if fd is None and size > 16384 and not chunked:  # sent from where it is, not copied
+                send_gathered(self.request, head, memoryview(body)[:size])
+            elif fd is None:
                 self.request.sendall(framed_bytes(head, body, size, chunked))
             else:
                 self.request.sendall(head + chunk_header(size) if chunked and size else head)
@@ -3055,8 +3085,8 @@ def send_file(sock, fd, offset, count):
         try:
             done = os.sendfile(sockno, fd, offset + sent, min(count - sent, 1 << 30))
         except BlockingIOError:  # a socket with a timeout is non-blocking underneath
-            if not _poll_one(sockno, select.POLLOUT, timeout):
-                raise socket.timeout("timed out")
+            if timeout is None or not _poll_one(sockno, select.POLLOUT, timeout):
+                raise socket.timeout("timed out")  # None: the kernel's SO_SNDTIMEO ran out
             continue
         if not done:
             break
@@ -3927,8 +3957,14 @@ class TLSContext:
             return None
 
 
-class FrontServer(ThreadingHTTPServer):
-    """The HTTP front: ThreadingHTTPServer's threads, our listeners, parser and dispatch."""
+class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The HTTP front: ThreadingHTTPServer's threads, our listeners, parser and dispatch.
+
+    http.server's ThreadingHTTPServer is these two socketserver classes, with
+    daemon_threads set and a server_bind the front does not use (it binds its listeners
+    itself).  They are taken from socketserver directly: importing http.server would load
+    http.client and the email package, about 7 MB of the front's memory, for nothing.
+    """
 
     daemon_threads = True
     block_on_close = False
@@ -3955,10 +3991,10 @@ class FrontServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._lock = threading.Lock()
         self._connections = {}  # socket -> True while a request is being answered
-        self.in_flight = 0
 
     def serve_forever(self, poll_interval=0.25):
         """Accept on every listener until stop_accepting()."""
+        import selectors
         self._accepting.set()
         try:
             with selectors.DefaultSelector() as selector:
@@ -4030,9 +4066,14 @@ class FrontServer(ThreadingHTTPServer):
              "error")
 
     def busy(self, sock, busy):
+        # No lock: one item store is atomic, and only the connection's own thread stores
+        # it (its entry is added before that thread starts and removed after it is done).
+        self._connections[sock] = busy
+
+    @property
+    def in_flight(self):
         with self._lock:
-            self._connections[sock] = busy
-            self.in_flight += 1 if busy else -1
+            return sum(self._connections.values())
 
     def set_mounts(self, mounts):
         """Route to `mounts`: a mount for the request's Host before one for any Host, then
@@ -4176,6 +4217,7 @@ class FrontServer(ThreadingHTTPServer):
 
 
 def _is_ip(text):
+    import ipaddress
     try:
         ipaddress.ip_address(text.decode("ascii"))
         return True
@@ -5063,6 +5105,7 @@ def spawn_unmasked(*args, **kwargs):
     not take signals (front connections, door server threads before they run Python)
     block them: a CGI program or an application's subprocess would then ignore SIGTERM.
     """
+    import subprocess
     blocked = signal.pthread_sigmask(signal.SIG_SETMASK, ())
     try:
         return subprocess.Popen(*args, **kwargs)
@@ -5081,7 +5124,7 @@ class CGIUpstream:
     transport = "cgi"
 
     def __init__(self, spec, timeout=None):
-        self.command = [sys.executable, os.path.abspath(__file__), "cgi"] + ([spec] if spec else [])
+        self.command = child_command("cgi", {"app": spec})
         self.timeout = timeout
         self.served = Counter()
         self.environ = {name: value for name, value in os.environb.items()
@@ -5098,6 +5141,7 @@ class CGIUpstream:
                           b"REQUEST_URI": request.target})
         if env.scheme == b"https":
             variables[b"HTTPS"] = b"on"
+        import subprocess
         # A body larger than a pipe surely holds goes in a file: the child may write before
         # it reads.  Its own session: a Ctrl-C at the terminal must not kill requests in flight.
         if fd is None and len(request.body) > 4096:
@@ -5174,6 +5218,7 @@ class _CGIStream:
         return False
 
     def read(self):
+        import subprocess
         data = os.read(self.child.stdout.fileno(), 262144)
         if data:
             return data
@@ -5188,6 +5233,7 @@ class _CGIStream:
         return b""
 
     def close(self):
+        import subprocess
         self.child.stdout.close()  # a program still writing sees EPIPE: it stops
         if not self.done:
             try:
@@ -5381,6 +5427,7 @@ class AppConfig:
 
 def _serve_parser():
     """serve's own argument parser, raising ConfigError instead of exiting."""
+    import argparse
     root = build_parser()
     serve = next(action for action in root._actions
                  if isinstance(action, argparse._SubParsersAction)).choices["serve"]
@@ -5419,6 +5466,7 @@ def read_site(path, command_line):
     The command line's options come after [serve]'s, so they win; an app's own
     options win over both, for that app.
     """
+    import argparse
     import configparser
     import shlex
     config = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
@@ -5554,6 +5602,125 @@ def read_site(path, command_line):
 # and stops the app processes; an app that cannot even load stops `serve` with its
 # own exit code instead of becoming a respawn loop.
 
+# -- starting processes: compiled once, settings as JSON ---------------------------------
+#
+# Every process of `serve` (the front, the app role, each CGI program) is this same file.
+# A file run as a script is compiled from source at every start and the result never
+# kept (with PYTHONDONTWRITEBYTECODE, or an install directory the server may not write,
+# not even an imported module's __pycache__ is): for doordown.py about 55 ms of CPU per
+# start.  Worse, CPython keeps a script's whole syntax tree until the script ends: for
+# doordown.py some 9 MB that nothing can free.  So `serve` and `app`, started as a script,
+# compile the file once and re-execute themselves (same pid, same arguments) from that
+# copy, handed over in an unlinked temporary file: a stub given to `python3 -c` loads the
+# code object with marshal (about 1 ms, 0.6 MB) and runs it as __main__, with the
+# __file__, sys.argv[0] and sys.path[0] of a script run.  serve writes the same copy into
+# its private directory (0700, like the doors in it) and starts its children from it.
+# Children get their settings as one JSON argument rather than a command line, so they
+# need no argparse; `doordown.py app ...` typed by hand still takes options.  (SIGHUP
+# reloads the application, not doordown: the front and the apps it starts run the copy
+# compiled at start-up.)
+
+_SOURCE = os.path.abspath(__file__)  # before any --chdir
+_COMPILED_STUB = (  # one line, so that ps shows it whole: python3 -c STUB doordown.py CODE ROLE ...
+    "import marshal,os,sys;__file__,_compiled_from=sys.argv[1:3];del sys.argv[1:3];"
+    "sys.argv[0]=__file__;sys.path[0]=os.path.dirname(__file__) if sys.path[0]=='' else sys.path[0];"
+    "exec(marshal.loads(open(_compiled_from,'rb').read()))")
+_compiled_for_children = None  # the code file serve wrote, once it has
+_compiled_image = None  # the re-executed serve's compiled copy, until it is written out
+
+
+def relaunch_compiled(argv):
+    """Re-execute this process from a copy of this file compiled now (see above).
+
+    Returns only if that cannot be done: the process then goes on as it is.
+    """
+    import marshal
+    import tempfile
+    try:
+        with open(_SOURCE, "rb") as f:
+            code = compile(f.read(), _SOURCE, "exec", dont_inherit=True)
+        image = tempfile.TemporaryFile()  # unlinked: nothing to clean up, whatever happens
+        image.write(marshal.dumps(code))
+        image.flush()
+        image.seek(0)  # illumos' /dev/fd/N shares the offset of the descriptor
+        os.set_inheritable(image.fileno(), True)
+        os.execv(sys.executable, [sys.executable, "-c", _COMPILED_STUB, _SOURCE,
+                                  "/dev/fd/%d" % image.fileno()] + argv)
+    except (OSError, SyntaxError, ValueError) as exc:
+        _log("start", "running from source: cannot re-execute from a compiled copy: %s" % exc)
+
+
+def _take_relaunch_image(keep):
+    """In a re-executed process: close the inherited copy, keeping its bytes if `keep`."""
+    global _compiled_image
+    name = globals().get("_compiled_from") or ""
+    if name.startswith("/dev/fd/"):
+        fd = int(name[len("/dev/fd/"):])
+        if keep:
+            _compiled_image = os.pread(fd, os.fstat(fd).st_size, 0)
+        os.close(fd)
+
+
+def compile_for_children(directory):
+    """Write the compiled copy into `directory` for child_command(); on failure children
+    compile the file themselves."""
+    global _compiled_for_children, _compiled_image
+    path = os.path.join(directory, "doordown.code")
+    try:
+        image = _compiled_image
+        if image is None:  # serve was not re-executed (or was run in-process)
+            import marshal
+            with open(_SOURCE, "rb") as f:
+                image = marshal.dumps(compile(f.read(), _SOURCE, "exec", dont_inherit=True))
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(image)
+    except (OSError, SyntaxError, ValueError) as exc:
+        _log("front", "children will compile doordown.py themselves: %s" % exc)
+        return
+    finally:
+        _compiled_image = None
+    _compiled_for_children = path
+
+
+def child_command(role, settings, python=None, compiled=True):
+    """The command line that starts this file as `role` ("app" or "cgi") with `settings`.
+
+    From the compiled copy unless it is not there, or the child runs another interpreter
+    (a code object is only good for the Python that made it), or as another user (who may
+    not read serve's private copy): then from the source.
+    """
+    python = python or sys.executable
+    if _compiled_for_children is None or python != sys.executable or not compiled:
+        head = [python, _SOURCE]
+    else:
+        head = [python, "-c", _COMPILED_STUB, _SOURCE, _compiled_for_children]
+    return head + ["--child", role, json.dumps(settings)]
+
+
+def _run_child(role, settings):
+    """main() of a child of serve: `settings` are the options of `role`, by their dest names."""
+    import types
+    return {"app": run_app, "cgi": run_cgi}[role](types.SimpleNamespace(**settings))
+
+
+def release_free_memory():
+    """Give back to the OS what the C heap holds free after start-up (glibc's malloc_trim).
+
+    Imports, compiling and an application's own start-up leave megabytes freed but kept
+    by glibc's malloc for reuse; malloc_trim(0) returns every free page of it.  Elsewhere
+    nothing is done: illumos' libc malloc (like the BSDs' and musl's) has no malloc_trim,
+    and keeps freed memory for the process's own reuse ("not returned to the system",
+    malloc(3C)), so there a process stays at its start-up high-water mark.
+    Python's own small-object arenas are returned by CPython itself, on every system.
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ValueError, OSError, AttributeError):
+        pass
+
+
 class AppProcess:
     """One app-role child, spawned as `python doordown.py app ...` (the app's own python,
     in its directory, with its environment and user), and its door."""
@@ -5565,22 +5732,17 @@ class AppProcess:
         self.started = 0.0
 
     def start(self):
+        import subprocess
         args, config = self.args, self.config
-        command = [config.python or sys.executable, os.path.abspath(__file__), "app",
-                   "--door", self.door_path, "--doors", self.backend.name, "--transport", args.transport,
-                   "--graceful-timeout", str(args.graceful_timeout), "--timeout", str(args.timeout),
-                   "--parent-pid", str(os.getpid())]
         allowed = list(args.allow_uid or ())
         if config.credentials is not None:
             allowed.append(os.geteuid())  # an app of another user still answers its front
-        for uid in allowed:
-            command += ["--allow-uid", str(uid)]
-        if args.reload:
-            command.append("--reload")
-        if args.log_level != "info":
-            command += ["--log-level", args.log_level]
-        if self.spec:
-            command.append(self.spec)
+        command = child_command("app", {
+            "app": self.spec, "door": self.door_path, "doors": self.backend.name,
+            "transport": args.transport, "graceful_timeout": args.graceful_timeout,
+            "timeout": args.timeout, "parent_pid": os.getpid(), "allow_uid": allowed,
+            "reload": args.reload, "log_level": args.log_level},
+            python=config.python, compiled=config.credentials is None)
         extra = {}
         if config.credentials is not None:
             uid, gid, name = config.credentials
@@ -5837,6 +5999,7 @@ class Supervisor:
             slot.process, slot.health = process, boot.probe
             slot.failed_checks, slot.next_check = 0, time.monotonic() + self.health_interval
             slot.serving_since = slot.mount.last_used = time.monotonic()  # idle from now on
+            import random
             limit = args.max_requests + random.randint(0, args.max_requests_jitter) if args.max_requests else 0
             slot.mount.replace(boot.upstream, limit)
             if old_upstream is not None:
@@ -6118,9 +6281,12 @@ class Supervisor:
 
     # -- the loop ---------------------------------------------------------------
     def run(self):
+        import shutil
+        import tempfile
         for signum in _SUPERVISOR_SIGNALS:
             signal.signal(signum, lambda signum, _frame: self.events.put(signum))
         self.door_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
+        compile_for_children(self.door_dir)
         try:
             return self._run()
         finally:
@@ -6160,6 +6326,7 @@ class Supervisor:
                                  limits, args.access_logger, args.forwarded_allow_ips,
                                  upstream_wait=args.timeout if self.single else args.boot_timeout, static=static,
                                  tls=args.tls)
+        release_free_memory()  # what compiling and start-up left behind
         threading.Thread(target=self.front.serve_forever, name="front-accept", daemon=True).start()
         what = self.what
         if self.single and self.slots:
@@ -6446,6 +6613,7 @@ def run_streams(args):
     keep-alive connection; CGI a tenth as many, each a new process), and the rate (MB/s)
     and peak memory growth of the whole stack for a generated stream and for a
     wsgi.file_wrapper file (by descriptor and sendfile on the door and in-process)."""
+    import tempfile
     count = 200 if not args.quick else 50
     mib = 256 if not args.quick else 64
     rows = []
@@ -6562,15 +6730,15 @@ def process_facts(pid, memory=True):
     return _linux_facts(pid, memory)
 
 
-def process_tree(root):
-    """`root` and every live descendant of it, from the parent links in /proc."""
+def process_tree(*roots):
+    """The `roots` and every live descendant of them, from the parent links in /proc."""
     children = collections.defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             facts = process_facts(int(entry), memory=False)
             if facts is not None:
                 children[facts.ppid].append(int(entry))
-    tree, todo = [], [root]
+    tree, todo = [], list(roots)
     while todo:
         pid = todo.pop()
         tree.append(pid)
@@ -6581,10 +6749,10 @@ def process_tree(root):
 StackUsage = collections.namedtuple("StackUsage", "cpu rss pss processes")
 
 
-def stack_usage(root):
-    """CPU seconds, RSS and PSS (None where not known) summed over a process tree."""
+def stack_usage(*roots):
+    """CPU seconds, RSS and PSS (None where not known) summed over process trees."""
     cpu = rss = pss = processes = 0
-    for pid in process_tree(root):
+    for pid in process_tree(*roots):
         facts = process_facts(pid)
         if facts is None:
             continue
@@ -6609,6 +6777,8 @@ def _pin(cpus):
 def _pin_started(pid, cpus):
     """illumos: bind a started process to one CPU with pbind(1M); its LWPs and children follow."""
     if cpus and is_illumos():
+        import shutil
+        import subprocess
         pbind = shutil.which("pbind") or "/usr/sbin/pbind"  # /usr/sbin is often off a user's PATH
         subprocess.run([pbind, "-b", str(min(cpus)), str(pid)], stdout=subprocess.DEVNULL, check=False)
 
@@ -6633,6 +6803,8 @@ class WrkLoad:
     name = "wrk"
 
     def __init__(self, path, pinned, cpus):
+        import subprocess
+        import tempfile
         self.path, self.cpus = path, cpus
         self.threads = 1 if pinned else (os.cpu_count() or 2)
         self.script = tempfile.NamedTemporaryFile("w", prefix="doordown-wrk-", suffix=".lua", delete=False)
@@ -6645,6 +6817,7 @@ class WrkLoad:
         return "%s, -t%d" % (self.version, self.threads)
 
     def start(self, port, connections, seconds):
+        import subprocess
         # wrk takes whole seconds; --timeout so that slow transports count as slow, not failed
         command = [self.path, "-t%d" % min(self.threads, connections), "-c%d" % connections,
                    "-d%ds" % max(1, round(seconds)), "--timeout", "30s", "-s", self.script.name,
@@ -6686,6 +6859,7 @@ class _LoadConnection:
 def _load_worker(port, connections, seconds, out_path):
     """One built-in load process: `connections` keep-alive connections, one request in flight
     on each, for `seconds`; writes its counts and latencies (µs) to `out_path`."""
+    import selectors
     request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
     content_length = re.compile(rb"\r\ncontent-length: *([0-9]+)")
     selector = selectors.DefaultSelector()
@@ -6777,6 +6951,7 @@ class BuiltinLoad:
         return "built-in (stdlib, %d process%s, keep-alive)" % (self.processes, "" if self.processes == 1 else "es")
 
     def start(self, port, connections, seconds):
+        import tempfile
         workers = []
         count = min(self.processes, connections)
         for i in range(count):
@@ -6836,6 +7011,7 @@ class BenchServer:
     """`doordown.py serve` for one transport and workload, on a free port; its log in a file."""
 
     def __init__(self, transport, spec, doors, cpus, options=()):
+        import tempfile
         self.transport, self.spec, self.doors, self.cpus = transport, spec, doors, cpus
         self.options = list(options)
         self.log = tempfile.TemporaryFile()
@@ -6844,6 +7020,7 @@ class BenchServer:
         self.app_pid = None
 
     def start(self, timeout=60):
+        import subprocess
         command = [sys.executable, os.path.abspath(__file__), "serve", "--transport", self.transport,
                    "--bind", "127.0.0.1:0", "--access-log", "off", "--doors", self.doors] + self.options
         if self.spec:
@@ -6868,8 +7045,20 @@ class BenchServer:
         self.log.seek(0)
         return self.log.read().decode("utf-8", "replace")
 
+    def usage(self):
+        return stack_usage(self.proc.pid)
+
+    def roles(self):
+        """{role: pid} of the stack's processes reported on their own: the front, the app."""
+        return {"front": self.proc.pid, "app": self.app_pid} if self.app_pid != self.proc.pid \
+            else {"front": self.proc.pid}
+
+    def exited(self):
+        return self.proc.poll() is not None
+
     def check(self, expected):
         """None if GET / answers 200 with exactly `expected`, else what is wrong."""
+        import http.client
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             conn.request("GET", "/")
@@ -6884,6 +7073,7 @@ class BenchServer:
         return None
 
     def stop(self):
+        import subprocess
         if self.proc is None:
             return
         tree = process_tree(self.proc.pid)
@@ -6902,6 +7092,184 @@ class BenchServer:
         self.log.close()
 
 
+# -- the stacks people run instead: bench --peers ------------------------------------
+#
+# Each serves the same hello application (a module of its own, so that no peer carries
+# doordown's code), as it is usually deployed, on a free port, all of its processes pinned
+# like doordown's with --pinned.  nginx runs one worker, with keep-alive to its upstream;
+# the application servers two processes or eight threads, as the comparison has always
+# been run.  A peer that is not installed is skipped with a line saying how to install it.
+
+_PEER_APP = '''def app(environ, start_response):
+    body = b"Well, hello to you too!\\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+_PEER_NGINX = """%(user)s
+daemon off;
+worker_processes 1;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/nginx-error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/client_body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+    upstream app { server unix:%(dir)s/app.sock; keepalive 32; }
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / {
+%(pass)s
+        }
+    }
+}
+"""
+_PEER_PASS = {
+    "proxy": "proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";",
+    "fastcgi": "fastcgi_pass app; fastcgi_keep_conn on; include %(conf)s/fastcgi_params; "
+               "fastcgi_param SCRIPT_NAME \"\"; fastcgi_param PATH_INFO $uri;",
+    "uwsgi": "uwsgi_pass app; include %(conf)s/uwsgi_params;",
+}
+_FLUP_THREADED = "from flup.server.fcgi import WSGIServer; import hello; WSGIServer(hello.app, bindAddress=%r).run()"
+_FLUP_PREFORK = ("from flup.server.fcgi_fork import WSGIServer; import hello; "
+                 "WSGIServer(hello.app, bindAddress=%r, minSpare=4, maxSpare=4, maxChildren=4).run()")
+
+
+def _find_nginx():
+    import shutil
+    return shutil.which("nginx") or next((path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx",
+                                                              "/opt/local/sbin/nginx") if os.path.exists(path)), None)
+
+
+def _peer_commands(name, directory, port):
+    """[(argv, is it nginx)] that start the peer `name`, or a string: what to install for it."""
+    import importlib.util
+    import shutil
+    python = sys.executable
+    sock = os.path.join(directory, "app.sock")
+    here = "127.0.0.1:%d" % port
+    wants = {"waitress": ("waitress", "pip install waitress"), "gunicorn": ("gunicorn", "pip install gunicorn"),
+             "flup": ("flup", "pip install flup")}
+    uwsgi, granian = shutil.which("uwsgi"), shutil.which("granian")
+    uwsgi_app = ["--module", "hello:app", "--master", "--processes", "2", "--threads", "8",
+                 "--disable-logging", "--chdir", directory]
+    table = {
+        "waitress": [[python, "-m", "waitress", "--listen=" + here, "--threads=8", "hello:app"]],
+        "gunicorn": [[python, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "8", "-b", here,
+                      "--chdir", directory, "hello:app"]],
+        "nginx-gunicorn": [[python, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "8",
+                            "-b", "unix:" + sock, "--chdir", directory, "hello:app"], "proxy"],
+        "nginx-flup": [[python, "-c", _FLUP_THREADED % sock], "fastcgi"],
+        "nginx-flup-prefork": [[python, "-c", _FLUP_PREFORK % sock], "fastcgi"],
+        "nginx-uwsgi": [[uwsgi, "--socket", sock] + uwsgi_app, "uwsgi"],
+        "uwsgi-http": [[uwsgi, "--http11-socket", here] + uwsgi_app],
+        "granian": [[granian, "--interface", "wsgi", "--workers", "2", "--host", "127.0.0.1",
+                     "--port", str(port), "--working-dir", directory, "hello:app"]],
+    }
+    for module, (package, hint) in wants.items():
+        if module in name and importlib.util.find_spec(package) is None:
+            return "not installed: %s" % hint
+    if "uwsgi" in name and uwsgi is None:
+        return "not installed: pip install uwsgi (it compiles; or Debian's uwsgi-plugin-python3)"
+    if name == "granian" and granian is None:
+        return "not installed: pip install granian"
+    if name.startswith("nginx") and _find_nginx() is None:
+        return "not installed: nginx (apt-get install nginx; pkgin install nginx on an illumos zone)"
+    return table[name]
+
+
+PEERS = ("waitress", "gunicorn", "nginx-gunicorn", "nginx-flup", "nginx-flup-prefork", "nginx-uwsgi",
+         "uwsgi-http", "granian")
+PEER_TITLES = {"waitress": "waitress, 8 threads", "gunicorn": "gunicorn gthread -w2 --threads 8",
+               "nginx-gunicorn": "nginx → gunicorn gthread (proxy pass, keep-alive)",
+               "nginx-flup": "nginx → flup threaded FastCGI",
+               "nginx-flup-prefork": "nginx → flup prefork FastCGI (4)",
+               "nginx-uwsgi": "nginx → uWSGI (uwsgi protocol, 2×8)",
+               "uwsgi-http": "uWSGI http11-socket (2×8)", "granian": "granian -w2 (Rust)"}
+
+
+class PeerStack(BenchServer):
+    """A peer stack (see PEERS) on a free port, in a directory of its own."""
+
+    def __init__(self, name, cpus):
+        BenchServer.__init__(self, name, None, "auto", cpus)
+        self.processes = []
+        self.directory = None
+
+    def start(self, timeout=30):
+        import subprocess
+        import tempfile
+        self.directory = tempfile.mkdtemp(prefix="doordown-peer-")
+        with open(os.path.join(self.directory, "hello.py"), "w") as f:
+            f.write(_PEER_APP)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        commands = _peer_commands(self.transport, self.directory, self.port)
+        env = dict(os.environ, PYTHONPATH=self.directory)
+        server = commands[0]
+        self.processes.append(subprocess.Popen(server, cwd=self.directory, env=env, stdin=subprocess.DEVNULL,
+                                               stdout=self.log, stderr=self.log, preexec_fn=_pin(self.cpus)))
+        if len(commands) > 1:  # behind nginx
+            nginx = _find_nginx()
+            config = os.path.join(self.directory, "nginx.conf")
+            conf = os.path.dirname(os.path.realpath(nginx)).replace("/sbin", "/etc/nginx") \
+                if not os.path.isdir("/etc/nginx") else "/etc/nginx"
+            with open(config, "w") as f:
+                f.write(_PEER_NGINX % {"user": "user root;" if os.geteuid() == 0 else "", "dir": self.directory,
+                                       "port": self.port, "pass": _PEER_PASS[commands[1]] % {"conf": conf}})
+            self.processes.append(subprocess.Popen(
+                [nginx, "-c", config, "-p", self.directory, "-e", os.path.join(self.directory, "nginx-error.log")],
+                stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, preexec_fn=_pin(self.cpus)))
+        for process in self.processes:
+            _pin_started(process.pid, self.cpus)
+        self.proc = self.processes[-1]
+        self.app_pid = self.processes[0].pid  # the application server (its threads are reported)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited():
+                break
+            if self.check(b"Well, hello to you too!\n") is None:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("%s did not start:\n%s" % (self.transport, self.output()[-2000:]))
+
+    def usage(self):
+        return stack_usage(*(process.pid for process in self.processes))
+
+    def roles(self):
+        return {}
+
+    def exited(self):
+        return any(process.poll() is not None for process in self.processes)
+
+    def stop(self):
+        import shutil
+        import subprocess
+        tree = process_tree(*(process.pid for process in self.processes))
+        for process in reversed(self.processes):  # nginx first, then what it fronts
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM if process is self.processes[-1] else signal.SIGINT)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.close()
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 # -- the report: Markdown and SVG ---------------------------------------------------------
 
 _BENCH_COLUMNS = (("workload", "workload"), ("transport", "transport"), ("concurrency", "c"),
@@ -6909,7 +7277,15 @@ _BENCH_COLUMNS = (("workload", "workload"), ("transport", "transport"), ("concur
                   ("errors", "errors"), ("non_2xx", "non-2xx"), ("cpu_s_per_1k", "CPU s/1k req"),
                   ("rss_idle_mb", "RSS idle MB"), ("rss_peak_mb", "RSS peak MB"),
                   ("pss_idle_mb", "PSS idle MB"), ("pss_peak_mb", "PSS peak MB"),
+                  ("front", "front RSS / PSS peak MB"), ("app", "app RSS / PSS peak MB"),
                   ("app_threads", "app threads"))
+
+
+def _column_text(row, key):
+    if key in ("front", "app"):  # one process of the stack: its own RSS and PSS at peak
+        rss, pss = row.get(key + "_rss_peak_mb"), row.get(key + "_pss_peak_mb")
+        return "–" if rss is None else "%s / %s" % (_cell_text(rss), _cell_text(pss))
+    return _cell_text(row[key])
 
 
 def _cell_text(value):
@@ -6933,23 +7309,26 @@ def _progress_line(done, cells, row):
 def _bench_targets(rows):
     """The issue's targets, read from the hello rows: door against proxy, FastCGI, in-process."""
     by_key = {(r["transport"], r["concurrency"]): r for r in rows
-              if r.get("workload") == "hello" and "failed" not in r}
+              if r.get("workload") == "hello" and "failed" not in r and "skipped" not in r}
     lines = []
     for connections in sorted({c for _, c in by_key}):
         door = by_key.get(("door", connections))
         if door is None:
             continue
         parts = []
-        for other in ("proxy", "fastcgi", "inprocess"):
+        for other in ("proxy", "fastcgi", "inprocess") + PEERS:
             peer = by_key.get((other, connections))
             if peer and peer["requests_per_s"]:
                 parts.append("%.2f× %s" % (door["requests_per_s"] / peer["requests_per_s"], other))
         memory = "pss_peak_mb" if door["pss_peak_mb"] is not None else "rss_peak_mb"
-        for other in ("proxy", "fastcgi"):
+        for other in ("proxy", "fastcgi") + PEERS:
             peer = by_key.get((other, connections))
             if peer and peer[memory] is not None:
                 parts.append("%s %s MB vs %s %s MB" % (memory.split("_")[0].upper(), door[memory],
                                                       other, peer[memory]))
+        waitress = by_key.get(("waitress", connections))
+        if waitress and door["pss_peak_mb"] is not None:  # a one-process peer: its RSS is all it uses
+            parts.append("door PSS = %.2f× waitress RSS" % (door["pss_peak_mb"] / waitress["rss_peak_mb"]))
         if parts:
             lines.append("- hello c%d: door req/s = %s" % (connections, ", ".join(parts)))
     return lines
@@ -6965,11 +7344,13 @@ def bench_markdown(report):
     lines.append("| " + " | ".join(title for _, title in _BENCH_COLUMNS) + " |")
     lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(_BENCH_COLUMNS))) + "|")
     for row in report["results"]:
-        if "failed" in row:
+        if "skipped" in row:
+            lines.append("| %s | %s | skipped, %s |" % (row["workload"], row["transport"], row["skipped"]))
+        elif "failed" in row:
             lines.append("| %s | %s | failed: %s |" % (row["workload"], row["transport"],
                                                        row["failed"].replace("|", "/").splitlines()[0]))
         else:
-            lines.append("| " + " | ".join(_cell_text(row[key]) for key, _ in _BENCH_COLUMNS) + " |")
+            lines.append("| " + " | ".join(_column_text(row, key) for key, _ in _BENCH_COLUMNS) + " |")
     targets = _bench_targets(report["results"])
     if targets:
         lines += ["", *targets]
@@ -6993,6 +7374,7 @@ def _nice_ceiling(value):
 
 def _svg_bars(x, y, width, height, title, unit, groups, series, value_of):
     """A grouped bar chart: one group per concurrency, one bar per transport."""
+    from xml.sax.saxutils import escape
     top = max([value_of(g, s) or 0 for g in groups for s in series] + [0])
     ceiling = _nice_ceiling(top * 1.15)  # room for the labels above the bars
     plot_x, plot_y, plot_w, plot_h = x + 48, y + 24, width - 56, height - 48
@@ -7033,7 +7415,8 @@ def _cell_lookup(cells, workload, key):
 
 def bench_svg(report):
     """A chart, by hand and stdlib only: requests/s and peak memory per transport, per workload."""
-    rows = [r for r in report["results"] if "failed" not in r]
+    from xml.sax.saxutils import escape
+    rows = [r for r in report["results"] if "failed" not in r and "skipped" not in r]
     workloads = [w for w in report["config"]["workloads"] if any(r["workload"] == w for r in rows)]
     series = [t for t in report["config"]["transports"] if any(r["transport"] == t for r in rows)]
     groups = report["config"]["concurrency"]
@@ -7084,18 +7467,24 @@ def _bench_cell(load, server, workload, connections, duration, warmup, idle):
         while load.running(run):
             time.sleep(0.05)
         load.result(run)
-    before = stack_usage(server.proc.pid)
+    before = server.usage()
     peak_rss, peak_pss = before.rss, before.pss
+    roles = server.roles()  # each process of the stack on its own too: the front, the app
+    peaks = {role: (0, 0) for role in roles}
     run = load.start(server.port, connections, duration)
     while load.running(run):
         time.sleep(0.25)
-        usage = stack_usage(server.proc.pid)
+        usage = server.usage()
         peak_rss = max(peak_rss, usage.rss)
         peak_pss = None if peak_pss is None or usage.pss is None else max(peak_pss, usage.pss)
+        for role, pid in roles.items():
+            facts = process_facts(pid)
+            if facts is not None:
+                peaks[role] = (max(peaks[role][0], facts.rss), max(peaks[role][1], facts.pss or 0))
     result = load.result(run)
-    after = stack_usage(server.proc.pid)
-    if server.proc.poll() is not None:
-        raise RuntimeError("serve exited during the run:\n%s" % server.output()[-2000:])
+    after = server.usage()
+    if server.exited():
+        raise RuntimeError("the stack exited during the run:\n%s" % server.output()[-2000:])
     app = process_facts(server.app_pid, memory=False)
     return {
         "workload": workload, "transport": server.transport, "concurrency": connections,
@@ -7108,6 +7497,8 @@ def _bench_cell(load, server, workload, connections, duration, warmup, idle):
         "rss_idle_mb": _megabytes(idle.rss), "rss_peak_mb": _megabytes(peak_rss),
         "pss_idle_mb": _megabytes(idle.pss), "pss_peak_mb": _megabytes(peak_pss),
         "processes_peak": after.processes,
+        **{"%s_%s_peak_mb" % (role, kind): _megabytes(peaks[role][i]) if peaks.get(role, (0, 0))[i] else None
+           for role in ("front", "app") for i, kind in enumerate(("rss", "pss"))},
         "app_threads": app.threads if app is not None and server.transport != "cgi" else None,
     }
 
@@ -7153,6 +7544,7 @@ def run_faults(args):
     for each event.  A failure is a request sent on an accepted connection that got no
     answer or a non-2xx one; a connection refused (or reset before any answer) after the
     front has closed its listening socket was never accepted, and is counted apart."""
+    import subprocess
     seconds = args.duration or 4.0
     rows = []
     backend = door_backend(args.doors)
@@ -7203,13 +7595,213 @@ def run_faults(args):
     return 0
 
 
+# -- where a door request's CPU goes: bench --breakdown ------------------------------
+#
+# Each step of a door request is timed alone, here, on the real code (the same request wrk
+# sends, the built-in hello app); the door round trip with a trivial handler in another
+# process, next to a raw Unix-socket round trip of the same sizes; then the real stacks
+# (door and in-process) under load give what a request costs whole.  What the door hop
+# costs beyond its steps is the hand-off between threads: the app's server thread and
+# the front's connection thread each woken, each taking its process's GIL.
+
+_BREAKDOWN_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n"  # what wrk sends
+
+
+def _cpu_per_call(call, other_pid=None, seconds=0.25):
+    """CPU microseconds per call of `call()` (plus `other_pid`'s CPU), the best of three runs."""
+    best = None
+    count = 100
+    for _ in range(3):
+        while True:
+            other = process_facts(other_pid, memory=False).cpu if other_pid else 0.0
+            start, wall = time.process_time(), time.perf_counter()
+            for _ in range(count):
+                call()
+            used = time.process_time() - start
+            if other_pid:
+                used += process_facts(other_pid, memory=False).cpu - other
+            if time.perf_counter() - wall >= seconds:
+                break
+            count *= 2
+        best = used / count if best is None else min(best, used / count)
+    return round(best * 1e6, 1)
+
+
+def _serve_echo(sock, reply):
+    """A child's loop: answer each message on `sock` with `reply`, as raw socket reads and writes."""
+    while sock.recv(65536):
+        sock.sendall(reply)
+    os._exit(0)
+
+
+class _NoServer:
+    """What a FrontHandler asks of its server, for a handler timed without one."""
+
+    stopping = False
+
+    def log_access(self, *_):
+        pass
+
+
+def _breakdown_steps(backend):
+    """({step: CPU µs}, raw socket round trip µs) for one hello request through the door."""
+    import shutil
+    import tempfile
+    gateway = WSGIGateway(hello_app)
+    handler = FrontHandler.__new__(FrontHandler)  # a connection's handler, without a connection
+    front_end, client_end = socket.socketpair()
+    handler.request, handler.client_address, handler.server = front_end, ("127.0.0.1", 50000), _NoServer()
+    handler.limits, handler.reader, handler.listener = Limits(), BufferedSocket(front_end), None
+
+    def parse():
+        handler.reader.buf[:] = _BREAKDOWN_REQUEST
+        return handler.read_request()
+
+    request = parse()
+    env = _RequestEnv()
+    env.scheme, env.remote_addr, env.remote_port = b"http", b"127.0.0.1", b"50000"
+    env.server_name, env.server_port, env.script_name = b"127.0.0.1", b"8000", b""
+    call = pack_message(KIND_REQUEST, 0, request_fields(request, env))
+    fields = unpack_message(call, (KIND_REQUEST,))[2]
+    environ = gateway.environ(fields, io.BytesIO(fields[9]), len(fields[9]))
+    status, headers, body, _close = gateway.respond(environ)
+    reply = pack_message(KIND_RESPONSE, 0, [status, body, *headers])
+    answer = unpack_message(reply, (KIND_RESPONSE,))[2]
+
+    import itertools
+    sent = itertools.count(1)
+
+    def send():
+        handler.send_response(request, Response(answer[0], answer[2:], answer[1]))
+        if next(sent) % 64 == 0:  # drain the other end now and then, not timed per call
+            while len(client_end.recv(65536)) == 65536:
+                pass
+
+    steps = collections.OrderedDict()
+    steps["front: parse the request head"] = _cpu_per_call(parse)
+    steps["front: encode the door call"] = _cpu_per_call(
+        lambda: pack_message(KIND_REQUEST, 0, request_fields(request, env)))
+    steps["app: decode the call"] = _cpu_per_call(lambda: unpack_message(call, (KIND_REQUEST, KIND_PING)))
+    steps["app: build the environ"] = _cpu_per_call(
+        lambda: gateway.environ(fields, io.BytesIO(fields[9]), len(fields[9])))
+    steps["app: run the WSGI application"] = _cpu_per_call(lambda: gateway.respond(dict(environ)))
+    steps["app: encode the reply"] = _cpu_per_call(
+        lambda: pack_message(KIND_RESPONSE, 0, [status, body, *headers]))
+    steps["front: decode the reply"] = _cpu_per_call(
+        lambda: Response(*unpack_message(reply, (KIND_RESPONSE, KIND_FAIL))[2][:2]))
+    steps["front: frame and send the response"] = _cpu_per_call(send)
+    front_end.close()
+    client_end.close()
+
+    # The round trips, against a child process: through the door, and as bare socket I/O.
+    directory = tempfile.mkdtemp(prefix="doordown-breakdown-")
+    path = os.path.join(directory, "echo.door")
+    child = os.fork()
+    if child == 0:
+        try:
+            backend.serve(path, lambda data, fds, caller: (reply, []))
+            time.sleep(3600)
+        finally:
+            os._exit(0)
+    try:
+        client = backend.open(path)
+        for _ in range(500):
+            try:
+                client.call(call)
+                break
+            except DoorError:
+                time.sleep(0.01)
+        steps["door: round trip, both processes"] = _cpu_per_call(lambda: client.call(call), child)
+        client.close()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        shutil.rmtree(directory, ignore_errors=True)
+    ours, theirs = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        ours.close()
+        _serve_echo(theirs, b"r" * (len(reply) + _FRAME.size))
+    theirs.close()
+    message = b"q" * (len(call) + _FRAME.size)
+
+    def round_trip():
+        ours.sendall(message)
+        ours.recv(65536)
+
+    try:
+        raw = _cpu_per_call(round_trip, child)
+    finally:
+        ours.close()
+        os.waitpid(child, 0)
+    return steps, raw
+
+
+_DOOR_ONLY_STEPS = ("front: encode the door call", "app: decode the call", "app: encode the reply",
+                    "front: decode the reply", "door: round trip, both processes")
+
+
+def run_breakdown(args, load, server_cpus, backend):
+    """bench --breakdown: the door request's CPU, step by step, beside the whole stacks'."""
+    _log("bench", "timing each step of a door request alone")
+    steps, raw = _breakdown_steps(backend)
+    duration = args.duration or 3.0
+    warmup = args.warmup if args.warmup is not None else 1.0
+    connections = (args.concurrency or [16])[0]
+    whole = {}
+    for transport in ("door", "inprocess"):
+        server = BenchServer(transport, None, args.doors, server_cpus)
+        try:
+            server.start()
+            problem = server.check(BENCH_WORKLOADS["hello"][1])
+            if problem is not None:
+                raise RuntimeError("wrong answer before timing: %s" % problem)
+            row = _bench_cell(load, server, "hello", connections, duration, warmup, server.usage())
+            whole[transport] = row
+            _log("bench", _progress_line(len(whole), 2, row))
+        finally:
+            server.stop()
+    door_us = whole["door"]["cpu_s_per_1k"] * 1000
+    inprocess_us = whole["inprocess"]["cpu_s_per_1k"] * 1000
+    added = sum(steps[name] for name in _DOOR_ONLY_STEPS)
+    lines = ["", "Where a door request's CPU goes: hello, %s, µs of CPU per request "
+             "(each step timed alone, best of three)" % backend.description, "",
+             "| step | µs |", "|---|---:|"]
+    lines += ["| %s | %.1f |" % (name, value) for name, value in steps.items()]
+    lines += ["| sum of the steps | %.1f |" % sum(steps.values()),
+              "| *for scale:* a raw Unix-socket round trip between two processes, same sizes | %.1f |" % raw,
+              "", "Whole stacks under load (%s, -c%d, %s): CPU per request of all their processes"
+              % ("pinned" if server_cpus else "free", connections, load.describe()), "",
+              "| stack | req/s | µs per request |", "|---|---:|---:|",
+              "| door | %.0f | %.1f |" % (whole["door"]["requests_per_s"], door_us),
+              "| in-process | %.0f | %.1f |" % (whole["inprocess"]["requests_per_s"], inprocess_us), "",
+              "- the door hop costs %.1f µs per request (door less in-process)" % (door_us - inprocess_us),
+              "- its own steps (encoding and decoding both ways, the round trip) account for %.1f µs"
+              % added,
+              "- the rest, %.1f µs, is the hand-off between threads under load: the app's server "
+              "thread and the front's connection thread woken, each taking its process's GIL"
+              % (door_us - inprocess_us - added)]
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"steps_us": steps, "raw_socket_round_trip_us": raw, "whole": whole,
+                       "doors": backend.description}, f, indent=1)
+            f.write("\n")
+    return 0
+
+
 def run_bench(args):
     """The `bench` command."""
     if args.faults:
         return run_faults(args)
     if args.streams:
         return run_streams(args)
-    concurrency = args.concurrency or ([16] if args.quick else [1, 16, 64])
+    import shutil
+    peers = args.peers or []
+    # With --peers, by default: the door transport and the peers, hello, c16.
+    transports = args.transports or (["door"] if peers else list(TRANSPORTS))
+    workloads = args.workloads or (["hello"] if peers else list(BENCH_WORKLOADS))
+    concurrency = args.concurrency or ([16] if args.quick or peers else [1, 16, 64])
     duration = args.duration or (1.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     if not os.path.isdir("/proc"):
@@ -7227,6 +7819,11 @@ def run_bench(args):
         return EXIT_USAGE
     load = WrkLoad(wrk, args.pinned, load_cpus) if wrk else BuiltinLoad(args.pinned, load_cpus)
     backend = door_backend(args.doors)
+    if args.breakdown:
+        try:
+            return run_breakdown(args, load, server_cpus, backend)
+        finally:
+            load.close()
     placement = ("pinned (server stack on CPU 0, load on CPU 1)" if args.pinned
                  else "free (no pinning: the OS places server and load)")
     report = {
@@ -7235,29 +7832,39 @@ def run_bench(args):
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": {"platform": sys.platform, "python": sys.version.split()[0], "cpus": os.cpu_count(),
                     "kernel": " ".join(os.uname()[2:3]), "load_average_before": _load_average()},
-        "config": {"transports": args.transports, "workloads": args.workloads,
+        "config": {"transports": transports, "workloads": workloads, "peers": peers,
                    "concurrency": concurrency, "duration_s": duration, "warmup_s": warmup,
                    "placement": "pinned" if args.pinned else "free", "load": load.describe(),
                    "doors": backend.description},
         "results": [],
     }
-    cells = len(args.workloads) * len(args.transports) * len(concurrency)
+    cells = (len(workloads) * len(transports) + len(peers) * ("hello" in workloads)) * len(concurrency)
     _log("bench", "%d runs of %ss after %ss of warm-up; load: %s; %s; doors: %s"
          % (cells, duration, warmup, load.describe(), placement, backend.description))
     done = 0
     try:
-        for workload in args.workloads:
+        for workload in workloads:
             spec, expected = BENCH_WORKLOADS[workload]
-            for transport in args.transports:
-                server = BenchServer(transport, spec, args.doors, server_cpus)
+            for transport in transports + (peers if workload == "hello" else []):
                 first = done
+                if transport in PEERS:
+                    missing = _peer_commands(transport, "", 0)
+                    if isinstance(missing, str):
+                        _log("bench", "%s skipped: %s" % (transport, missing))
+                        done += len(concurrency)
+                        report["results"].append({"workload": workload, "transport": transport,
+                                                  "skipped": missing})
+                        continue
+                    server = PeerStack(transport, server_cpus)
+                else:
+                    server = BenchServer(transport, spec, args.doors, server_cpus)
                 try:
                     server.start()
                     problem = server.check(expected)
                     if problem is not None:
                         raise RuntimeError("wrong answer before timing: %s" % problem)
                     time.sleep(0.3)  # let start-up settle before the idle figures
-                    idle = stack_usage(server.proc.pid)
+                    idle = server.usage()
                     for connections in concurrency:
                         done += 1
                         row = _bench_cell(load, server, workload, connections, duration, warmup, idle)
@@ -7353,6 +7960,8 @@ def _limit_lwps():
     """illumos: let this process make no more threads (process.max-lwps at its LWP count)."""
     with open("/proc/self/psinfo", "rb") as psinfo:
         lwps = struct.unpack_from("i", psinfo.read(), 4)[0]  # psinfo_t.pr_nlwp
+    import shutil
+    import subprocess
     prctl = shutil.which("prctl") or "/usr/bin/prctl"
     try:
         subprocess.run([prctl, "-n", "process.max-lwps", "-t", "basic", "-v", str(lwps), "-e", "deny",
@@ -7389,6 +7998,7 @@ def _serve_check_door(backend, path):
 
 
 def _start_check_server(backend, path, env=None):
+    import subprocess
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "check", "--doors",
                               backend.name, "--serve", path], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, env=env)
@@ -7422,6 +8032,8 @@ def _what_check_tests(backend):
 
 
 def run_check(args):
+    import shutil
+    import tempfile
     backend = door_backend(args.doors)
     if args.serve:
         _serve_check_door(backend, args.serve)
@@ -7649,6 +8261,7 @@ def _service_name(args):
 
 def smf_manifest(args):
     """An SMF manifest (valid against illumos' service_bundle.dtd.1) for this serve command."""
+    from xml.sax.saxutils import escape
     name = _service_name(args)
     pid_file = args.pid or "/var/run/%s.pid" % name
     command = _service_command(args) + ([] if args.pid else ["--pid", pid_file])
@@ -7784,9 +8397,12 @@ _NOT_FOR_DOORS.update({"-w": _NOT_FOR_DOORS["--workers"], "-k": _NOT_FOR_DOORS["
                        "-D": _NOT_FOR_DOORS["--daemon"]})
 
 
-class _Parser(argparse.ArgumentParser):
+class _ParserRules:
+    """doordown's ways on top of argparse.ArgumentParser (build_parser() joins the two, so
+    that only a process that parses a command line loads argparse)."""
+
     def __init__(self, *args, **kwargs):
-        argparse.ArgumentParser.__init__(self, *args, **kwargs)
+        super().__init__(*args, **kwargs)
         self.add_argument("--version", action="version", version=SERVER_SOFTWARE)
 
     def error(self, message):
@@ -7797,7 +8413,7 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         if args is not None and self._subparsers is None:
             self._check_options(args)
-        return argparse.ArgumentParser.parse_known_args(self, args, namespace)
+        return super().parse_known_args(args, namespace)
 
     def _check_options(self, args):
         """Name an unknown option as such, before argparse takes it (or the value after
@@ -7830,36 +8446,43 @@ class _Parser(argparse.ArgumentParser):
             takes_value = action.nargs != 0 and "=" not in arg
 
 
+def _invalid(message):
+    """What an option's type function raises: argparse prints `message` as it is."""
+    import argparse
+    return argparse.ArgumentTypeError(message)
+
+
 def _bind_address(text):
     """--bind, in gunicorn's forms: HOST:PORT, HOST, PORT, [IPv6]:PORT, unix:PATH, fd://N."""
+    import ipaddress
     expected = "expected HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N, got %r" % text
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
-            raise argparse.ArgumentTypeError("unix: needs a path, as in unix:/run/myapp.sock")
+            raise _invalid("unix: needs a path, as in unix:/run/myapp.sock")
         return ("unix", path)
     if text.startswith("fd://"):
         if not text[5:].isdigit():
-            raise argparse.ArgumentTypeError(expected)
+            raise _invalid(expected)
         return ("fd", int(text[5:]))
     match = re.fullmatch(r"\[([^\]]*)\](?::([0-9]{1,5}))?|([A-Za-z0-9.-]*)(?::([0-9]{1,5}))?",
                          text[6:] if text.startswith("tcp://") else text)
     if match is None:
         if text.count(":") > 1 and "[" not in text:
             expected += " (an IPv6 address goes in brackets: [::1]:8000)"
-        raise argparse.ArgumentTypeError(expected)
+        raise _invalid(expected)
     v6, v6_port, host, port = match.groups()
     if v6 is not None:
         try:
             ipaddress.IPv6Address(v6)
         except ValueError:
-            raise argparse.ArgumentTypeError("%r is not an IPv6 address (in %r)" % (v6, text))
+            raise _invalid("%r is not an IPv6 address (in %r)" % (v6, text))
         host, port = v6, v6_port
     elif port is None and host.isdigit():  # a bare port
         host, port = "", host
     port = 8000 if port is None else int(port)
     if port > 65535:
-        raise argparse.ArgumentTypeError("port %d out of range (in %r)" % (port, text))
+        raise _invalid("port %d out of range (in %r)" % (port, text))
     return ("tcp", host or "127.0.0.1", port)
 
 
@@ -7868,9 +8491,9 @@ def _positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError("expected a positive number, got %r" % text)
+            raise _invalid("expected a positive number, got %r" % text)
         if value <= 0:
-            raise argparse.ArgumentTypeError("expected a positive number, got %r" % text)
+            raise _invalid("expected a positive number, got %r" % text)
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -7880,7 +8503,7 @@ def _size(text):
     """A byte count: 1048576, 512K, 100M, 1G."""
     match = re.fullmatch(r"([0-9]+)([KMG]?)B?", text.strip().upper())
     if match is None:
-        raise argparse.ArgumentTypeError("expected a size like 100M, got %r" % text)
+        raise _invalid("expected a size like 100M, got %r" % text)
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
 
 
@@ -7889,8 +8512,8 @@ def _names(choices):
     def parse(text):
         names = [name.strip() for name in text.split(",") if name.strip()]
         if not names or any(name not in choices for name in names):
-            raise argparse.ArgumentTypeError("expected a comma-separated list of %s, got %r"
-                                             % (", ".join(choices), text))
+            raise _invalid("expected a comma-separated list of %s, got %r"
+                           % (", ".join(choices), text))
         return names
     parse.__name__ = "list"
     return parse
@@ -7903,7 +8526,7 @@ def _counts(text):
     except ValueError:
         counts = []
     if not counts or min(counts) <= 0:
-        raise argparse.ArgumentTypeError("expected positive integers like 1,16,64, got %r" % text)
+        raise _invalid("expected positive integers like 1,16,64, got %r" % text)
     return counts
 
 
@@ -7911,15 +8534,15 @@ def _static_map(text):
     """/URL=DIR, DIR an existing directory -> (url prefix, directory)."""
     prefix, equals, root = text.partition("=")
     if not equals or not prefix.startswith("/") or not root:
-        raise argparse.ArgumentTypeError("expected /URL=DIR, got %r" % text)
+        raise _invalid("expected /URL=DIR, got %r" % text)
     if not os.path.isdir(root):
-        raise argparse.ArgumentTypeError("%r is not a directory" % root)
+        raise _invalid("%r is not a directory" % root)
     return prefix, root
 
 
 def _static_index(text):
     if not text or "/" in text or "\\" in text or text in (".", ".."):
-        raise argparse.ArgumentTypeError("expected a file name like index.html, got %r" % text)
+        raise _invalid("expected a file name like index.html, got %r" % text)
     return text
 
 
@@ -7928,7 +8551,7 @@ def _app_spec(text):
     module, _, attr = text.partition(":")
     script = re.fullmatch(r"(?:\./)?([\w./]+)\.py", module)
     if script:  # a file name where a module name goes
-        raise argparse.ArgumentTypeError("expected module:callable, got %r: name the module "
+        raise _invalid("expected module:callable, got %r: name the module "
                                          "without .py, as in %r" % (text, script.group(1).replace(
                                              "/", ".") + (":" + attr if attr else "")))
     if re.fullmatch(r"[\w.]+", module) and (not attr or re.fullmatch(r"[\w.]+", attr)):
@@ -7937,15 +8560,15 @@ def _app_spec(text):
         try:
             factory_call(attr)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError("%s (in %r)" % (exc, text))
+            raise _invalid("%s (in %r)" % (exc, text))
         return text
-    raise argparse.ArgumentTypeError("expected module:callable, got %r" % text)
+    raise _invalid("expected module:callable, got %r" % text)
 
 
 def _env_pair(text):
     name, equals, value = text.partition("=")
     if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise argparse.ArgumentTypeError("expected NAME=VALUE, got %r" % text)
+        raise _invalid("expected NAME=VALUE, got %r" % text)
     return name, value
 
 
@@ -7955,7 +8578,7 @@ def _octal_mode(text):
     except ValueError:
         mode = -1
     if not 0 <= mode <= 0o777:
-        raise argparse.ArgumentTypeError("expected an octal mode like 600 or 660, got %r" % text)
+        raise _invalid("expected an octal mode like 600 or 660, got %r" % text)
     return mode
 
 
@@ -7963,11 +8586,13 @@ def _log_format(text):
     try:
         compile_log_format(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
+        raise _invalid(str(exc))
     return text
 
 
 def build_parser():
+    import argparse
+    _Parser = type("_Parser", (_ParserRules, argparse.ArgumentParser), {})
     parser = _Parser(prog="doordown", description=(
         "Serve a Python WSGI application through illumos doors (emulated off illumos)."))
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -8100,10 +8725,14 @@ def build_parser():
                                 description="Run every transport (and the in-process reference) "
                                             "against the same workloads; report requests/s, latency, "
                                             "errors, CPU per request, memory and threads.")
-    bench.add_argument("--transports", type=_names(TRANSPORTS), default=list(TRANSPORTS),
-                       metavar="LIST", help="comma-separated, of %s (default: all)" % ",".join(TRANSPORTS))
-    bench.add_argument("--workloads", type=_names(tuple(BENCH_WORKLOADS)), default=list(BENCH_WORKLOADS),
-                       metavar="LIST", help="comma-separated, of %s (default: all)" % ",".join(BENCH_WORKLOADS))
+    bench.add_argument("--transports", type=_names(TRANSPORTS), metavar="LIST",
+                       help="comma-separated, of %s (default: all; with --peers: door)" % ",".join(TRANSPORTS))
+    bench.add_argument("--workloads", type=_names(tuple(BENCH_WORKLOADS)), metavar="LIST",
+                       help="comma-separated, of %s (default: all; with --peers: hello)"
+                            % ",".join(BENCH_WORKLOADS))
+    bench.add_argument("--peers", nargs="?", const=list(PEERS), type=_names(PEERS), metavar="LIST",
+                       help="also the stacks people run instead, where installed, on hello: %s "
+                            "(default: all of them); -c defaults to 16" % ",".join(PEERS))
     bench.add_argument("-c", "--concurrency", type=_counts, metavar="LIST",
                        help="connections, comma-separated (default 1,16,64; --quick: 16)")
     bench.add_argument("-d", "--duration", type=_positive(float), metavar="SECONDS",
@@ -8122,6 +8751,9 @@ def build_parser():
     bench.add_argument("--streams", action="store_true",
                        help="instead: per transport, time to a stream's first event, and MB/s and "
                             "memory growth of a generated stream and of a wsgi.file_wrapper file")
+    bench.add_argument("--breakdown", action="store_true",
+                       help="instead: where a door request's CPU goes, step by step, beside a raw "
+                            "socket round trip and the door and in-process stacks under load")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--svg", metavar="FILE", help="also write a chart of req/s and memory as SVG")
 
@@ -8261,15 +8893,26 @@ def _parse_service_command(parser, argv):
 
 
 def main(argv=None):
+    # serve and app run as a script re-execute themselves from a compiled copy (see
+    # relaunch_compiled), once their command line is known to be good.
+    relaunch = argv is None and __name__ == "__main__" and "_compiled_from" not in globals()
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    if argv[:1] in (["smf"], ["systemd"]) and not {"-h", "--help", "--version"} & set(argv[1:]):
-        args = _parse_service_command(parser, argv)
-    else:
-        args = parser.parse_args(argv)
+    child = argv[:1] == ["--child"] and len(argv) == 3  # started by serve: see child_command()
+    args = None
+    if not child:
+        parser = build_parser()
+        if argv[:1] in (["smf"], ["systemd"]) and not {"-h", "--help", "--version"} & set(argv[1:]):
+            args = _parse_service_command(parser, argv)
+        else:
+            args = parser.parse_args(argv)
+        if relaunch and args.command in ("serve", "app"):
+            relaunch_compiled(argv)
+        _take_relaunch_image(keep=args.command == "serve")
     if getattr(args, "log_level", None):
         _log_threshold[0] = _LOG_LEVELS.index(args.log_level)
     try:
+        if child:
+            return _run_child(argv[1], json.loads(argv[2]))
         if args.command == "app":
             return run_app(args)
         if args.command == "check":

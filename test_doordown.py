@@ -8,6 +8,7 @@ import concurrent.futures
 import ctypes
 import errno
 import hashlib
+import importlib.util
 import http.client
 import json
 import os
@@ -3130,6 +3131,23 @@ def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, t
 
 # -- the bench command, end to end (no timing assertions) ---------------------------------------
 
+def test_each_role_loads_only_what_it_uses_and_starts_compiled(started):
+    """serve re-executes itself from a copy compiled once, and starts its children from that
+    copy; no role loads http.server, http.client, email or xml, no child argparse or subprocess."""
+    door = serve(started, "apps:lean")
+    status, _, body = door.get()
+    app = json.loads(body)
+    assert status == 200 and app["pid"] == door.app_pid()
+    assert app["heavy"] == [], app
+    assert app["compiled"].endswith("/doordown.code") and app["file"] == app["argv0"] == DOORDOWN
+    assert app["same_module"]  # the application's `import doordown` is the running copy
+    front = json.loads(serve(started, "apps:lean", "--transport", "inprocess").get()[2])
+    assert front["heavy"] == ["argparse"], front  # the front's own command line
+    assert front["compiled"] and front["file"] == DOORDOWN  # re-executed from a compiled copy
+    cgi = json.loads(serve(started, "apps:lean", "--transport", "cgi").get()[2])
+    assert cgi["heavy"] == [] and cgi["compiled"].endswith("/doordown.code"), cgi
+
+
 def _bench(tmp_path, *args):
     report, chart = tmp_path / "bench.json", tmp_path / "bench.svg"
     # Its own process group: on a time-out, the bench and the servers it started go together.
@@ -3159,6 +3177,10 @@ def test_bench_minimal_run_reports_json_svg_and_markdown(tmp_path):
         assert 0 < row["rss_idle_mb"] <= row["rss_peak_mb"] and row["pss_peak_mb"] > 0
     door, inprocess = report["results"]
     assert door["processes_peak"] == 2 and inprocess["processes_peak"] == 1  # front + app, front alone
+    # each process of the stack on its own, beside the stack's sum
+    assert 0 < door["front_pss_peak_mb"] <= door["front_rss_peak_mb"] and door["app_rss_peak_mb"] > 0
+    assert door["front_rss_peak_mb"] + door["app_rss_peak_mb"] <= door["rss_peak_mb"] + 1
+    assert inprocess["front_rss_peak_mb"] > 0 and inprocess["app_rss_peak_mb"] is None
     root = ElementTree.parse(str(chart)).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
     assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 4
@@ -3183,6 +3205,37 @@ def test_bench_streams_reports_first_event_and_rates(tmp_path):
     for row in rows.values():
         assert row["first_event_p50_ms"] > 0 and row["stream_mb_per_s"] > 0 and row["file_mb_per_s"] > 0
     assert "| door |" in out and "first event p50 ms" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gunicorn") is None, reason="gunicorn is not installed "
+                    "(pip install -r support/requirements.txt)")
+def test_bench_peers_measures_gunicorn_beside_the_door(tmp_path):
+    report, _, table, _ = _bench(tmp_path, "--peers", "gunicorn,granian", "-c", "2", "-d", "0.5",
+                                 "--warmup", "0.2", "--load", "builtin")
+    rows = {row["transport"]: row for row in report["results"]}
+    assert list(rows) == ["door", "gunicorn", "granian"]
+    gunicorn = rows["gunicorn"]
+    assert gunicorn["requests"] > 0 and gunicorn["errors"] == 0 and gunicorn["non_2xx"] == 0, gunicorn
+    assert gunicorn["processes_peak"] == 3 and gunicorn["pss_peak_mb"] > 0  # arbiter and two workers
+    assert "| hello | gunicorn | 2 |" in table and "door req/s = " in table and "gunicorn" in table
+    if "skipped" in rows["granian"]:  # not installed: skipped with how to install it
+        assert "pip install granian" in rows["granian"]["skipped"] and "skipped" in table
+
+
+def test_bench_breakdown_accounts_for_the_door_hop(tmp_path):
+    report = tmp_path / "breakdown.json"
+    result = subprocess.run([sys.executable, DOORDOWN, "bench", "--breakdown", "-c", "2", "-d", "0.5",
+                             "--warmup", "0.2", "--load", "builtin", "--doors", DOORS, "--json", str(report)],
+                            capture_output=True, timeout=120, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    figures = json.loads(report.read_text())
+    steps = figures["steps_us"]
+    assert len(steps) == 9 and all(value > 0 for value in steps.values()), steps
+    assert figures["raw_socket_round_trip_us"] > 0
+    assert set(figures["whole"]) == {"door", "inprocess"}
+    out = result.stdout.decode()
+    assert "| door: round trip, both processes |" in out and "raw Unix-socket round trip" in out
+    assert "the door hop costs" in out
 
 
 def test_bench_faults_counts_failures_per_event(tmp_path):

@@ -230,3 +230,14 @@ class _NoReadFile(_io.FileIO):
         raise AssertionError("the file was read through Python")
 
     readinto = readall = read
+
+
+def lean(environ, start_response):
+    """How doordown runs in this process: the heavy modules loaded, and how the file was started."""
+    import sys
+    main = sys.modules["__main__"]
+    heavy = ("http.server", "http.client", "email", "xml", "argparse", "subprocess")
+    return _reply(start_response, {
+        "heavy": sorted(name for name in sys.modules if name.split(".")[0] in heavy or name in heavy),
+        "compiled": getattr(main, "_compiled_from", None), "file": getattr(main, "__file__", None),
+        "argv0": sys.argv[0], "same_module": sys.modules.get("doordown") is main, "pid": os.getpid()})
