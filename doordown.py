@@ -5700,6 +5700,8 @@ def child_command(role, settings, python=None, compiled=True):
 def _run_child(role, settings):
     """main() of a child of serve: `settings` are the options of `role`, by their dest names."""
     import types
+    if settings.get("log_level"):
+        _log_threshold[0] = _LOG_LEVELS.index(settings["log_level"])
     return {"app": run_app, "cgi": run_cgi}[role](types.SimpleNamespace(**settings))
 
 
