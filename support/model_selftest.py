@@ -995,6 +995,11 @@ def _test_reply_fds(cl, fd):
 
 def _test_stopped(cl, fd, spid):
     os.kill(spid, signal.SIGSTOP)             # nobody in the server can answer
+    for _ in range(200):                      # the stop takes effect a little later
+        with open("/proc/%d/stat" % spid) as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+        time.sleep(0.01)
     try:
         res, took = _interrupted_call(cl, fd, b"Estopped", 0.2)
     finally:
