@@ -3045,6 +3045,35 @@ def test_site_app_is_replaced_when_its_lifetime_is_over(started, tmp_path):
     assert set(load.stop()) == {200} and len(_app_pids(server, "short")) >= 2
 
 
+def test_site_smart_spawn_forks_apps_from_a_template(started, tmp_path):
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nsmart-spawn = yes\n\n"
+                   "[app:hello]\nwsgi = doordown:hello_app\nmount = /hello\nspawn = eager\n\n"
+                   "[app:echo]\nwsgi = apps:interpreter\nmount = /echo\nenv = GREETING=forked\n"
+                   "directory = %s\n\n[app:broken]\nwsgi = no_such_module\nmount = /broken\n" % SUPPORT)
+    server = site_serve(started, config, cwd=str(tmp_path))
+    (template,) = _children(server.proc.pid)  # the template; the apps are its children
+    with open("/proc/%d/cmdline" % template, "rb") as f:
+        assert b"\0template\0" in f.read()
+    hello = int(server.wait_for(r"app hello: pid (\d+) serving").group(1))
+    env = json.loads(server.get("/echo/")[2])
+    assert (env["greeting"], env["cwd"], env["script_name"]) == ("forked", SUPPORT, "/echo")
+    assert set(_children(template)) == {hello, env["pid"]}
+    assert server.get("/broken/")[::2] == (503, b"the application failed to load\n")
+    os.kill(hello, signal.SIGKILL)  # its exit comes through the template
+    server.wait_for(r"app hello: app pid %d exited \(killed by SIGKILL\)" % hello)
+    deadline = time.monotonic() + 15
+    while server.get("/hello")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_app_pids(server, "hello")) == 2 and server.get("/hello")[0] == 200
+    apps = _children(template)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while any(_pid_alive(pid) for pid in apps + [template]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_pid_alive(pid) for pid in apps + [template])
+
+
 @pytest.mark.parametrize("text,message", [
     ("[app:a]\nmount = /a\n", r"\[app:a\] wsgi: missing"),
     ("[app:a]\nwsgi = apps:echo\nmount = a\n", r"\[app:a\] mount: expected a URL path prefix"),
