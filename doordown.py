@@ -5740,22 +5740,22 @@ class AppProcess:
         allowed = list(args.allow_uid or ())
         if config.credentials is not None:
             allowed.append(os.geteuid())  # an app of another user still answers its front
-        command = child_command("app", {
+        settings = {
             "app": self.spec, "door": self.door_path, "doors": self.backend.name,
             "transport": args.transport, "graceful_timeout": args.graceful_timeout,
             "timeout": args.timeout, "parent_pid": os.getpid(), "allow_uid": allowed,
-            "reload": args.reload, "log_level": args.log_level},
-            python=config.python, compiled=config.credentials is None)
+            "reload": args.reload, "log_level": args.log_level}
+        if self.template is not None:
+            self.proc = _ForkedApp(self.template, self.template.spawn(settings, config.directory, config.env))
+            self.started = time.monotonic()
+            return self
+        command = child_command("app", settings, python=config.python, compiled=config.credentials is None)
         extra = {}
         if config.credentials is not None:
             uid, gid, name = config.credentials
             extra = dict(user=uid, group=gid, extra_groups=[])
             if name is not None:
                 extra["extra_groups"] = os.getgrouplist(name, gid)
-        if self.template is not None:
-            self.proc = _ForkedApp(self.template, self.template.spawn(command[2:], config.directory, config.env))
-            self.started = time.monotonic()
-            return self
         # Its own session: a Ctrl-C at the terminal reaches the front, which then stops
         # the app in order, after the requests in flight.
         self.proc = subprocess.Popen(command, start_new_session=True, cwd=config.directory,
@@ -5834,9 +5834,9 @@ def run_template(args):
                     if order["cwd"]:
                         os.chdir(order["cwd"])
                     os.environ.update(order["env"])
-                    argv = order["argv"]
-                    argv[argv.index("--parent-pid") + 1] = str(os.getppid())  # its parent: the template
-                    code = run_app(build_parser().parse_args(argv)) or 0
+                    settings = order["settings"]
+                    settings["parent_pid"] = os.getppid()  # its parent: the template
+                    code = _run_child("app", settings) or 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
                 except BaseException:
@@ -5851,11 +5851,12 @@ class _Template:
     """The front's side of the template role: spawn(), and the exits it reports."""
 
     def __init__(self):
+        import subprocess
         ours, theirs = socket.socketpair()
         self.channel = ours
         self.exits = {}  # pid -> exit code, as Popen.returncode
         self.replies = queue.SimpleQueue()
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "template",
+        self.proc = subprocess.Popen([sys.executable, _SOURCE, "template",
                                       "--fd", str(theirs.fileno()), "--parent-pid", str(os.getpid())],
                                      pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
@@ -5871,9 +5872,9 @@ class _Template:
                 self.replies.put(report)
         self.replies.put({"failed": "the template process is gone"})
 
-    def spawn(self, argv, cwd, env):
-        """The pid of a new app role; OSError if the template cannot make one."""
-        self.channel.sendall(json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode() + b"\n")
+    def spawn(self, settings, cwd, env):
+        """The pid of a new app role with `settings`; OSError if the template cannot make one."""
+        self.channel.sendall(json.dumps({"settings": settings, "cwd": cwd, "env": env}).encode() + b"\n")
         try:
             reply = self.replies.get(timeout=5)
         except queue.Empty:
@@ -5906,6 +5907,7 @@ class _ForkedApp:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
             if deadline is not None and time.monotonic() > deadline:
+                import subprocess
                 raise subprocess.TimeoutExpired("app pid %d" % self.pid, timeout)
             time.sleep(0.01)
         return self.returncode
