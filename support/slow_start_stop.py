@@ -2,7 +2,7 @@
 
 $BOOT_DELAY_FILE names a file holding how many seconds its import takes (read at each
 start, so a test can make only a replacement slow); $STOP_DELAY is how many seconds
-closing its per-thread resources takes when the app role stops.
+the app role's stop takes (closing the resource its main thread holds).
 """
 
 import json
@@ -15,17 +15,14 @@ with open(os.environ.get("BOOT_DELAY_FILE", os.devnull)) as _delay:
     time.sleep(float(_delay.read().strip() or 0))
 
 
-_closed = []
-
-
 class _Resource:
     def close(self):
-        if not _closed:  # one slow close a process, however many door threads it served on
-            _closed.append(self)
+        if self is _held_by_main:  # closed by the app role's stop, and only by it
             time.sleep(float(os.environ.get("STOP_DELAY", "0")))
 
 
 _resources = doordown.per_thread(_Resource)
+_held_by_main = _resources.get()  # the main thread never ends: the stop itself closes it
 
 
 def application(environ, start_response):
