@@ -1831,6 +1831,23 @@ class _StreamBody:
                     _log_text(self.environ.get("PATH_INFO", "")), traceback.format_exc().rstrip()), "error")
             raise _StreamFailed()
 
+    def send(self, write, finish):
+        """Write the rest with write(piece), then end the body with finish() (which end() may
+        call instead, from another thread); False if end() did.  _StreamFailed, OSError."""
+        self.finish = finish
+        for piece in self.pieces():
+            if piece:
+                with self.lock:
+                    if self.ended:
+                        return False
+                    write(piece)
+        with self.lock:
+            if self.ended:
+                return False
+            self.ended = True
+            finish()
+        return True
+
     def cut(self, piece):
         if self.left is not None:
             piece = piece[:self.left]
@@ -1841,7 +1858,7 @@ class _StreamBody:
         """Stopping: end the body cleanly now (unless a write is stuck), whatever the app does."""
         if self.lock.acquire(timeout=1.0):
             try:
-                if not self.ended and self.finish is not None:
+                if not self.ended and self.finish is not None:  # None: not being sent yet
                     self.ended = True
                     try:
                         self.finish()
@@ -1874,18 +1891,8 @@ def _stream_to_pipe(body, fd):
             data = piece
         _write_all(fd, data)
 
-    body.finish = lambda: _write_all(fd, _STREAM_FRAME.pack(0))
     try:
-        for piece in body.pieces():
-            if piece:
-                with body.lock:
-                    if body.ended:
-                        break
-                    write_frame(piece)
-        with body.lock:
-            if not body.ended:
-                body.ended = True
-                _write_all(fd, _STREAM_FRAME.pack(0))
+        body.send(write_frame, lambda: _write_all(fd, _STREAM_FRAME.pack(0)))
     except (_StreamFailed, OSError):
         pass  # the front sees end-of-file without the end frame, or has gone away
     finally:
@@ -4495,21 +4502,9 @@ class _ProxyAppHandler(RequestReader, socketserver.BaseRequestHandler):
             head, _, chunked, close = frame_response(status, headers, max(_declared_length(headers) or 0, 0),
                                                      request.method, request.version, keep_alive)
             sock.sendall(head + encode_chunk(body.first) if chunked else head + body.first)
-            if chunked:
-                body.finish = lambda: sock.sendall(LAST_CHUNK)
-            for piece in body.pieces():
-                if piece:
-                    with body.lock:
-                        if body.ended:
-                            return False
-                        sock.sendall(encode_chunk(piece) if chunked else piece)
-            with body.lock:
-                if body.ended:
-                    return False
-                body.ended = True
-                if chunked:
-                    sock.sendall(LAST_CHUNK)
-            return not close and (body.left is None or body.left == 0)
+            whole = body.send(lambda piece: sock.sendall(encode_chunk(piece) if chunked else piece),
+                              lambda: sock.sendall(LAST_CHUNK) if chunked else None)
+            return whole and not close and (body.left is None or body.left == 0)
         except (_StreamFailed, OSError, ValueError):
             return False  # the close, without the last chunk, tells the front the body broke
         finally:
@@ -4988,19 +4983,8 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
             finally:
                 os.close(body.fd)
         try:
-            body.finish = lambda: sock.sendall(end)
-            for piece in body.pieces():
-                if piece:
-                    with body.lock:
-                        if body.ended:
-                            return False
-                        sock.sendall(fcgi_stream(_FCGI_STDOUT, request_id, piece, end=False))
-            with body.lock:
-                if body.ended:
-                    return False
-                body.ended = True
-                sock.sendall(end)
-            return True
+            return body.send(lambda piece: sock.sendall(fcgi_stream(_FCGI_STDOUT, request_id, piece, end=False)),
+                             lambda: sock.sendall(end))
         except (_StreamFailed, OSError):
             return False
         finally:
