@@ -1614,7 +1614,7 @@ class WSGIGateway:
         def start_response(status, headers, exc_info=None):
             if exc_info:
                 try:
-                    if out.chunks:  # nothing has left yet, but PEP 3333 says re-raise once written
+                    if out.size:  # produced (and, streaming, perhaps sent): PEP 3333 says re-raise
                         raise exc_info[1].with_traceback(exc_info[2])
                 finally:
                     exc_info = None
