@@ -8766,7 +8766,8 @@ def build_parser():
                        help="front an app role started separately on this door (or socket, "
                             "with --transport proxy or fastcgi); spawn none")
     serve.add_argument("-t", "--timeout", type=_positive(float), default=30.0, metavar="SECONDS",
-                       help="answer 504 when the app takes longer than this (default 30)")
+                       help="answer 504 when the app has not started its response within this; a "
+                            "stream may then run on (default 30)")
     serve.add_argument("--graceful-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, time given to requests in flight (default 30)")
     serve.add_argument("--boot-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
