@@ -993,10 +993,9 @@ def test_readiness_is_notified_to_systemd(started, tmp_path):
         assert notify.recv(100) == b"STOPPING=1" and server.proc.wait(30) == 0
 
 
-DTD = os.path.join(HERE, "..", "shared", "data", "service_bundle.dtd.1")
+DTD = os.path.join(SUPPORT, "service_bundle.dtd.1")  # illumos' usr/src/cmd/svc/dtd/service_bundle.dtd.1
 
 
-@pytest.mark.skipif(not os.path.exists(DTD), reason="the SMF DTD is not at ../shared/data/service_bundle.dtd.1")
 @pytest.mark.skipif(shutil.which("xmllint") is None, reason="xmllint is not installed (Debian package libxml2-utils)")
 def test_smf_manifest_is_valid_against_the_service_bundle_dtd(tmp_path):
     result = subprocess.run([sys.executable, DOORDOWN, "smf", "--service", "myapp", "apps:echo", "--bind",
@@ -1969,7 +1968,7 @@ def test_native_doors_refuse_without_a_door_library():
     assert "use --doors emulated" in result.stderr.decode()
 
 
-# -- per-thread resources: a database connection per door thread (issue 6) -------------------
+# -- per-thread resources: a database connection per door thread -----------------------------
 #
 # doordown.per_thread on its own, then examples/counter.py served for real: SQLite always,
 # PostgreSQL when DOORDOWN_TEST_DATABASE_URL names a server (.ci/run starts one).
