@@ -18,10 +18,14 @@ On illumos the doors are real (ctypes into libc).  Everywhere else the same API
 is served by a faithful emulation over Unix-domain sockets, chosen automatically
 and named at start-up.  One file, the standard library only, Python 3.9 or newer.
 
-The file reads in the order data flows: door layer (emulated, then native) -> wire
-format -> app role (with per-thread resources) -> front role -> the other transports
-(proxy, FastCGI, CGI, in-process: the comparison) -> site configuration -> supervisor -> benchmark -> door
-check -> command line.
+The file reads top to bottom in dependency order, each part built on those above it:
+utilities (logging, counters, the buffered socket reader, the connection pool, the
+private-socket binder) -> the HTTP/1.1 codec (pure: parsing, chunked coding, response
+framing) and the request reader over it -> door layer (emulated, then native) -> wire
+format -> WSGI gateway (with per-thread resources) -> transports, each as a pair of its
+app end and its front end (door, proxy, FastCGI, CGI, in-process), and the app role ->
+front role (connections, access log, static files, listeners, dispatch) -> site
+configuration -> supervisor -> benchmark -> door check -> service files -> command line.
 """
 
 # What every role needs.  Anything else is imported inside the functions that use it, so
@@ -60,6 +64,14 @@ EXIT_APP_LOAD = 4
 EXIT_DOOR_FAILED = 5
 
 
+###############################################################################
+# Utilities ###################################################################
+###############################################################################
+#
+# What every part below leans on: logging that no client byte can forge, a counter
+# that threads share, and the socket plumbing every transport uses (one buffered
+# reader, one LIFO connection pool, one binder of private Unix sockets).
+
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # gunicorn's --log-level names
 _log_threshold = [_LOG_LEVELS.index("info")]
 
@@ -71,6 +83,33 @@ def _log(role, message, level="info"):
         return
     sys.stderr.write("[doordown %s %d] %s\n" % (role, os.getpid(), message))
     sys.stderr.flush()
+
+
+# Bytes a log value may carry as they are; any other is escaped (\xHH, \", \\), as
+# Apache's mod_log_config does, so a client cannot forge a line or a field.
+_LOG_SAFE = bytes(range(0x20, 0x7f)).replace(b'"', b"").replace(b"\\", b"")
+
+
+def _log_value(raw):
+    """A value as the log shows it: escaped where needed, "-" when empty or absent."""
+    if not raw:
+        return b"-"
+    if not raw.translate(None, _LOG_SAFE):
+        return raw
+    return _log_escaped(raw)
+
+
+def _log_text(value):
+    """_log_value for a line of doordown's own log: bytes, or text of latin-1 (an environ
+    value), in; text out."""
+    if isinstance(value, str):
+        value = value.encode("latin-1", "backslashreplace")
+    return _log_value(value).decode("ascii")
+
+
+def _log_escaped(raw):
+    return b"".join(bytes((c,)) if c in _LOG_SAFE else b"\\" + bytes((c,)) if c in b'"\\'
+                    else b"\\x%02x" % c for c in raw)
 
 
 class Counter:
@@ -91,6 +130,942 @@ class Counter:
         with self._lock:
             self.value += amount
             return self.value
+
+
+def _close_fds(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def spawn_unmasked(*args, **kwargs):
+    """subprocess.Popen with no signal blocked in the child.
+
+    A child inherits the signal mask of the thread that forks it, and threads that must
+    not take signals (front connections, door server threads before they run Python)
+    block them: a CGI program or an application's subprocess would then ignore SIGTERM.
+    """
+    import subprocess
+    blocked = signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    try:
+        return subprocess.Popen(*args, **kwargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class _ReadTimeout(_ClientGone):
+    """The client did not send what it had to in time."""
+
+
+class TransportError(ConnectionError):
+    """A peer went away in the middle of a message or broke its protocol."""
+
+
+class BufferedSocket:
+    """A connected socket and its receive buffer: how doordown reads every byte stream (a
+    client's requests, an application's replies, a FastCGI peer's records)."""
+
+    __slots__ = ("sock", "buf", "chunk", "timeout")
+
+    def __init__(self, sock, chunk=65536):
+        self.sock = sock
+        self.buf = bytearray()
+        self.chunk = chunk  # bytes per recv: more costs an allocation that large each time
+        self.timeout = None
+
+    def fill(self, deadline=None):
+        """Receive what has arrived into `buf`; False at end-of-file (or a reset).
+
+        With `deadline` (a time.monotonic() value) a wait past it raises _ReadTimeout;
+        without, the socket's own bound (_io_timeout) raises TimeoutError.
+        """
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _ReadTimeout("read timed out")
+            # The kernel's timeouts (_io_timeout), which bound the next send too: a Python
+            # timeout would poll() before every recv and send.  Setting them costs two
+            # system calls, skipped while the current bound is close enough.  TLS needs
+            # Python's own (OpenSSL sees the kernel's as "want read").
+            if self.timeout is None or abs(self.timeout - remaining) > 0.25:
+                if type(self.sock) is socket.socket:
+                    _io_timeout(self.sock, remaining)
+                else:
+                    self.sock.settimeout(remaining)
+                self.timeout = remaining
+        try:
+            data = self.sock.recv(self.chunk)
+        except socket.timeout:
+            raise _ReadTimeout("read timed out")
+        except BlockingIOError:  # the kernel's SO_RCVTIMEO: see _io_timeout
+            if deadline is not None:
+                raise _ReadTimeout("read timed out")
+            raise TimeoutError("the peer did not answer in time")
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_exact(self, size):
+        while len(self.buf) < size:
+            if not self.fill():
+                raise TransportError("the peer closed the connection")
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data
+
+    def read_until(self, separator, limit):
+        """Bytes up to `separator` (which is consumed, not returned)."""
+        start = 0
+        while True:
+            end = self.buf.find(separator, start)
+            if end >= 0:
+                data = bytes(self.buf[:end])
+                del self.buf[:end + len(separator)]
+                return data
+            if len(self.buf) > limit:
+                raise TransportError("no %r within %d bytes" % (separator, limit))
+            start = max(0, len(self.buf) - len(separator) + 1)
+            if not self.fill():
+                raise TransportError("the peer closed the connection")
+
+    def read_at_most(self, size):
+        """Up to `size` bytes, fewer if the peer closes first: (data, complete)."""
+        while len(self.buf) < size and self.fill():
+            pass
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data, len(data) == size
+
+    def read_to_end(self):
+        while self.fill():
+            pass
+        data = bytes(self.buf)
+        del self.buf[:]
+        return data
+
+    def send(self, data):
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # see _io_timeout
+            raise TimeoutError("the peer did not read in time")
+
+    def send_file(self, fd):
+        """The whole file open on `fd` (which the caller keeps), from its start."""
+        try:
+            with os.fdopen(os.dup(fd), "rb") as body_file:
+                self.sock.sendfile(body_file, 0)
+        except BlockingIOError:
+            raise TimeoutError("the peer did not read in time")
+
+    def close(self):
+        self.sock.close()
+
+
+class LifoPool:
+    """Idle connections to one peer, reused last in, first out (the hot one first), and
+    opened by `connect` only when none is idle: so their number follows the concurrency
+    high-water mark.  Safe from many threads: list append and pop are atomic."""
+
+    def __init__(self, connect):
+        self.connect = connect
+        self._idle = []
+        self._closed = False
+
+    def get(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self.connect()
+
+    def put(self, connection):
+        if self._closed:
+            connection.close()
+        else:
+            self._idle.append(connection)
+
+    def close(self):
+        """Close the idle connections now; busy ones are closed when they come back."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+def bind_unix_socket(sock, path, backlog, perms=0o600):
+    """Bind the Unix socket `sock` at `path` and listen, its file born with mode `perms`
+    (0600: its owner only; the umask is set around bind, so there is no moment with a
+    wider mode).  listen() follows bind() at once: a caller that sees the file and is
+    refused retries, but the moment is kept as short as it can be.
+
+    A socket file that a server that is gone left there is replaced; one a live server
+    answers on, or a file that is not a socket, is an OSError (EADDRINUSE, EEXIST).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, "it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left behind by a server that is gone
+        else:
+            raise OSError(errno.EADDRINUSE, "another server is listening there")
+        finally:
+            probe.close()
+    old_umask = os.umask(0o777 & ~perms)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(backlog)
+
+
+def _io_timeout(sock, seconds):
+    """Bound each send and receive on the blocking socket `sock` by `seconds` (None: no bound).
+
+    The kernel's SO_RCVTIMEO/SO_SNDTIMEO rather than settimeout(): a socket with a Python
+    timeout polls before every send and receive, one system call more each time (measured
+    here: 5 % more door calls per second through the whole stack).  A timeout then surfaces
+    as BlockingIOError (EAGAIN) instead of socket.timeout.
+    """
+    if seconds is not None:
+        micros = max(1, round(seconds * 1e6))  # zero would mean no bound at all
+        timeval = struct.pack("ll", micros // 1000000, micros % 1000000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+class _DoorSocket(socket.socket):
+    """A client's connection to an emulated door, with the buffer it reads replies into."""
+
+    __slots__ = ("buffer",)
+
+
+def _poll_one(fd, events, timeout):
+    """Wait up to `timeout` seconds (None: no limit) for `events` on `fd`; the events seen."""
+    poller = select.poll()
+    poller.register(fd, events)
+    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+    return ready[0][1] if ready else 0
+
+
+def send_file(sock, fd, offset, count):
+    """Send `count` bytes of the file on `fd` from `offset` with sendfile, so that no byte
+    passes through Python; the bytes sent (fewer if the file ends first).  The socket's
+    timeout bounds each wait for room to write."""
+    if hasattr(sock, "getpeercert"):  # TLS: every byte must pass through the encryption
+        return _send_file_through(sock, fd, offset, count)
+    sockno, timeout = sock.fileno(), sock.gettimeout()
+    sent = 0
+    while sent < count:
+        try:
+            done = os.sendfile(sockno, fd, offset + sent, min(count - sent, 1 << 30))
+        except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+            if timeout is None or not _poll_one(sockno, select.POLLOUT, timeout):
+                raise socket.timeout("timed out")  # None: the kernel's SO_SNDTIMEO ran out
+            continue
+        if not done:
+            break
+        sent += done
+    return sent
+
+
+def _send_file_through(sock, fd, offset, count):
+    """send_file for a socket that must see the bytes (TLS): 256 KiB at a time."""
+    sent = 0
+    while sent < count:
+        data = os.pread(fd, min(count - sent, 1 << 18), offset + sent)
+        if not data:
+            break
+        sock.sendall(data)
+        sent += len(data)
+    return sent
+
+
+###############################################################################
+# HTTP/1.1 codec ##############################################################
+###############################################################################
+#
+# Every rule of HTTP/1.1 message syntax (RFC 9110, RFC 9112) that doordown applies, each
+# in one place and with no I/O: the front, both ends of the proxy transport and the CGI
+# and FastCGI response parsers all call these.  The cost of each is linear in its input:
+# splits, strips, counts and regular expressions that can match a byte only one way.  (A
+# field pattern of a lazy value followed by optional whitespace, as this once had, tries
+# every split of a run of blanks: a 64 KiB head of them cost more than a second.)
+
+class HTTPError(Exception):
+    """A request the front refuses: answered with `status`, then the connection closes."""
+
+    def __init__(self, status, detail):
+        Exception.__init__(self, detail)
+        self.status = status
+
+
+class Limits:
+    """Bounds on what one client may send or hold (defaults for `serve`)."""
+
+    max_connections = 1000
+    max_line = 8190  # request line; longer: 414
+    max_headers = 100  # header fields; more: 431
+    max_header_size = 65536  # the whole head; larger: 431
+    max_body = 100 << 20  # decoded body; larger: 413
+    header_timeout = 10.0  # seconds for request line and headers to arrive
+    keepalive = 5.0  # seconds an idle keep-alive connection is kept
+    body_timeout = 30.0  # seconds for a body to start arriving ...
+    min_body_rate = 1024  # ... and bytes per second it must keep up after that
+    stream_idle_timeout = 60.0  # seconds a streamed response may go without a byte either way
+
+    def __init__(self, **overrides):
+        for name, value in overrides.items():
+            if name.startswith("_") or not hasattr(Limits, name):
+                raise TypeError("Limits has no %r" % name)  # a misspelt limit must not pass unseen
+            if value is not None:
+                setattr(self, name, value)
+
+
+_REASONS = {100: "Continue", 301: "Moved Permanently", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
+            414: "URI Too Long", 416: "Range Not Satisfiable", 417: "Expectation Failed",
+            431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+
+
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2
+_TCHARS = bytes(c for c in range(256) if re.fullmatch(rb"[%s]" % _TCHAR, bytes((c,))))
+_CTL = rb"\x00-\x08\x0a-\x1f\x7f"  # control characters, HTAB apart: never in a field or reason
+_HAS_CTL = re.compile(rb"[%s]" % _CTL)
+_HAS_CTL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_REQUEST_LINE = re.compile(rb"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
+_STATUS = re.compile(rb"([1-9][0-9][0-9])(?: ([^%s]*))?" % _CTL)  # code, optional reason
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] " + _STATUS.pattern)
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+# RFC 9112 7.1: chunk-size [ BWS ";" chunk-ext ]: whitespace only before an extension.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^%s]*)?" % _CTL)
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
+_PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                            b"x-forwarded-port", b"forwarded"))
+# Fields about one connection (RFC 9110 7.6.1), which a sender frames for itself, and the
+# two the front owns: its Date and Server replace an application's (as nginx's proxy_pass
+# hides an upstream's by default), so a client never sees two.
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
+                         b"upgrade", b"proxy-connection"))
+_NOT_FORWARDED = _HOP_BY_HOP | {b"date", b"server"}
+
+
+class Request:
+    """One parsed request, as the front hands it to an upstream, with its framing."""
+
+    __slots__ = ("method", "target", "version", "headers", "body", "body_fd", "keep_alive",
+                 "path", "line", "proxy_headers", "length", "chunked", "expect_continue")
+
+    def __init__(self, method, target, version, headers, keep_alive, line):
+        self.method, self.target, self.version = method, target, version
+        self.headers = headers  # [(name, value)] as received, bytes
+        self.keep_alive = keep_alive
+        self.body, self.body_fd = b"", None
+        self.path = target.partition(b"?")[0]
+        self.line = line
+        self.proxy_headers = None  # {lower name: value} of X-Forwarded-* and Forwarded
+        self.length = None  # Content-Length, if the body is framed by one
+        self.chunked = False  # Transfer-Encoding: chunked
+        self.expect_continue = False  # the client waits for 100 Continue before the body
+
+
+class Response:
+    """What an upstream answers: status line tail, header pairs, and the body: bytes, or
+    `body_length` bytes of the file on `body_fd` from `body_offset` (all of it when the
+    length is None), sent with sendfile, or bytes followed by a `stream` (a body source,
+    see _PipeStream) that the front relays as it arrives."""
+
+    __slots__ = ("status", "headers", "body", "body_fd", "close", "body_offset", "body_length",
+                 "stream")
+
+    def __init__(self, status, headers, body=b"", body_fd=None, close=False, body_offset=0,
+                 body_length=None, stream=None):
+        self.status, self.headers, self.body, self.body_fd, self.close = (
+            status, headers, body, body_fd, close)
+        self.body_offset, self.body_length, self.stream = body_offset, body_length, stream
+
+
+def plain_response(code, text=None, close=False):
+    body = ((text or _REASONS.get(code, "Error")) + "\n").encode()
+    return Response(("%d %s" % (code, _REASONS.get(code, "Error"))).encode(),
+                    [b"Content-Type", b"text/plain", b"Content-Length", str(len(body)).encode()],
+                    body, close=close)
+
+
+def head_lines(head, lf_ends_lines=False):
+    """The lines of a message head (the bytes before its blank line), without line ends.
+
+    Each line must end in CRLF (a CGI program's output may use LF: RFC 3875 6.3) and no
+    control character but HTAB may stand in it; HTTPError (400) otherwise.
+    """
+    if lf_ends_lines:
+        head = head.replace(b"\r\n", b"\n")
+        if b"\r" in head:
+            raise HTTPError(400, "bare CR in the head")
+        lines = head.split(b"\n")
+    else:
+        lines = head.split(b"\r\n")
+        ends = len(lines) - 1  # every CR and every LF must belong to one of these CRLFs
+        if head.count(b"\r") != ends or head.count(b"\n") != ends:
+            raise HTTPError(400, "bare CR or LF in the head")
+    if _HAS_CTL_BUT_CRLF.search(head):
+        raise HTTPError(400, "control character in the head")
+    return lines
+
+
+def split_field(line):
+    """(name, value) of a field line already cleared by head_lines; HTTPError (400) if malformed.
+
+    The name is a token right against the colon (RFC 9112 5.1 refuses whitespace there; a
+    line that starts with it is obs-fold, refused too); the value loses its SP/HTAB ends.
+    """
+    name, colon, value = line.partition(b":")
+    if not colon or not name or name.translate(None, _TCHARS):
+        raise HTTPError(400, "malformed header field %r" % line[:40])
+    return name, value.strip(b" \t")
+
+
+def find_head_end(buf, start=0):
+    """Where the CRLF CRLF that ends a head starts in `buf` (searching from `start`), or -1.
+
+    A bare LF before it refuses the head at once (HTTPError 400; RFC 9112 2.2 lets a server
+    refuse it): a client that ends its lines so never sends CRLF CRLF and would otherwise
+    wait out the header timeout.  Callers pass back len(buf) - 3 as `start` after each read,
+    so a head that arrives a byte at a time is still scanned once.
+    """
+    start = max(0, start)
+    end = buf.find(b"\r\n\r\n", start)
+    stop = end if end >= 0 else len(buf)
+    if buf.count(b"\n", start, stop) != buf.count(b"\r\n", max(0, start - 1), stop):
+        raise HTTPError(400, "bare LF in the head")
+    return end
+
+
+def parse_request_head(head, limits):
+    """The Request in `head`, its framing included; HTTPError for what the front refuses."""
+    first = head.find(b"\r\n")
+    line = head if first < 0 else head[:first]
+    if len(line) > limits.max_line:
+        raise HTTPError(414, "request line over %d bytes" % limits.max_line)
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        raise HTTPError(400, "malformed request line")
+    method, target, major, minor = match.groups()
+    if major != b"1" or minor not in b"01":
+        raise HTTPError(505, "HTTP/%s.%s is not supported" % (major.decode(), minor.decode()))
+    if b"#" in target:  # RFC 9112 3.2: a fragment is the client's own, never sent
+        raise HTTPError(400, "fragment in the request target")
+    if not (target[:1] == b"/" or target[:7].lower() == b"http://"
+            or target[:8].lower() == b"https://" or (target == b"*" and method == b"OPTIONS")):
+        raise HTTPError(400, "unsupported request target")
+    version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
+    lines = head_lines(head)
+    if len(lines) - 1 > limits.max_headers:
+        raise HTTPError(431, "more than %d header fields" % limits.max_headers)
+    headers = []
+    special = {}
+    request_proxy = None
+    for field in lines[1:]:
+        if len(field) > limits.max_line:
+            raise HTTPError(431, "header field over %d bytes" % limits.max_line)
+        name, value = split_field(field)
+        if b"_" in name:
+            continue  # X_Foo must never alias X-Foo in the environ: drop it (as nginx does)
+        lower = name.lower()
+        if lower in _PROXY_HEADERS:
+            proxy = request_proxy if request_proxy is not None else {}
+            request_proxy = proxy
+            proxy[lower] = proxy[lower] + b"," + value if lower in proxy else value
+        elif lower in _FRAMING or lower in (b"connection", b"expect"):
+            if lower in special and lower != b"connection":
+                raise HTTPError(400, "duplicate %s header" % lower.decode())
+            special[lower] = special[lower] + b"," + value if lower in special else value
+            if lower == b"connection":
+                continue
+        headers.append((name, value))
+    if version == b"HTTP/1.1" and b"host" not in special:
+        raise HTTPError(400, "missing Host header")
+    tokens = {t.strip(b" \t").lower() for t in special.get(b"connection", b"").split(b",")}
+    keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
+    request = Request(method, target, version, headers, keep_alive, line)
+    request.proxy_headers = request_proxy
+    _request_framing(request, special, limits)
+    return request
+
+
+def _request_framing(request, special, limits):
+    """Set how the request's body is framed (RFC 9112 6.3): length, chunked, expect_continue."""
+    expect = special.get(b"expect")
+    if expect is not None:
+        if expect.lower() != b"100-continue":
+            raise HTTPError(417, "unsupported expectation")
+        request.expect_continue = request.version == b"HTTP/1.1"
+    length = special.get(b"content-length")
+    coding = special.get(b"transfer-encoding")
+    if coding is not None:
+        if length is not None:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if request.version != b"HTTP/1.1":
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip(b" \t").lower() for c in coding.split(b",")]
+        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            if any(c not in (b"chunked", b"gzip", b"deflate", b"compress", b"identity") or not c
+                   for c in codings):
+                raise HTTPError(501, "unknown transfer coding")
+            raise HTTPError(400, "chunked must be the last transfer coding, once")
+        if len(codings) != 1:
+            raise HTTPError(501, "only the chunked transfer coding is supported")
+        request.chunked = True
+    elif length is not None:
+        if not _DIGITS.fullmatch(length):
+            raise HTTPError(400, "invalid Content-Length")
+        request.length = int(length)
+        if request.length > limits.max_body:
+            raise HTTPError(413, "request body of %d bytes over %d" % (request.length, limits.max_body))
+
+
+def parse_response_fields(lines):
+    """Header pairs and framing of a response's field lines: (headers, length, chunked, close).
+
+    `headers` is [name, value, ...] without Connection and Transfer-Encoding; `length` the
+    Content-Length (None if absent).  HTTPError for anything a sender must not send: a
+    malformed field, a coding other than chunked, two or an invalid Content-Length.
+    """
+    headers = []
+    length = None
+    chunked = close = False
+    for line in lines:
+        name, value = split_field(line)
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise HTTPError(400, "unsupported transfer coding %r" % value[:40])
+            chunked = True
+        elif lower == b"connection":
+            close = close or b"close" in value.lower()
+        else:
+            if lower == b"content-length":
+                if length is not None or not _DIGITS.fullmatch(value):
+                    raise HTTPError(400, "duplicate or invalid Content-Length")
+                length = int(value)
+            headers += (name, value)
+    if chunked and length is not None:
+        raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+    return headers, length, chunked, close
+
+
+def parse_status(text):
+    """`code reason` from a status line's tail or a CGI Status value; the reason is filled in
+    when missing.  HTTPError (400) if malformed."""
+    match = _STATUS.fullmatch(text)
+    if match is None:
+        raise HTTPError(400, "malformed status %r" % text[:40])
+    code, reason = match.groups()
+    return b"%s %s" % (code, reason or _reason_phrase(code))
+
+
+def _reason_phrase(code):
+    """The standard reason phrase of a status code given as bytes (b"" if there is none)."""
+    import http  # the package alone: HTTPStatus, without http.client
+    try:
+        return http.HTTPStatus(int(code)).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def has_no_body(method, code):
+    """RFC 9110 6.4.1: a response to HEAD, and a 1xx, 204 or 304, never has a body."""
+    return method == b"HEAD" or code < 200 or code == 204 or code == 304
+
+
+class ChunkedDecoder:
+    """A chunked body (RFC 9112 7.1), decoded from a receive buffer as its bytes arrive.
+
+    decode(buf) takes from the bytearray `buf` whatever it can decode and returns the body
+    bytes found; `done` is set once the last chunk and the trailers are in.  Trailer fields
+    are checked and dropped.  HTTPError: 400 for a malformed body, 413 past `limit` bytes
+    (refused on the chunk size, before its data is read).
+    """
+
+    __slots__ = ("limit", "max_line", "max_trailers", "size", "left", "state", "trailers")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+    def __init__(self, limit, max_line=8190, max_trailers=100):
+        self.limit, self.max_line, self.max_trailers = limit, max_line, max_trailers
+        self.size = self.left = self.trailers = 0
+        self.state = self._SIZE
+
+    @property
+    def done(self):
+        return self.state == self._DONE
+
+    def decode(self, buf):
+        data = []
+        while True:
+            state = self.state
+            if state == self._DATA:
+                if not buf:
+                    break
+                piece = bytes(buf[:self.left])
+                del buf[:len(piece)]
+                data.append(piece)
+                self.left -= len(piece)
+                if self.left:
+                    break
+                self.state = self._DATA_END
+            elif state == self._DATA_END:
+                if len(buf) < 2:
+                    break
+                if buf[:2] != b"\r\n":
+                    raise HTTPError(400, "chunk data longer than its size")
+                del buf[:2]
+                self.state = self._SIZE
+            elif state == self._DONE:
+                break
+            else:
+                end = buf.find(b"\r\n", 0, self.max_line + 2)
+                if end < 0:
+                    if len(buf) > self.max_line:
+                        raise HTTPError(400, "chunk line too long")
+                    break
+                line = bytes(buf[:end])
+                del buf[:end + 2]
+                if state == self._SIZE:
+                    self._size_line(line)
+                else:
+                    self._trailer_line(line)
+        return b"".join(data) if len(data) != 1 else data[0]
+
+    def _size_line(self, line):
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None:
+            raise HTTPError(400, "malformed chunk size line")
+        size = int(match.group(1), 16)
+        if size == 0:
+            self.state = self._TRAILER
+            return
+        if self.size + size > self.limit:
+            raise HTTPError(413, "request body over %d bytes" % self.limit)
+        self.size += size
+        self.left = size
+        self.state = self._DATA
+
+    def _trailer_line(self, line):
+        if not line:
+            self.state = self._DONE
+            return
+        self.trailers += 1
+        try:
+            if self.trailers > self.max_trailers or _HAS_CTL.search(line):
+                raise HTTPError(400, "too many trailer fields, or a control character in one")
+            name, _ = split_field(line)
+        except HTTPError:
+            raise HTTPError(400, "malformed trailer field")  # never echo it: it may be the next request
+        if name.lower() in _FRAMING:
+            raise HTTPError(400, "framing header in trailers")
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def chunk_header(size):
+    return b"%x\r\n" % size
+
+
+def encode_chunk(data):
+    """`data` as one chunk of a chunked body; nothing for no data (a 0 chunk ends the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+def frame_response(status, headers, body_size, method, version, keep_alive, own=b""):
+    """How a response goes out: (head, body bytes to send, chunked, close).
+
+    `status` and `headers` ([name, value, ...]) are what an application or upstream gave;
+    `method`, `version` and `keep_alive` those of the request (method None: a refused one);
+    `own` the sender's own header lines (the front's Date and Server).  The sender frames
+    the message itself: the application's hop-by-hop fields (and Date and Server) are
+    dropped; no body for HEAD, 1xx, 204 and 304; else its Content-Length, or chunked for
+    HTTP/1.1, or the close for HTTP/1.0.  A Content-Length that disagrees with the body
+    sends what both allow, then closes.  ValueError for what cannot be sent at all: a bad
+    status, a control character in a field, two or an invalid Content-Length.
+    """
+    if _STATUS.fullmatch(status) is None:
+        raise ValueError("malformed status %r" % status[:40])
+    code = int(status[:3])
+    parts = [b"HTTP/1.1 ", status, b"\r\n", own]
+    length = None
+    close = not keep_alive
+    for i in range(0, len(headers), 2):
+        name = headers[i]
+        lower = name.lower()
+        if lower in _NOT_FORWARDED:
+            if lower == b"connection" and b"close" in headers[i + 1].lower():
+                close = True
+            continue
+        if lower == b"content-length":
+            if length is not None or not _DIGITS.fullmatch(headers[i + 1]):
+                raise ValueError("duplicate or invalid Content-Length %r" % headers[i + 1][:40])
+            length = int(headers[i + 1])
+        parts += (name, b": ", headers[i + 1], b"\r\n")
+    names = headers[::2]
+    if _HAS_CTL.search(b"".join(headers)) or b"".join(names).translate(None, _TCHARS) or not all(names):
+        raise ValueError("malformed header field in the response")
+    chunked = False
+    if has_no_body(method, code):
+        body_size = 0
+    elif length is not None:
+        if length != body_size:
+            close = True
+            body_size = min(length, body_size)
+    elif version == b"HTTP/1.1":
+        chunked = True
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        close = True  # HTTP/1.0 without a length: the close ends the body
+    if close:
+        parts.append(b"Connection: close\r\n\r\n")
+    elif version == b"HTTP/1.0":
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts), body_size, chunked, close
+
+
+def framed_bytes(head, body, size, chunked):
+    """A whole response, from frame_response's head, size and chunked and the body in memory."""
+    if chunked:
+        return b"".join((head, encode_chunk(body), LAST_CHUNK))
+    return head + (body if size == len(body) else body[:size])
+
+
+_date_cache = [0, b""]
+
+
+def http_date():
+    """The Date header value, formatted at most once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+        _date_cache[0] = now
+    return _date_cache[1]
+
+
+def cgi_response(status, headers, body, close):
+    """A response in CGI form (RFC 3875 section 6): Status and header lines, a blank line, the body."""
+    parts = [b"Status: ", status, b"\r\n"]
+    for i in range(0, len(headers), 2):
+        parts += (headers[i], b": ", headers[i + 1], b"\r\n")
+    if close:
+        parts.append(b"Connection: close\r\n")  # the app broke its framing: the front closes
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+def parse_cgi_response(output):
+    """The Response in a CGI program's output: header lines (CRLF or LF), a blank line, the body."""
+    end, skip = output.find(b"\r\n\r\n"), 4
+    bare = output.find(b"\n\n")
+    if bare >= 0 and (end < 0 or bare < end):
+        end, skip = bare, 2
+    if end < 0:
+        raise TransportError("the CGI response has no end of headers")
+    status = None
+    try:
+        fields, _, chunked, close = parse_response_fields(head_lines(output[:end], lf_ends_lines=True))
+        if chunked:
+            raise HTTPError(400, "a chunked CGI response")
+        headers = []
+        for i in range(0, len(fields), 2):
+            lower = fields[i].lower()
+            if lower == b"status":
+                status = parse_status(fields[i + 1])
+                continue
+            if lower == b"location" and status is None:
+                status = b"302 Found"  # RFC 3875 6.2.3: a client redirect
+            headers += fields[i:i + 2]
+    except HTTPError as exc:
+        raise TransportError("malformed CGI response: %s" % exc)
+    return Response(status or b"200 OK", headers, output[end + skip:], None, close)
+
+
+# -- reading requests off a connection: the codec over a BufferedSocket ------------------
+
+class _BodySink:
+    """Collects a request body in memory, moving it to a temporary file past the inline limit."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.size = 0
+        self.buf = bytearray()
+        self.spool = None
+
+    def write(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            raise HTTPError(413, "request body over %d bytes" % self.limit)
+        if self.spool is not None:
+            self.spool.write(data)
+            return
+        self.buf += data
+        if len(self.buf) > INLINE_BODY_MAX:
+            import tempfile
+            self.spool = tempfile.TemporaryFile()
+            self.spool.write(self.buf)
+            self.buf = None
+
+    def finish(self, request):
+        if self.spool is None:
+            request.body = bytes(self.buf)
+        else:
+            self.spool.flush()
+            request.body_fd = os.dup(self.spool.fileno())
+            os.lseek(request.body_fd, 0, os.SEEK_SET)
+            self.spool.close()
+
+
+class _BodyClock:
+    """The deadline for the rest of a request body, pushed back as bytes arrive.
+
+    A body must start within body_timeout, then keep up a minimum rate: each byte
+    received earns 1/min_rate more seconds (as Apache's mod_reqtimeout does).
+    """
+
+    __slots__ = ("deadline", "rate")
+
+    def __init__(self, timeout, rate):
+        self.deadline = time.monotonic() + timeout
+        self.rate = rate
+
+    def earn(self, received):
+        self.deadline += received / self.rate
+
+
+class RequestReader:
+    """Reads requests, bodies included, off a connection: the codec over a BufferedSocket.
+
+    What it reads is bounded by `self.limits` and their deadlines; a request it refuses is
+    an HTTPError.  Its users (the front, the proxy transport's app end) set `reader`,
+    `limits` and `request` (the socket, which answers 100 Continue).
+    """
+
+    line = None  # the request line, once read (the access log's, even if refused)
+    started = 0.0  # when the current request began to arrive
+
+    def read_request(self):
+        """The next request with its body, or None when the client is done (or idle too long)."""
+        limits, reader = self.limits, self.reader
+        buf = reader.buf
+        deadline = time.monotonic() + limits.keepalive
+        skipped_empty_line = False
+        self.line = None
+        while True:
+            if buf[:2] == b"\r\n" and not skipped_empty_line:  # RFC 9112 2.2: ignore one
+                del buf[:2]
+                skipped_empty_line = True
+            if buf:
+                break
+            try:
+                if not reader.fill(deadline):
+                    return None
+            except _ClientGone:
+                return None
+        self.started = time.monotonic()
+        deadline = self.started + limits.header_timeout
+        scanned = 0
+        while True:
+            end = find_head_end(buf, scanned - 3)
+            if end >= 0:
+                break
+            if len(buf) > limits.max_header_size or (len(buf) > limits.max_line and b"\r\n" not in buf):
+                raise self.head_too_large(buf)
+            scanned = len(buf)
+            try:
+                if not reader.fill(deadline):
+                    raise _ClientGone("closed inside the request head")
+            except _ReadTimeout:
+                raise HTTPError(408, "request head not received within %ss" % limits.header_timeout)
+        if end > limits.max_header_size:
+            raise self.head_too_large(buf)
+        head = bytes(buf[:end])
+        del buf[:end + 4]
+        line = head.partition(b"\r\n")[0]
+        self.line = line if len(line) <= limits.max_line else None
+        request = parse_request_head(head, limits)
+        self.read_body(request)
+        return request
+
+    def head_too_large(self, buf):
+        first = buf.find(b"\r\n")
+        if first < 0 or first > self.limits.max_line:
+            return HTTPError(414, "request line over %d bytes" % self.limits.max_line)
+        return HTTPError(431, "request head over %d bytes" % self.limits.max_header_size)
+
+    def read_body(self, request):
+        limits, reader = self.limits, self.reader
+        if request.length is None and not request.chunked:
+            return
+        if request.expect_continue and not reader.buf and request.length != 0:
+            self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sink = _BodySink(limits.max_body)
+        clock = _BodyClock(limits.body_timeout, limits.min_body_rate)
+        try:
+            if request.chunked:
+                self.read_chunked(sink, clock)
+            else:
+                self.read_length(sink, request.length, clock)
+        except _ReadTimeout:
+            raise HTTPError(408, "request body arrived slower than %d bytes/s" % limits.min_body_rate)
+        sink.finish(request)
+
+    def read_length(self, sink, size, clock):
+        """Move a body of `size` bytes into `sink`."""
+        reader, buf = self.reader, self.reader.buf
+        while size:
+            if not buf and not reader.fill(clock.deadline):
+                raise HTTPError(400, "connection closed %d bytes before the end of the body" % size)
+            piece = bytes(buf[:size])
+            del buf[:len(piece)]
+            sink.write(piece)
+            clock.earn(len(piece))
+            size -= len(piece)
+
+    def read_chunked(self, sink, clock):
+        reader, buf = self.reader, self.reader.buf
+        decoder = ChunkedDecoder(sink.limit, self.limits.max_line, self.limits.max_headers)
+        while True:
+            before = len(buf)
+            data = decoder.decode(buf)
+            clock.earn(before - len(buf))
+            if data:
+                sink.write(data)
+            if decoder.done:
+                return
+            if not reader.fill(clock.deadline):
+                raise HTTPError(400, "connection closed inside a chunked body")
 
 
 ###############################################################################
@@ -132,14 +1107,6 @@ class DoorRevoked(DoorGone):
 
 class DoorTimeout(DoorError):
     """The server did not answer within the caller's time limit."""
-
-
-def _close_fds(fds):
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 # -- emulated doors: Unix-domain sockets ---------------------------------------
@@ -433,61 +1400,6 @@ def _answer_revoked(conn):
     conn.close()
 
 
-def bind_unix_socket(sock, path, backlog, perms=0o600):
-    """Bind the Unix socket `sock` at `path` and listen, its file born with mode `perms`
-    (0600: its owner only; the umask is set around bind, so there is no moment with a
-    wider mode).  listen() follows bind() at once: a caller that sees the file and is
-    refused retries, but the moment is kept as short as it can be.
-
-    A socket file that a server that is gone left there is replaced; one a live server
-    answers on, or a file that is not a socket, is an OSError (EADDRINUSE, EEXIST).
-    """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
-            raise OSError(errno.EEXIST, "it exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(2.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # left behind by a server that is gone
-        else:
-            raise OSError(errno.EADDRINUSE, "another server is listening there")
-        finally:
-            probe.close()
-    old_umask = os.umask(0o777 & ~perms)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    sock.listen(backlog)
-
-
-def _io_timeout(sock, seconds):
-    """Bound each send and receive on the blocking socket `sock` by `seconds` (None: no bound).
-
-    The kernel's SO_RCVTIMEO/SO_SNDTIMEO rather than settimeout(): a socket with a Python
-    timeout polls before every send and receive, one system call more each time (measured
-    here: 5 % more door calls per second through the whole stack).  A timeout then surfaces
-    as BlockingIOError (EAGAIN) instead of socket.timeout.
-    """
-    if seconds is not None:
-        micros = max(1, round(seconds * 1e6))  # zero would mean no bound at all
-        timeval = struct.pack("ll", micros // 1000000, micros % 1000000)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
-class _DoorSocket(socket.socket):
-    """A client's connection to an emulated door, with the buffer it reads replies into."""
-
-    __slots__ = ("buffer",)
-
-
 class _EmulatedDoorClient:
     """A door opened by path; call() is safe from many threads at once."""
 
@@ -542,13 +1454,6 @@ class _EmulatedDoorClient:
     def close(self):
         """Close idle connections now, busy ones when their call returns."""
         self._pool.close()
-
-
-def _shutdown(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class EmulatedDoors:
@@ -1318,11 +2223,14 @@ def spool_body(body):
 
 
 ###############################################################################
-# App role ###################################################################
+# WSGI gateway ################################################################
 ###############################################################################
 #
-# The door handler: decode the request, run it through the WSGI application on the
-# door server thread that the OS (or the emulation) provides, encode the response.
+# One request through the WSGI application (PEP 3333), whatever the transport: the
+# environ every transport builds with cgi_variables(), the response collected and
+# checked; for the door transport also the door handler itself, which decodes the
+# request and encodes the response on the server thread the OS (or the emulation)
+# provides.
 
 def hello_app(environ, start_response):
     """The built-in application."""
@@ -1909,79 +2817,8 @@ def _write_all(fd, data):
     while view:
         view = view[os.write(fd, view):]
 
-def run_app(args):
-    """The `app` command: serve one WSGI application on a door until SIGTERM/SIGINT."""
-    try:
-        app = load_app(args.app)
-    except AppLoadError as exc:
-        _log("app", "cannot load the application: %s" % exc, "error")
-        return EXIT_APP_LOAD
-    except BaseException:
-        _log("app", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()),
-             "error")
-        return EXIT_APP_LOAD
-    gateway = WSGIGateway(app, args.allow_uid, args.timeout)
-    backend = None
-    try:
-        if args.transport == "door":
-            backend = door_backend(args.doors)
-            server = backend.serve(args.door, gateway)
-            where = "door %s (%s)" % (args.door, backend.description)
-        else:
-            server = APP_SERVERS[args.transport](args.door, gateway)
-            where = "socket %s (%s)" % (args.door, server.description)
-    except (OSError, ValueError) as exc:
-        _log("app", "cannot listen at %s: %s" % (args.door, exc), "error")
-        return EXIT_DOOR_FAILED
-    gateway.door_threads = lambda: server.threads
-    release_free_memory()  # what loading doordown and the application left behind
-    _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
-    if args.reload and args.parent_pid:
-        threading.Thread(target=watch_sources, args=(args.parent_pid,), name="reload", daemon=True).start()
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    # The front's pid comes on the command line: had the front died before this line ran,
-    # os.getppid() would already name init, and the app would outlive it unnoticed.
-    while not stop.wait(0.5):
-        if args.parent_pid and os.getppid() != args.parent_pid:
-            _log("app", "the front went away: stopping")
-            break
-    deadline = time.monotonic() + args.graceful_timeout
-    server.close(args.graceful_timeout)
-    # Streams are not door calls: they get the rest of the grace, then end cleanly.
-    while gateway.streams and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for body in list(gateway.streams):
-        body.end()
-    _close_every_per_thread()
-    _log("app", "stopped after %d requests" % gateway.served.value)
-    if backend is not None and backend.exit_hard:
-        os._exit(0)
-    return 0
 
-
-def watch_sources(front_pid, interval=1.0):
-    """--reload: poll the files of every loaded module; when one changes, ask the front
-    for a new app process (SIGHUP: the zero-loss replacement, new code loaded)."""
-    seen = {}
-    while True:
-        for module in list(sys.modules.values()):
-            path = getattr(module, "__file__", None)
-            try:
-                mtime = os.stat(path).st_mtime_ns
-            except (OSError, TypeError):
-                continue
-            if seen.setdefault(path, mtime) != mtime:
-                _log("app", "%s changed: asking the front for a new app process (--reload)" % path)
-                seen[path] = mtime
-                os.kill(front_pid, signal.SIGHUP)
-        time.sleep(interval)
-
-
-###############################################################################
-# Per-thread resources #######################################################
-###############################################################################
+# -- per-thread resources ----------------------------------------------------------------
 #
 # A door server thread outlives its invocation: the pool is LIFO and never shrinks, and
 # the thread's threading.local state lives on with it into the next call it serves.  So
@@ -2111,1315 +2948,37 @@ if __name__ == "__main__":
 
 
 ###############################################################################
-# Front role #################################################################
+# Transports ##################################################################
 ###############################################################################
 #
-# http.server's ThreadingHTTPServer gives the socket plumbing (a thread per
-# connection); the HTTP/1.1 parsing is done here, strictly (RFC 9110/9112), because
-# the stdlib parser is lenient in ways that have allowed request smuggling.  A bad
-# request gets its 4xx, then the connection is closed: nothing after an error is parsed.
-
-class Limits:
-    """Bounds on what one client may send or hold (defaults for `serve`)."""
-
-    max_connections = 1000
-    max_line = 8190  # request line; longer: 414
-    max_headers = 100  # header fields; more: 431
-    max_header_size = 65536  # the whole head; larger: 431
-    max_body = 100 << 20  # decoded body; larger: 413
-    header_timeout = 10.0  # seconds for request line and headers to arrive
-    keepalive = 5.0  # seconds an idle keep-alive connection is kept
-    body_timeout = 30.0  # seconds for a body to start arriving ...
-    min_body_rate = 1024  # ... and bytes per second it must keep up after that
-    stream_idle_timeout = 60.0  # seconds a streamed response may go without a byte either way
-
-    def __init__(self, **overrides):
-        for name, value in overrides.items():
-            if name.startswith("_") or not hasattr(Limits, name):
-                raise TypeError("Limits has no %r" % name)  # a misspelt limit must not pass unseen
-            if value is not None:
-                setattr(self, name, value)
-
-
-class HTTPError(Exception):
-    """A request the front refuses: answered with `status`, then the connection closes."""
-
-    def __init__(self, status, detail):
-        Exception.__init__(self, detail)
-        self.status = status
-
-
-class _ClientGone(Exception):
-    """The client closed the connection."""
-
-
-class _ReadTimeout(_ClientGone):
-    """The client did not send what it had to in time."""
-
-
-_REASONS = {100: "Continue", 301: "Moved Permanently", 400: "Bad Request", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
-            414: "URI Too Long", 416: "Range Not Satisfiable", 417: "Expectation Failed",
-            431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-            503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
-
-
-# -- the HTTP/1.1 codec ------------------------------------------------------------
+# The ways of putting an application behind the front, each a pair: the app end, which
+# gives the application its requests, and the front end (an upstream: forward(request,
+# env) -> Response), under one sub-banner each.  Between the same front and the same
+# WSGIGateway (`serve --transport NAME`):
 #
-# Every rule of HTTP/1.1 message syntax (RFC 9110, RFC 9112) that doordown applies, each
-# in one place and with no I/O: the front, both ends of the proxy transport and the CGI
-# and FastCGI response parsers all call these.  The cost of each is linear in its input:
-# splits, strips, counts and regular expressions that can match a byte only one way.  (A
-# field pattern of a lazy value followed by optional whitespace, as this once had, tries
-# every split of a run of blanks: a 64 KiB head of them cost more than a second.)
-
-_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"  # RFC 9110 5.6.2
-_TCHARS = bytes(c for c in range(256) if re.fullmatch(rb"[%s]" % _TCHAR, bytes((c,))))
-_CTL = rb"\x00-\x08\x0a-\x1f\x7f"  # control characters, HTAB apart: never in a field or reason
-_HAS_CTL = re.compile(rb"[%s]" % _CTL)
-_HAS_CTL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_REQUEST_LINE = re.compile(rb"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % _TCHAR)
-_STATUS = re.compile(rb"([1-9][0-9][0-9])(?: ([^%s]*))?" % _CTL)  # code, optional reason
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] " + _STATUS.pattern)
-_DIGITS = re.compile(rb"[0-9]{1,18}")
-# RFC 9112 7.1: chunk-size [ BWS ";" chunk-ext ]: whitespace only before an extension.
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^%s]*)?" % _CTL)
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
-_PROXY_HEADERS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                            b"x-forwarded-port", b"forwarded"))
-# Fields about one connection (RFC 9110 7.6.1), which a sender frames for itself, and the
-# two the front owns: its Date and Server replace an application's (as nginx's proxy_pass
-# hides an upstream's by default), so a client never sees two.
-_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
-                         b"upgrade", b"proxy-connection"))
-_NOT_FORWARDED = _HOP_BY_HOP | {b"date", b"server"}
-
-
-def head_lines(head, lf_ends_lines=False):
-    """The lines of a message head (the bytes before its blank line), without line ends.
-
-    Each line must end in CRLF (a CGI program's output may use LF: RFC 3875 6.3) and no
-    control character but HTAB may stand in it; HTTPError (400) otherwise.
-    """
-    if lf_ends_lines:
-        head = head.replace(b"\r\n", b"\n")
-        if b"\r" in head:
-            raise HTTPError(400, "bare CR in the head")
-        lines = head.split(b"\n")
-    else:
-        lines = head.split(b"\r\n")
-        ends = len(lines) - 1  # every CR and every LF must belong to one of these CRLFs
-        if head.count(b"\r") != ends or head.count(b"\n") != ends:
-            raise HTTPError(400, "bare CR or LF in the head")
-    if _HAS_CTL_BUT_CRLF.search(head):
-        raise HTTPError(400, "control character in the head")
-    return lines
-
-
-def split_field(line):
-    """(name, value) of a field line already cleared by head_lines; HTTPError (400) if malformed.
-
-    The name is a token right against the colon (RFC 9112 5.1 refuses whitespace there; a
-    line that starts with it is obs-fold, refused too); the value loses its SP/HTAB ends.
-    """
-    name, colon, value = line.partition(b":")
-    if not colon or not name or name.translate(None, _TCHARS):
-        raise HTTPError(400, "malformed header field %r" % line[:40])
-    return name, value.strip(b" \t")
-
-
-def find_head_end(buf, start=0):
-    """Where the CRLF CRLF that ends a head starts in `buf` (searching from `start`), or -1.
-
-    A bare LF before it refuses the head at once (HTTPError 400; RFC 9112 2.2 lets a server
-    refuse it): a client that ends its lines so never sends CRLF CRLF and would otherwise
-    wait out the header timeout.  Callers pass back len(buf) - 3 as `start` after each read,
-    so a head that arrives a byte at a time is still scanned once.
-    """
-    start = max(0, start)
-    end = buf.find(b"\r\n\r\n", start)
-    stop = end if end >= 0 else len(buf)
-    if buf.count(b"\n", start, stop) != buf.count(b"\r\n", max(0, start - 1), stop):
-        raise HTTPError(400, "bare LF in the head")
-    return end
-
-
-def parse_request_head(head, limits):
-    """The Request in `head`, its framing included; HTTPError for what the front refuses."""
-    first = head.find(b"\r\n")
-    line = head if first < 0 else head[:first]
-    if len(line) > limits.max_line:
-        raise HTTPError(414, "request line over %d bytes" % limits.max_line)
-    match = _REQUEST_LINE.fullmatch(line)
-    if match is None:
-        raise HTTPError(400, "malformed request line")
-    method, target, major, minor = match.groups()
-    if major != b"1" or minor not in b"01":
-        raise HTTPError(505, "HTTP/%s.%s is not supported" % (major.decode(), minor.decode()))
-    if b"#" in target:  # RFC 9112 3.2: a fragment is the client's own, never sent
-        raise HTTPError(400, "fragment in the request target")
-    if not (target[:1] == b"/" or target[:7].lower() == b"http://"
-            or target[:8].lower() == b"https://" or (target == b"*" and method == b"OPTIONS")):
-        raise HTTPError(400, "unsupported request target")
-    version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
-    lines = head_lines(head)
-    if len(lines) - 1 > limits.max_headers:
-        raise HTTPError(431, "more than %d header fields" % limits.max_headers)
-    headers = []
-    special = {}
-    request_proxy = None
-    for field in lines[1:]:
-        if len(field) > limits.max_line:
-            raise HTTPError(431, "header field over %d bytes" % limits.max_line)
-        name, value = split_field(field)
-        if b"_" in name:
-            continue  # X_Foo must never alias X-Foo in the environ: drop it (as nginx does)
-        lower = name.lower()
-        if lower in _PROXY_HEADERS:
-            proxy = request_proxy if request_proxy is not None else {}
-            request_proxy = proxy
-            proxy[lower] = proxy[lower] + b"," + value if lower in proxy else value
-        elif lower in _FRAMING or lower in (b"connection", b"expect"):
-            if lower in special and lower != b"connection":
-                raise HTTPError(400, "duplicate %s header" % lower.decode())
-            special[lower] = special[lower] + b"," + value if lower in special else value
-            if lower == b"connection":
-                continue
-        headers.append((name, value))
-    if version == b"HTTP/1.1" and b"host" not in special:
-        raise HTTPError(400, "missing Host header")
-    tokens = {t.strip(b" \t").lower() for t in special.get(b"connection", b"").split(b",")}
-    keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
-    request = Request(method, target, version, headers, keep_alive, line)
-    request.proxy_headers = request_proxy
-    _request_framing(request, special, limits)
-    return request
-
-
-def _request_framing(request, special, limits):
-    """Set how the request's body is framed (RFC 9112 6.3): length, chunked, expect_continue."""
-    expect = special.get(b"expect")
-    if expect is not None:
-        if expect.lower() != b"100-continue":
-            raise HTTPError(417, "unsupported expectation")
-        request.expect_continue = request.version == b"HTTP/1.1"
-    length = special.get(b"content-length")
-    coding = special.get(b"transfer-encoding")
-    if coding is not None:
-        if length is not None:
-            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
-        if request.version != b"HTTP/1.1":
-            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        codings = [c.strip(b" \t").lower() for c in coding.split(b",")]
-        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-            if any(c not in (b"chunked", b"gzip", b"deflate", b"compress", b"identity") or not c
-                   for c in codings):
-                raise HTTPError(501, "unknown transfer coding")
-            raise HTTPError(400, "chunked must be the last transfer coding, once")
-        if len(codings) != 1:
-            raise HTTPError(501, "only the chunked transfer coding is supported")
-        request.chunked = True
-    elif length is not None:
-        if not _DIGITS.fullmatch(length):
-            raise HTTPError(400, "invalid Content-Length")
-        request.length = int(length)
-        if request.length > limits.max_body:
-            raise HTTPError(413, "request body of %d bytes over %d" % (request.length, limits.max_body))
-
-
-def parse_response_fields(lines):
-    """Header pairs and framing of a response's field lines: (headers, length, chunked, close).
-
-    `headers` is [name, value, ...] without Connection and Transfer-Encoding; `length` the
-    Content-Length (None if absent).  HTTPError for anything a sender must not send: a
-    malformed field, a coding other than chunked, two or an invalid Content-Length.
-    """
-    headers = []
-    length = None
-    chunked = close = False
-    for line in lines:
-        name, value = split_field(line)
-        lower = name.lower()
-        if lower == b"transfer-encoding":
-            if value.lower() != b"chunked":
-                raise HTTPError(400, "unsupported transfer coding %r" % value[:40])
-            chunked = True
-        elif lower == b"connection":
-            close = close or b"close" in value.lower()
-        else:
-            if lower == b"content-length":
-                if length is not None or not _DIGITS.fullmatch(value):
-                    raise HTTPError(400, "duplicate or invalid Content-Length")
-                length = int(value)
-            headers += (name, value)
-    if chunked and length is not None:
-        raise HTTPError(400, "both Content-Length and Transfer-Encoding")
-    return headers, length, chunked, close
-
-
-def parse_status(text):
-    """`code reason` from a status line's tail or a CGI Status value; the reason is filled in
-    when missing.  HTTPError (400) if malformed."""
-    match = _STATUS.fullmatch(text)
-    if match is None:
-        raise HTTPError(400, "malformed status %r" % text[:40])
-    code, reason = match.groups()
-    return b"%s %s" % (code, reason or _reason_phrase(code))
-
-
-def _reason_phrase(code):
-    """The standard reason phrase of a status code given as bytes (b"" if there is none)."""
-    import http  # the package alone: HTTPStatus, without http.client
-    try:
-        return http.HTTPStatus(int(code)).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def has_no_body(method, code):
-    """RFC 9110 6.4.1: a response to HEAD, and a 1xx, 204 or 304, never has a body."""
-    return method == b"HEAD" or code < 200 or code == 204 or code == 304
-
-
-class ChunkedDecoder:
-    """A chunked body (RFC 9112 7.1), decoded from a receive buffer as its bytes arrive.
-
-    decode(buf) takes from the bytearray `buf` whatever it can decode and returns the body
-    bytes found; `done` is set once the last chunk and the trailers are in.  Trailer fields
-    are checked and dropped.  HTTPError: 400 for a malformed body, 413 past `limit` bytes
-    (refused on the chunk size, before its data is read).
-    """
-
-    __slots__ = ("limit", "max_line", "max_trailers", "size", "left", "state", "trailers")
-
-    _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
-
-    def __init__(self, limit, max_line=8190, max_trailers=100):
-        self.limit, self.max_line, self.max_trailers = limit, max_line, max_trailers
-        self.size = self.left = self.trailers = 0
-        self.state = self._SIZE
-
-    @property
-    def done(self):
-        return self.state == self._DONE
-
-    def decode(self, buf):
-        data = []
-        while True:
-            state = self.state
-            if state == self._DATA:
-                if not buf:
-                    break
-                piece = bytes(buf[:self.left])
-                del buf[:len(piece)]
-                data.append(piece)
-                self.left -= len(piece)
-                if self.left:
-                    break
-                self.state = self._DATA_END
-            elif state == self._DATA_END:
-                if len(buf) < 2:
-                    break
-                if buf[:2] != b"\r\n":
-                    raise HTTPError(400, "chunk data longer than its size")
-                del buf[:2]
-                self.state = self._SIZE
-            elif state == self._DONE:
-                break
-            else:
-                end = buf.find(b"\r\n", 0, self.max_line + 2)
-                if end < 0:
-                    if len(buf) > self.max_line:
-                        raise HTTPError(400, "chunk line too long")
-                    break
-                line = bytes(buf[:end])
-                del buf[:end + 2]
-                if state == self._SIZE:
-                    self._size_line(line)
-                else:
-                    self._trailer_line(line)
-        return b"".join(data) if len(data) != 1 else data[0]
-
-    def _size_line(self, line):
-        match = _CHUNK_SIZE.fullmatch(line)
-        if match is None:
-            raise HTTPError(400, "malformed chunk size line")
-        size = int(match.group(1), 16)
-        if size == 0:
-            self.state = self._TRAILER
-            return
-        if self.size + size > self.limit:
-            raise HTTPError(413, "request body over %d bytes" % self.limit)
-        self.size += size
-        self.left = size
-        self.state = self._DATA
-
-    def _trailer_line(self, line):
-        if not line:
-            self.state = self._DONE
-            return
-        self.trailers += 1
-        try:
-            if self.trailers > self.max_trailers or _HAS_CTL.search(line):
-                raise HTTPError(400, "too many trailer fields, or a control character in one")
-            name, _ = split_field(line)
-        except HTTPError:
-            raise HTTPError(400, "malformed trailer field")  # never echo it: it may be the next request
-        if name.lower() in _FRAMING:
-            raise HTTPError(400, "framing header in trailers")
-
-
-LAST_CHUNK = b"0\r\n\r\n"
-
-
-def chunk_header(size):
-    return b"%x\r\n" % size
-
-
-def encode_chunk(data):
-    """`data` as one chunk of a chunked body; nothing for no data (a 0 chunk ends the body)."""
-    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
-
-
-def frame_response(status, headers, body_size, method, version, keep_alive, own=b""):
-    """How a response goes out: (head, body bytes to send, chunked, close).
-
-    `status` and `headers` ([name, value, ...]) are what an application or upstream gave;
-    `method`, `version` and `keep_alive` those of the request (method None: a refused one);
-    `own` the sender's own header lines (the front's Date and Server).  The sender frames
-    the message itself: the application's hop-by-hop fields (and Date and Server) are
-    dropped; no body for HEAD, 1xx, 204 and 304; else its Content-Length, or chunked for
-    HTTP/1.1, or the close for HTTP/1.0.  A Content-Length that disagrees with the body
-    sends what both allow, then closes.  ValueError for what cannot be sent at all: a bad
-    status, a control character in a field, two or an invalid Content-Length.
-    """
-    if _STATUS.fullmatch(status) is None:
-        raise ValueError("malformed status %r" % status[:40])
-    code = int(status[:3])
-    parts = [b"HTTP/1.1 ", status, b"\r\n", own]
-    length = None
-    close = not keep_alive
-    for i in range(0, len(headers), 2):
-        name = headers[i]
-        lower = name.lower()
-        if lower in _NOT_FORWARDED:
-            if lower == b"connection" and b"close" in headers[i + 1].lower():
-                close = True
-            continue
-        if lower == b"content-length":
-            if length is not None or not _DIGITS.fullmatch(headers[i + 1]):
-                raise ValueError("duplicate or invalid Content-Length %r" % headers[i + 1][:40])
-            length = int(headers[i + 1])
-        parts += (name, b": ", headers[i + 1], b"\r\n")
-    names = headers[::2]
-    if _HAS_CTL.search(b"".join(headers)) or b"".join(names).translate(None, _TCHARS) or not all(names):
-        raise ValueError("malformed header field in the response")
-    chunked = False
-    if has_no_body(method, code):
-        body_size = 0
-    elif length is not None:
-        if length != body_size:
-            close = True
-            body_size = min(length, body_size)
-    elif version == b"HTTP/1.1":
-        chunked = True
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    else:
-        close = True  # HTTP/1.0 without a length: the close ends the body
-    if close:
-        parts.append(b"Connection: close\r\n\r\n")
-    elif version == b"HTTP/1.0":
-        parts.append(b"Connection: keep-alive\r\n\r\n")
-    else:
-        parts.append(b"\r\n")
-    return b"".join(parts), body_size, chunked, close
-
-
-def framed_bytes(head, body, size, chunked):
-    """A whole response, from frame_response's head, size and chunked and the body in memory."""
-    if chunked:
-        return b"".join((head, encode_chunk(body), LAST_CHUNK))
-    return head + (body if size == len(body) else body[:size])
-
-
-class Request:
-    """One parsed request, as the front hands it to an upstream, with its framing."""
-
-    __slots__ = ("method", "target", "version", "headers", "body", "body_fd", "keep_alive",
-                 "path", "line", "proxy_headers", "length", "chunked", "expect_continue")
-
-    def __init__(self, method, target, version, headers, keep_alive, line):
-        self.method, self.target, self.version = method, target, version
-        self.headers = headers  # [(name, value)] as received, bytes
-        self.keep_alive = keep_alive
-        self.body, self.body_fd = b"", None
-        self.path = target.partition(b"?")[0]
-        self.line = line
-        self.proxy_headers = None  # {lower name: value} of X-Forwarded-* and Forwarded
-        self.length = None  # Content-Length, if the body is framed by one
-        self.chunked = False  # Transfer-Encoding: chunked
-        self.expect_continue = False  # the client waits for 100 Continue before the body
-
-
-class Response:
-    """What an upstream answers: status line tail, header pairs, and the body: bytes, or
-    `body_length` bytes of the file on `body_fd` from `body_offset` (all of it when the
-    length is None), sent with sendfile, or bytes followed by a `stream` (a body source,
-    see _PipeStream) that the front relays as it arrives."""
-
-    __slots__ = ("status", "headers", "body", "body_fd", "close", "body_offset", "body_length",
-                 "stream")
-
-    def __init__(self, status, headers, body=b"", body_fd=None, close=False, body_offset=0,
-                 body_length=None, stream=None):
-        self.status, self.headers, self.body, self.body_fd, self.close = (
-            status, headers, body, body_fd, close)
-        self.body_offset, self.body_length, self.stream = body_offset, body_length, stream
-
-
-def plain_response(code, text=None, close=False):
-    body = ((text or _REASONS.get(code, "Error")) + "\n").encode()
-    return Response(("%d %s" % (code, _REASONS.get(code, "Error"))).encode(),
-                    [b"Content-Type", b"text/plain", b"Content-Length", str(len(body)).encode()],
-                    body, close=close)
-
-
-class _BodySink:
-    """Collects a request body in memory, moving it to a temporary file past the inline limit."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.size = 0
-        self.buf = bytearray()
-        self.spool = None
-
-    def write(self, data):
-        self.size += len(data)
-        if self.size > self.limit:
-            raise HTTPError(413, "request body over %d bytes" % self.limit)
-        if self.spool is not None:
-            self.spool.write(data)
-            return
-        self.buf += data
-        if len(self.buf) > INLINE_BODY_MAX:
-            import tempfile
-            self.spool = tempfile.TemporaryFile()
-            self.spool.write(self.buf)
-            self.buf = None
-
-    def finish(self, request):
-        if self.spool is None:
-            request.body = bytes(self.buf)
-        else:
-            self.spool.flush()
-            request.body_fd = os.dup(self.spool.fileno())
-            os.lseek(request.body_fd, 0, os.SEEK_SET)
-            self.spool.close()
-
-
-class BufferedSocket:
-    """A connected socket and its receive buffer: how doordown reads every byte stream (a
-    client's requests, an application's replies, a FastCGI peer's records)."""
-
-    __slots__ = ("sock", "buf", "chunk", "timeout")
-
-    def __init__(self, sock, chunk=65536):
-        self.sock = sock
-        self.buf = bytearray()
-        self.chunk = chunk  # bytes per recv: more costs an allocation that large each time
-        self.timeout = None
-
-    def fill(self, deadline=None):
-        """Receive what has arrived into `buf`; False at end-of-file (or a reset).
-
-        With `deadline` (a time.monotonic() value) a wait past it raises _ReadTimeout;
-        without, the socket's own bound (_io_timeout) raises TimeoutError.
-        """
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _ReadTimeout("read timed out")
-            # The kernel's timeouts (_io_timeout), which bound the next send too: a Python
-            # timeout would poll() before every recv and send.  Setting them costs two
-            # system calls, skipped while the current bound is close enough.  TLS needs
-            # Python's own (OpenSSL sees the kernel's as "want read").
-            if self.timeout is None or abs(self.timeout - remaining) > 0.25:
-                if type(self.sock) is socket.socket:
-                    _io_timeout(self.sock, remaining)
-                else:
-                    self.sock.settimeout(remaining)
-                self.timeout = remaining
-        try:
-            data = self.sock.recv(self.chunk)
-        except socket.timeout:
-            raise _ReadTimeout("read timed out")
-        except BlockingIOError:  # the kernel's SO_RCVTIMEO: see _io_timeout
-            if deadline is not None:
-                raise _ReadTimeout("read timed out")
-            raise TimeoutError("the peer did not answer in time")
-        except OSError:
-            return False
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    def read_exact(self, size):
-        while len(self.buf) < size:
-            if not self.fill():
-                raise TransportError("the peer closed the connection")
-        data = bytes(self.buf[:size])
-        del self.buf[:size]
-        return data
-
-    def read_until(self, separator, limit):
-        """Bytes up to `separator` (which is consumed, not returned)."""
-        start = 0
-        while True:
-            end = self.buf.find(separator, start)
-            if end >= 0:
-                data = bytes(self.buf[:end])
-                del self.buf[:end + len(separator)]
-                return data
-            if len(self.buf) > limit:
-                raise TransportError("no %r within %d bytes" % (separator, limit))
-            start = max(0, len(self.buf) - len(separator) + 1)
-            if not self.fill():
-                raise TransportError("the peer closed the connection")
-
-    def read_at_most(self, size):
-        """Up to `size` bytes, fewer if the peer closes first: (data, complete)."""
-        while len(self.buf) < size and self.fill():
-            pass
-        data = bytes(self.buf[:size])
-        del self.buf[:size]
-        return data, len(data) == size
-
-    def read_to_end(self):
-        while self.fill():
-            pass
-        data = bytes(self.buf)
-        del self.buf[:]
-        return data
-
-    def send(self, data):
-        try:
-            self.sock.sendall(data)
-        except BlockingIOError:  # see _io_timeout
-            raise TimeoutError("the peer did not read in time")
-
-    def send_file(self, fd):
-        """The whole file open on `fd` (which the caller keeps), from its start."""
-        try:
-            with os.fdopen(os.dup(fd), "rb") as body_file:
-                self.sock.sendfile(body_file, 0)
-        except BlockingIOError:
-            raise TimeoutError("the peer did not read in time")
-
-    def close(self):
-        self.sock.close()
-
-
-class LifoPool:
-    """Idle connections to one peer, reused last in, first out (the hot one first), and
-    opened by `connect` only when none is idle: so their number follows the concurrency
-    high-water mark.  Safe from many threads: list append and pop are atomic."""
-
-    def __init__(self, connect):
-        self.connect = connect
-        self._idle = []
-        self._closed = False
-
-    def get(self):
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self.connect()
-
-    def put(self, connection):
-        if self._closed:
-            connection.close()
-        else:
-            self._idle.append(connection)
-
-    def close(self):
-        """Close the idle connections now; busy ones are closed when they come back."""
-        self._closed = True
-        while self._idle:
-            self._idle.pop().close()
-
-
-class _BodyClock:
-    """The deadline for the rest of a request body, pushed back as bytes arrive.
-
-    A body must start within body_timeout, then keep up a minimum rate: each byte
-    received earns 1/min_rate more seconds (as Apache's mod_reqtimeout does).
-    """
-
-    __slots__ = ("deadline", "rate")
-
-    def __init__(self, timeout, rate):
-        self.deadline = time.monotonic() + timeout
-        self.rate = rate
-
-    def earn(self, received):
-        self.deadline += received / self.rate
-
-
-_SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
-                       signal.SIGTTIN, signal.SIGTTOU)
-
-# An HTTP/2 client with prior knowledge (RFC 9113 3.3) opens with this line.  It is told
-# in its own protocol: the server preface, an empty SETTINGS frame (3.4), then GOAWAY
-# (6.8) with HTTP_1_1_REQUIRED (0xd); then the connection closes.
-_H2_PREFACE_LINE = b"PRI * HTTP/2.0"
-_H2_GOAWAY = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-              b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0d")
-
-
-class RequestReader:
-    """Reads requests, bodies included, off a connection: the codec over a BufferedSocket.
-
-    What it reads is bounded by `self.limits` and their deadlines; a request it refuses is
-    an HTTPError.  Its users (the front, the proxy transport's app end) set `reader`,
-    `limits` and `request` (the socket, which answers 100 Continue).
-    """
-
-    line = None  # the request line, once read (the access log's, even if refused)
-    started = 0.0  # when the current request began to arrive
-
-    def read_request(self):
-        """The next request with its body, or None when the client is done (or idle too long)."""
-        limits, reader = self.limits, self.reader
-        buf = reader.buf
-        deadline = time.monotonic() + limits.keepalive
-        skipped_empty_line = False
-        self.line = None
-        while True:
-            if buf[:2] == b"\r\n" and not skipped_empty_line:  # RFC 9112 2.2: ignore one
-                del buf[:2]
-                skipped_empty_line = True
-            if buf:
-                break
-            try:
-                if not reader.fill(deadline):
-                    return None
-            except _ClientGone:
-                return None
-        self.started = time.monotonic()
-        deadline = self.started + limits.header_timeout
-        scanned = 0
-        while True:
-            end = find_head_end(buf, scanned - 3)
-            if end >= 0:
-                break
-            if len(buf) > limits.max_header_size or (len(buf) > limits.max_line and b"\r\n" not in buf):
-                raise self.head_too_large(buf)
-            scanned = len(buf)
-            try:
-                if not reader.fill(deadline):
-                    raise _ClientGone("closed inside the request head")
-            except _ReadTimeout:
-                raise HTTPError(408, "request head not received within %ss" % limits.header_timeout)
-        if end > limits.max_header_size:
-            raise self.head_too_large(buf)
-        head = bytes(buf[:end])
-        del buf[:end + 4]
-        line = head.partition(b"\r\n")[0]
-        self.line = line if len(line) <= limits.max_line else None
-        request = parse_request_head(head, limits)
-        self.read_body(request)
-        return request
-
-    def head_too_large(self, buf):
-        first = buf.find(b"\r\n")
-        if first < 0 or first > self.limits.max_line:
-            return HTTPError(414, "request line over %d bytes" % self.limits.max_line)
-        return HTTPError(431, "request head over %d bytes" % self.limits.max_header_size)
-
-    def read_body(self, request):
-        limits, reader = self.limits, self.reader
-        if request.length is None and not request.chunked:
-            return
-        if request.expect_continue and not reader.buf and request.length != 0:
-            self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        sink = _BodySink(limits.max_body)
-        clock = _BodyClock(limits.body_timeout, limits.min_body_rate)
-        try:
-            if request.chunked:
-                self.read_chunked(sink, clock)
-            else:
-                self.read_length(sink, request.length, clock)
-        except _ReadTimeout:
-            raise HTTPError(408, "request body arrived slower than %d bytes/s" % limits.min_body_rate)
-        sink.finish(request)
-
-    def read_length(self, sink, size, clock):
-        """Move a body of `size` bytes into `sink`."""
-        reader, buf = self.reader, self.reader.buf
-        while size:
-            if not buf and not reader.fill(clock.deadline):
-                raise HTTPError(400, "connection closed %d bytes before the end of the body" % size)
-            piece = bytes(buf[:size])
-            del buf[:len(piece)]
-            sink.write(piece)
-            clock.earn(len(piece))
-            size -= len(piece)
-
-    def read_chunked(self, sink, clock):
-        reader, buf = self.reader, self.reader.buf
-        decoder = ChunkedDecoder(sink.limit, self.limits.max_line, self.limits.max_headers)
-        while True:
-            before = len(buf)
-            data = decoder.decode(buf)
-            clock.earn(before - len(buf))
-            if data:
-                sink.write(data)
-            if decoder.done:
-                return
-            if not reader.fill(clock.deadline):
-                raise HTTPError(400, "connection closed inside a chunked body")
-
-
-class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
-    """One client connection: read requests, forward each, answer each, until close."""
-
-    def __init__(self, request, client_address, server, listener=None):
-        self.listener = listener  # the FrontServer listener that accepted this connection
-        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
-
-    def setup(self):
-        self.reader = BufferedSocket(self.request)
-        self.limits = self.server.limits
-        self.line = None  # the request line, once read (the access log's, even if refused)
-        self.started = time.monotonic()  # when the current request began to arrive
-        self.sent = 0  # body bytes of the last response
-
-    def handle(self):
-        server = self.server
-        while True:  # even while stopping: a request already sent still gets its answer
-            try:
-                request = self.read_request()
-                if request is None:
-                    return
-                server.busy(self.request, True)
-                try:
-                    response = server.dispatch(request, self.client_address, self.listener)
-                    self.send_response(request, response)
-                finally:
-                    server.busy(self.request, False)
-                if not request.keep_alive or response.close:
-                    return
-            except HTTPError as exc:
-                self.refuse(exc)
-                return
-            except (_ClientGone, OSError):
-                return
-
-    def refuse(self, error):
-        """Answer a request the front will not take, then the connection closes."""
-        if self.line is None:  # refused inside the head: its line, if that much arrived
-            end = self.reader.buf.find(b"\r\n")
-            if 0 < end <= self.limits.max_line:
-                self.line = bytes(self.reader.buf[:end])
-        response = plain_response(error.status, "%s: %s" % (_REASONS.get(error.status, "Error"), error),
-                                  close=True)
-        try:
-            self.request.settimeout(1.0)  # a client that does not read cannot hold us
-            if self.line == _H2_PREFACE_LINE:
-                self.request.sendall(_H2_GOAWAY)
-                self.sent = len(_H2_GOAWAY)
-            else:
-                self.send_response(None, response)
-        except OSError:
-            pass
-        self.server.log_access(self, None, response)
-
-    # -- writing --------------------------------------------------------------------
-    def send_response(self, request, response):
-        """Frame and send a response in one write (plus sendfile for a body on a descriptor)."""
-        if response.stream is not None:
-            return self.relay(request, response)
-        fd = response.body_fd
-        body = response.body
-        if fd is None:
-            size = len(body)
-        else:
-            size = response.body_length
-            if size is None:
-                size = os.fstat(fd).st_size - response.body_offset
-        keep_alive = (request is not None and request.keep_alive and not response.close
-                      and not self.server.stopping)
-        own = b"Date: %s\r\nServer: doordown\r\n" % http_date()
-        method, version = (request.method, request.version) if request is not None else (None, b"HTTP/1.1")
-        try:
-            head, size, chunked, close = frame_response(response.status, response.headers, size,
-                                                        method, version, keep_alive, own)
-        except ValueError as exc:
-            if fd is not None:
-                os.close(fd)
-            self.server.log_failure(request, "unusable response from the application: %s" % exc)
-            response = plain_response(502, "the application sent an unusable response", close=True)
-            fd, body = None, response.body
-            head, size, chunked, close = frame_response(response.status, response.headers, len(body),
-                                                        method, version, False, own)
-        if request is not None:
-            request.keep_alive = not close
-        response.close = close
-        self.sent = size
-        try:
-            if fd is None and size > 16384 and not chunked:  # sent from where it is, not copied
-                send_gathered(self.request, head, memoryview(body)[:size])
-            elif fd is None:
-                self.request.sendall(framed_bytes(head, body, size, chunked))
-            else:
-                self.request.sendall(head + chunk_header(size) if chunked and size else head)
-                self.sent = send_file(self.request, fd, response.body_offset, size) if size else 0
-                if self.sent < size:  # the file shrank under us: the close tells the client
-                    response.close = True
-                    if request is not None:
-                        request.keep_alive = False
-                elif chunked:
-                    self.request.sendall(b"\r\n" + LAST_CHUNK if size else LAST_CHUNK)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        if request is not None:
-            self.server.log_access(self, request, response)
-
-
-    def relay(self, request, response):
-        """Send a streamed response as its body arrives, chunk by chunk (or up to its
-        Content-Length, or until the close on HTTP/1.0).
-
-        While the app is silent, the client's socket is watched too: a client that goes away
-        ends the stream at once (the source's close() tells the app).  No byte from the app
-        for --stream-idle-timeout, or a stop that has run out of grace, ends it cleanly (the
-        last chunk, then the close); a body that broke off ends with the close alone.
-        """
-        stream, sock, server = response.stream, self.request, self.server
-        idle = self.limits.stream_idle_timeout
-        keep_alive = (request is not None and request.keep_alive and not response.close
-                      and not server.stopping)
-        own = b"Date: %s\r\nServer: doordown\r\n" % http_date()
-        method, version = (request.method, request.version) if request is not None else (None, b"HTTP/1.1")
-        declared = _declared_length(response.headers)
-        try:
-            head, length, chunked, close = frame_response(
-                response.status, response.headers, max(declared or 0, 0), method, version, keep_alive, own)
-        except ValueError as exc:
-            stream.close()
-            self.server.log_failure(request, "unusable response from the application: %s" % exc)
-            return self.send_response(request, plain_response(502, "the application sent an unusable "
-                                                                   "response", close=True))
-        if chunked or declared is None:
-            length = None  # no bound but the end of the stream
-        body = response.body if length is None else response.body[:length]
-        clean = False  # the body was sent whole, or ended as a complete message
-        self.sent = 0
-        try:
-            if has_no_body(method, int(response.status[:3])):
-                sock.sendall(head)
-                clean = True
-                return
-            sock.settimeout(idle)  # a client that stops reading is bounded as the app is
-            self.reader.timeout = idle
-            sock.sendall(head + encode_chunk(body) if chunked else head + body)
-            self.sent = len(body)
-            source = stream.fileno()
-            poller = select.poll()
-            if source is not None:
-                poller.register(source, select.POLLIN)
-            client = sock.fileno()
-            poller.register(client, select.POLLIN)
-            quiet_since = time.monotonic()
-            while not stream.done and not server.ending_streams:
-                if source is not None and not stream.ready():
-                    events = dict(poller.poll(250))
-                    if client in events:
-                        # A TLS socket cannot be peeked at: its client's leaving is seen at
-                        # the next write instead.
-                        if not hasattr(sock, "getpeercert") and not sock.recv(1, socket.MSG_PEEK):
-                            raise _ClientGone("the client went away during the stream")
-                        poller.unregister(client)  # a pipelined request: it waits its turn
-                    if source not in events:
-                        if time.monotonic() - quiet_since >= idle:
-                            self.server.log_failure(request, "no byte from the app for %ss "
-                                                    "(--stream-idle-timeout): stream ended" % idle)
-                            break
-                        continue
-                piece = stream.read()
-                if not piece:
-                    continue
-                quiet_since = time.monotonic()
-                if length is not None:
-                    piece = piece[:length - self.sent]
-                    if not piece:
-                        break  # more than the app's Content-Length: not sent, and we close
-                sock.sendall(encode_chunk(piece) if chunked else piece)
-                self.sent += len(piece)
-            if chunked:
-                sock.sendall(LAST_CHUNK)
-            clean = stream.done and (length is None or self.sent == length)
-        except TransportError as exc:
-            self.server.log_failure(request, "stream broken off: %s" % exc)
-        except (_ClientGone, OSError):
-            pass  # the client left, or stopped reading for --stream-idle-timeout
-        finally:
-            stream.close()
-            if not clean:
-                close = True
-            response.close = close
-            if request is not None:
-                request.keep_alive = not close
-                server.log_access(self, request, response)
-
-
-def _poll_one(fd, events, timeout):
-    """Wait up to `timeout` seconds (None: no limit) for `events` on `fd`; the events seen."""
-    poller = select.poll()
-    poller.register(fd, events)
-    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
-    return ready[0][1] if ready else 0
-
-
-def send_file(sock, fd, offset, count):
-    """Send `count` bytes of the file on `fd` from `offset` with sendfile, so that no byte
-    passes through Python; the bytes sent (fewer if the file ends first).  The socket's
-    timeout bounds each wait for room to write."""
-    if hasattr(sock, "getpeercert"):  # TLS: every byte must pass through the encryption
-        return _send_file_through(sock, fd, offset, count)
-    sockno, timeout = sock.fileno(), sock.gettimeout()
-    sent = 0
-    while sent < count:
-        try:
-            done = os.sendfile(sockno, fd, offset + sent, min(count - sent, 1 << 30))
-        except BlockingIOError:  # a socket with a timeout is non-blocking underneath
-            if timeout is None or not _poll_one(sockno, select.POLLOUT, timeout):
-                raise socket.timeout("timed out")  # None: the kernel's SO_SNDTIMEO ran out
-            continue
-        if not done:
-            break
-        sent += done
-    return sent
-
-
-def _send_file_through(sock, fd, offset, count):
-    """send_file for a socket that must see the bytes (TLS): 256 KiB at a time."""
-    sent = 0
-    while sent < count:
-        data = os.pread(fd, min(count - sent, 1 << 18), offset + sent)
-        if not data:
-            break
-        sock.sendall(data)
-        sent += len(data)
-    return sent
-
-
-_date_cache = [0, b""]
-
-
-def http_date():
-    """The Date header value, formatted at most once a second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
-        _date_cache[0] = now
-    return _date_cache[1]
-
-
-class AccessLog:
-    """The access log, in gunicorn's --access-logformat (Apache's combined format by default).
-
-    One line per request is on every request's path, so it is built cheaply: the format
-    is compiled once into one function (see compile_log_format); the time string is made
-    once a second; a value is escaped only when it holds a byte that needs it.
-    Lines are buffered and written by a background thread at least every
-    `flush_interval` seconds (or once `flush_lines` are pending), and at exit.
-    """
-
-    FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
-    flush_interval = 1.0
-    flush_lines = 512
-
-    def __init__(self, path=None, log_format=None):
-        self.path = path  # None: stderr
-        self.fd = 2 if path is None else self._open(path)
-        self.format_line, self.wanted = compile_log_format(log_format or self.FORMAT)
-        self.lock = threading.Lock()  # one writer of the file at a time
-        self.pending = collections.deque()  # append and popleft are atomic: no lock per line
-        self.failed = None  # why the last write failed, said once
-        import atexit
-        atexit.register(self.flush)  # a clean stop loses no line
-        threading.Thread(target=self._flush_loop, name="access-log", daemon=True).start()
-
-    @staticmethod
-    def _open(path):
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-    def write(self, handler, request, response):
-        """Log one exchange: `request` None for one the front refused (handler.line says
-        what was read of it)."""
-        headers = {}  # the request headers the format names, in one pass
-        wanted = self.wanted
-        if wanted and request is not None:
-            for name, value in request.headers:
-                name = name.lower()
-                if name in wanted:
-                    headers[name] = value
-        pending = self.pending
-        pending.append(self.format_line(handler, request, response, headers))
-        if len(pending) >= self.flush_lines:
-            self.flush()
-
-    def _flush_loop(self):
-        while True:
-            time.sleep(self.flush_interval)
-            self.flush()
-
-    def flush(self):
-        with self.lock:
-            self._flush_locked()
-
-    def _flush_locked(self):
-        pending = self.pending
-        if not pending:
-            return
-        data = b"".join([pending.popleft() for _ in range(len(pending))])
-        try:
-            while data:
-                data = data[os.write(self.fd, data):]
-        except OSError as exc:
-            if self.failed != exc.strerror:
-                self.failed = exc.strerror
-                _log("front", "cannot write the access log: %s" % exc.strerror, "error")
-
-    def reopen(self):
-        """SIGUSR1 (logrotate): write what is pending, then continue in a new file at the path."""
-        if self.path is None:
-            self.flush()
-            return
-        try:
-            fd = self._open(self.path)
-        except OSError as exc:
-            _log("front", "cannot reopen the access log %s: %s; writing on to the old file"
-                 % (self.path, exc.strerror), "warning")
-            return
-        with self.lock:
-            self._flush_locked()
-            self.fd, old = fd, self.fd
-        os.close(old)
-        _log("front", "SIGUSR1: reopened the access log %s" % self.path)
-
-
-# Bytes a log value may carry as they are; any other is escaped (\xHH, \", \\), as
-# Apache's mod_log_config does, so a client cannot forge a line or a field.
-_LOG_SAFE = bytes(range(0x20, 0x7f)).replace(b'"', b"").replace(b"\\", b"")
-
-
-def _log_value(raw):
-    """A value as the log shows it: escaped where needed, "-" when empty or absent."""
-    if not raw:
-        return b"-"
-    if not raw.translate(None, _LOG_SAFE):
-        return raw
-    return _log_escaped(raw)
-
-
-def _log_escaped(raw):
-    return b"".join(bytes((c,)) if c in _LOG_SAFE else b"\\" + bytes((c,)) if c in b'"\\'
-                    else b"\\x%02x" % c for c in raw)
-
-
-def _log_text(value):
-    """_log_value for a line of doordown's own log: bytes, or text of latin-1 (an environ
-    value), in; text out."""
-    if isinstance(value, str):
-        value = value.encode("latin-1", "backslashreplace")
-    return _log_value(value).decode("ascii")
-
-
-_log_time_cache = [0, b""]
-
-
-def _log_time():
-    """t: [01/Dec/2026:21:17:19 +0000], local time as Apache and gunicorn write it, made
-    once a second."""
-    now = int(time.time())
-    if _log_time_cache[0] != now:
-        _log_time_cache[1] = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now)).encode()
-        _log_time_cache[0] = now
-    return _log_time_cache[1]
-
-
-def _log_request_part(pick):
-    """m U q H: `pick`(method, target, version) of the request, or of the line of one
-    that was refused."""
-    def get(handler, request, response, headers):
-        if request is not None:
-            return _log_value(pick(request.method, request.target, request.version))
-        parts = (handler.line or b"").split(b" ")
-        return _log_value(pick(*parts) if len(parts) == 3 else b"")
-    return get
-
-
-_LOG_METHOD = _log_request_part(lambda method, target, version: method)
-_LOG_PATH = _log_request_part(lambda method, target, version: target.partition(b"?")[0])
-_LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(b"?")[2])
-_LOG_PROTOCOL = _log_request_part(lambda method, target, version: version)
-
-
-class _Inline(str):
-    """An atom as an expression of h (the handler), q (the request, None if refused),
-    r (the response) and i (the request headers the format names, lower-case); `{0}` is
-    its `constant`.  Only these, written here, are ever compiled."""
-
-    def __new__(cls, expression, constant=None, header=None):
-        self = str.__new__(cls, expression)
-        self.constant, self.header = constant, header
-        return self
-
-
-def _log_header(name, where):
-    name = name.lower().encode("latin-1")
-    if where == "i":
-        return _Inline("value(i.get({0}))", name, header=name)
-
-    def from_response(handler, request, response, headers):
-        headers = response.headers
-        for i in range(0, len(headers), 2):
-            if headers[i].lower() == name:
-                return _log_value(headers[i + 1])
-        return b"-"
-    return from_response
-
-
-def _log_user(handler, request, response, headers):
-    """u: the user name of HTTP Basic authentication (RFC 7617), as gunicorn logs it."""
-    credentials = headers.get(b"authorization", b"")
-    if credentials[:6].lower() != b"basic ":
-        return b"-"
-    import binascii
-    try:
-        return _log_value(binascii.a2b_base64(credentials[6:]).partition(b":")[0])
-    except binascii.Error:
-        return b"-"
-
-
-_log_user.header = b"authorization"
-
-
-def _log_elapsed(scale, text=None):
-    def get(handler, request, response, headers):
-        seconds = time.monotonic() - handler.started
-        return (text % seconds if text else str(int(seconds * scale))).encode()
-    return get
-
-
-_LOG_PEER = _Inline('(h.client_address[0].encode() or b"-")')
-
-
-def _log_variable(name):
-    """{NAME}e: a CGI/WSGI variable of the request as the front forwards it."""
-    key = name.lower()
-    if key.startswith("http_"):
-        return _log_header(key[5:].replace("_", "-"), "i")
-    if key in ("content_type", "content_length"):
-        return _log_header(key.replace("_", "-"), "i")
-    known = {
-        "remote_addr": _LOG_PEER,
-        "remote_port": _Inline('(str(h.client_address[1]).encode() or b"-")'),
-        "server_name": _Inline("h.listener.server_name"),
-        "server_port": _Inline("h.listener.server_port"),
-        "wsgi.url_scheme": _Inline("h.listener.scheme"),
-        "request_method": _LOG_METHOD,
-        "path_info": _LOG_PATH,
-        "query_string": _LOG_QUERY,
-        "server_protocol": _LOG_PROTOCOL,
-    }
-    if key not in known:
-        raise ValueError("%%({%s}e)s: no such variable (known: %s, http_*, content_type, "
-                         "content_length)" % (name, ", ".join(sorted(known))))
-    return known[key]
-
-
-def _log_atoms():
-    """gunicorn's access log atoms (gunicorn/glogging.py, Logger.atoms)."""
-    return {
-        "h": _LOG_PEER,
-        "l": b"-",
-        "u": _log_user,
-        "t": _Inline("(TIME[1] if TIME[0] == int(time()) else stamp())"),
-        "r": _Inline("value(q.line if q is not None else h.line)"),
-        "m": _LOG_METHOD,
-        "U": _LOG_PATH,
-        "q": _LOG_QUERY,
-        "H": _LOG_PROTOCOL,
-        "s": _Inline("r.status[:3]"),
-        "B": _Inline('b"%d" % h.sent'),
-        "b": _Inline('(b"%d" % h.sent if h.sent else b"-")'),
-        "f": _log_header("referer", "i"),
-        "a": _log_header("user-agent", "i"),
-        "T": _log_elapsed(1),
-        "M": _log_elapsed(1000),
-        "D": _log_elapsed(1000000),
-        "L": _log_elapsed(1, "%.6f"),
-        "p": ("<%d>" % os.getpid()).encode(),
-    }
-
-
-def compile_log_format(log_format):
-    """A --access-logformat as (line function, lower-case names of the request headers it
-    reads); ValueError names a bad atom.
-
-    The function is made the way collections.namedtuple makes its methods: one expression,
-    `template % (atom, atom, ...)`, compiled once, so a line costs one call and not one
-    per atom.  The format's own text is never compiled: it is the bytes template, an
-    argument; the code is made only of the _Inline expressions above and calls of the
-    other atoms' functions."""
-    atoms = _log_atoms()
-    template, expressions = [], []
-    namespace = {"TIME": _log_time_cache, "time": time.time, "stamp": _log_time, "value": _log_value}
-    wanted = set()
-    position = 0
-    for match in re.finditer(r"%\(([^)]*)\)s|%%|%", log_format):
-        template.append(log_format[position:match.start()].encode().replace(b"%", b"%%"))
-        position = match.end()
-        if match.group(0) == "%%":
-            template.append(b"%%")
-            continue
-        name = match.group(1)
-        if name is None:
-            raise ValueError("a lone %% at column %d (write %%%% for a percent sign)" % match.start())
-        braced = re.fullmatch(r"\{([^}]+)\}([ioe])", name)
-        if braced:
-            header, where = braced.groups()
-            atom = _log_variable(header) if where == "e" else _log_header(header, where)
-        elif name in atoms:
-            atom = atoms[name]
-        else:
-            raise ValueError("unknown atom %%(%s)s (atoms: %s, {header}i, {header}o, {variable}e)"
-                             % (name, " ".join(atoms)))
-        if isinstance(atom, bytes):  # a constant: into the template
-            template.append(atom.replace(b"%", b"%%"))
-            continue
-        template.append(b"%s")
-        slot = "A%d" % len(expressions)
-        if isinstance(atom, _Inline):
-            namespace[slot] = atom.constant
-            expressions.append(atom.format(slot))
-        else:
-            namespace[slot] = atom
-            expressions.append("%s(h, q, r, i)" % slot)
-        if getattr(atom, "header", None):
-            wanted.add(atom.header)
-    template.append(log_format[position:].encode().replace(b"%", b"%%") + b"\n")
-    namespace["TEMPLATE"] = b"".join(template)
-    exec("def format_line(h, q, r, i):\n    return TEMPLATE %% (%s)\n"
-         % "".join(expression + ", " for expression in expressions), namespace)
-    return namespace["format_line"], frozenset(wanted)
-
+#   door       one door call per request (the app end is the door backend serving
+#              WSGIGateway, above).
+#   proxy      the app role serves HTTP/1.1 on a Unix socket with its own threaded server;
+#              the front forwards over pooled keep-alive connections (nginx's proxy_pass
+#              with upstream keepalive).
+#   fastcgi    the app role is a FastCGI 1.0 responder on a Unix socket; the front is its
+#              client over pooled connections (FCGI_KEEP_CONN).  nginx's fastcgi_pass can
+#              be its client just as well.
+#   cgi        the front runs `doordown.py cgi module:app` for every request (RFC 3875).
+#   inprocess  the front calls the application itself, with no IPC at all: the reference
+#              the benchmark measures the others against, not a way to deploy.
+#
+# Whatever the transport, the application gets the environ of cgi_variables(), and a
+# failure reaches FrontServer.dispatch as an OSError (502) or a timeout (504).
+
+def _body_input(body, body_fd):
+    """(wsgi.input, its length) for a body in memory or on a descriptor the caller keeps."""
+    if body_fd is None:
+        return io.BytesIO(body), len(body)
+    return os.fdopen(os.dup(body_fd), "rb"), os.fstat(body_fd).st_size
+
+
+# -- door: one door call per request, one reply ------------------------------------------
 
 def request_fields(request, env):
     """The wire format's request fields for `request`: method ... body, then header pairs."""
@@ -3537,775 +3096,7 @@ class _PipeStream:
         os.close(self.fd)
 
 
-class _RequestEnv:
-    """Per-request facts the front adds for the app: peer, server address, mount."""
-
-    __slots__ = ("scheme", "remote_addr", "remote_port", "server_name", "server_port", "script_name")
-
-
-class Mount:
-    """An application mounted at a path prefix, reached through one upstream at a time.
-
-    The supervisor swaps the upstream whole when it replaces the app, so requests under
-    way finish on the one they started with.  A request that could not be delivered
-    (the old app revoked its door, or died) waits for the replacement instead of failing.
-    """
-
-    def __init__(self, prefix, upstream=None, supervised=True, host=None):
-        self.prefix = prefix.rstrip("/").encode("latin-1")
-        self.host = host  # lower-case bytes: only requests for this Host; None: any Host
-        self.upstream = upstream
-        self.supervised = supervised  # False: an app started separately; nobody replaces it
-        self.refused = None  # why requests get 503 while restarts are paused, or None
-        self.request_limit = 0  # ask for a replacement after this many requests (0: never)
-        self.on_limit = None
-        self._served = Counter()
-        self.on_demand = None  # called when a request finds no upstream: start the app
-        self._changed = threading.Condition()
-        self._activity = threading.Lock()
-        self.active = 0  # requests being forwarded now
-        self.last_used = time.monotonic()  # when the last one ended
-
-    def enter(self):
-        with self._activity:
-            self.active += 1
-
-    def leave(self):
-        with self._activity:
-            self.active -= 1
-            self.last_used = time.monotonic()
-
-    def replace(self, upstream, request_limit=0, refused=None):
-        with self._changed:
-            self.upstream, self.refused = upstream, refused
-            self.request_limit, self._served = request_limit, Counter()
-            self._changed.notify_all()
-
-    def next_upstream(self, stale, timeout):
-        """The upstream after `stale`, waiting up to `timeout` for it; None if none comes."""
-        with self._changed:
-            if self.on_demand is not None and self.upstream in (None, stale):
-                self.on_demand(self)  # a stopped (lazy or idle) app is started by its request
-            self._changed.wait_for(lambda: self.refused or self.upstream not in (None, stale), timeout)
-            return None if self.refused or self.upstream is stale else self.upstream
-
-    def count_request(self):
-        if self.request_limit and self._served.add() == self.request_limit:
-            self.on_limit(self)
-
-
-# -- static files, served by the front itself ------------------------------------------------
-#
-# `--static-map /URL=DIR` (uWSGI's option): requests under /URL are answered from DIR by the
-# front, with sendfile, and never reach the application.  What a path may name is decided
-# on the raw request path before anything is opened: an encoded slash or backslash (%2f,
-# %5c), a NUL, a backslash, or a "." or ".." segment (also when percent-encoded) is a 404;
-# the file found must, once every symlink is resolved, still lie under DIR.  Directories
-# are never listed; with `--static-index NAME` (uWSGI's too) a directory's NAME is served,
-# after a redirect that adds the trailing slash.  Conditional requests and ranges follow
-# RFC 9110 sections 13 and 14.
-
-_STATIC_REFUSED = re.compile(rb"%(?:2[fF]|5[cC]|00)|[\\\x00]")
-_BYTE_RANGE = re.compile(rb"([0-9]{0,18})-([0-9]{0,18})")
-_TEXT_TYPES = ("text/", "application/javascript", "application/json", "image/svg+xml")
-
-
-class StaticFiles:
-    """One `--static-map`: files under `root` answered at `prefix` (GET and HEAD)."""
-
-    def __init__(self, prefix, root, index=()):
-        self.prefix = prefix.rstrip("/").encode("latin-1")
-        self.root = os.path.realpath(root).encode()
-        self.index = [name.encode() for name in index]
-
-    def matches(self, path):
-        return path == self.prefix or path.startswith(self.prefix + b"/")
-
-    def answer(self, request):
-        if request.method not in (b"GET", b"HEAD"):
-            response = plain_response(405)
-            response.headers += (b"Allow", b"GET, HEAD")
-            return response
-        raw = request.path[len(self.prefix):]  # "" or "/...": matches() saw to it
-        if _STATIC_REFUSED.search(raw):
-            return plain_response(404)
-        segments = unquote_to_bytes(raw).split(b"/")
-        if any(segment in (b".", b"..") for segment in segments):
-            return plain_response(404)
-        path = os.path.join(self.root, *[segment for segment in segments if segment])
-        opened = self.open(path)
-        if opened is not None and stat.S_ISDIR(opened[1].st_mode):
-            os.close(opened[0])
-            opened = None
-            for name in self.index:
-                opened = self.open(os.path.join(path, name))
-                if opened is not None and stat.S_ISREG(opened[1].st_mode):
-                    path = os.path.join(path, name)
-                    break
-                if opened is not None:
-                    os.close(opened[0])
-                    opened = None
-            if opened is not None and not raw.endswith(b"/"):  # relative links in it need the slash
-                os.close(opened[0])
-                response = plain_response(301)
-                query = request.target.partition(b"?")[2]
-                response.headers += (b"Location", request.path + b"/" + (b"?" + query if query else b""))
-                return response
-        if opened is None or not stat.S_ISREG(opened[1].st_mode):
-            if opened is not None:
-                os.close(opened[0])
-            return plain_response(404)
-        fd, info = opened
-        try:
-            return self.respond(request, path, fd, info)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def open(self, path):
-        """(fd, stat) of `path` if it resolves to something under the root, else None."""
-        real = os.path.realpath(path)
-        if real != self.root and not real.startswith(self.root + b"/"):
-            return None  # a symlink out of the root
-        try:
-            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return None
-        return fd, os.fstat(fd)
-
-    def respond(self, request, path, fd, info):
-        size = info.st_size
-        etag = b'"%x-%x"' % (info.st_mtime_ns, size)
-        modified = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(info.st_mtime)).encode()
-        headers = [b"Last-Modified", modified, b"ETag", etag, b"Accept-Ranges", b"bytes"]
-        fields = {}
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower in (b"if-none-match", b"if-modified-since", b"range", b"if-range"):
-                fields[lower] = fields[lower] + b"," + value if lower in fields else value
-        if self.not_modified(fields, etag, int(info.st_mtime)):
-            os.close(fd)
-            return Response(b"304 Not Modified", headers)
-        content_type = _static_type(path)
-        headers[:0] = (b"Content-Type", content_type)
-        offset, length = 0, size
-        status = b"200 OK"
-        wanted = fields.get(b"range")
-        if wanted is not None and request.method == b"GET" and self.range_applies(fields, etag, modified):
-            ranges = _byte_ranges(wanted, size)
-            if ranges == []:
-                os.close(fd)
-                response = plain_response(416)
-                response.headers += (b"Content-Range", b"bytes */%d" % size)
-                return response
-            if ranges is not None and len(ranges) == 1:
-                (offset, last), = ranges
-                length = last - offset + 1
-                status = b"206 Partial Content"
-                headers += (b"Content-Range", b"bytes %d-%d/%d" % (offset, last, size))
-        headers += (b"Content-Length", b"%d" % length)
-        return Response(status, headers, b"", fd, body_offset=offset, body_length=length)
-
-    @staticmethod
-    def not_modified(fields, etag, mtime):
-        """RFC 9110 13.1.2 and 13.1.3: If-None-Match first; If-Modified-Since only without it."""
-        match = fields.get(b"if-none-match")
-        if match is not None:
-            tags = [tag.strip(b" \t") for tag in match.split(b",")]
-            return b"*" in tags or any(tag[2:] == etag if tag.startswith(b"W/") else tag == etag
-                                       for tag in tags)  # weak comparison
-        since = fields.get(b"if-modified-since")
-        if since is not None:
-            when = _parse_http_date(since)
-            return when is not None and mtime <= when
-        return False
-
-    @staticmethod
-    def range_applies(fields, etag, modified):
-        """RFC 9110 13.1.5: an If-Range that does not match (strongly) means the whole file."""
-        condition = fields.get(b"if-range")
-        if condition is None:
-            return True
-        condition = condition.strip(b" \t")
-        return condition == etag if condition.startswith(b'"') else condition == modified
-
-
-def _byte_ranges(value, size):
-    """The satisfiable (first, last) ranges of a Range value (RFC 9110 14.1.2), or None
-    when it is not a valid bytes range set (then it is ignored, as 14.2 allows)."""
-    unit, _, ranges = value.partition(b"=")
-    if unit.strip(b" \t").lower() != b"bytes" or not ranges:
-        return None
-    found = []
-    specs = ranges.split(b",")
-    if len(specs) > 100:
-        return None  # a client that asks for that many pieces gets the whole file
-    for spec in specs:
-        match = _BYTE_RANGE.fullmatch(spec.strip(b" \t"))
-        if match is None or match.group(1) == match.group(2) == b"":
-            return None
-        first, last = match.groups()
-        if first == b"":  # the last N bytes
-            if int(last) and size:
-                found.append((max(0, size - int(last)), size - 1))
-            continue
-        first = int(first)
-        if last and int(last) < first:
-            return None
-        if first < size:
-            found.append((first, min(int(last), size - 1) if last else size - 1))
-    return found
-
-
-def _static_type(path):
-    import mimetypes  # only a front with --static-map reads the types table
-    content_type, encoding = mimetypes.guess_type(path.decode("utf-8", "surrogateescape"), strict=False)
-    if content_type is None or encoding is not None:  # x.tar.gz is gzip data, not a tar
-        return b"application/octet-stream"
-    if content_type.startswith(_TEXT_TYPES):
-        content_type += "; charset=utf-8"
-    return content_type.encode("latin-1")
-
-
-def _parse_http_date(value):
-    """Seconds since the epoch of an HTTP date (RFC 9110 5.6.7, all three forms), or None."""
-    import email.utils
-    try:
-        parsed = email.utils.parsedate_tz(value.decode("latin-1"))
-    except (TypeError, ValueError):
-        return None
-    if parsed is None:
-        return None
-    try:
-        return int(email.utils.mktime_tz(parsed))
-    except (OverflowError, ValueError):
-        return None
-
-
-# -- listening sockets -------------------------------------------------------------
-#
-# `serve` binds every --bind before anything else (before the app is even spawned), so
-# a port in use costs one line and no import.  The forms are gunicorn's: HOST:PORT,
-# [IPv6]:PORT, unix:PATH and fd://N; under systemd socket activation (LISTEN_FDS, see
-# sd_listen_fds(3)) the sockets systemd passes replace --bind, as gunicorn does, so the
-# front can be restarted while systemd keeps the socket and its backlog.
-
-SD_LISTEN_FDS_START = 3
-
-
-class BindError(Exception):
-    """A listening socket that could not be made: one line for the operator."""
-
-
-class Listener:
-    """One listening socket of the front, and what requests through it are told."""
-
-    def __init__(self, sock, name, path=None):
-        self.sock, self.name, self.path = sock, name, path  # path: a Unix socket's, ours to remove
-        self.inode = os.stat(path).st_ino if path is not None else None
-        self.unix = sock.family == socket.AF_UNIX
-        if self.unix:  # no port: PEP 3333 still wants SERVER_NAME and SERVER_PORT
-            self.server_name, self.server_port = b"localhost", b"80"
-        else:
-            host, port = sock.getsockname()[:2]
-            self.server_name, self.server_port = host.encode(), str(port).encode()
-        self.scheme = b"http"
-
-    def url(self):
-        if self.unix:
-            return "%s (unix:%s)" % (self.scheme.decode(), self.name)
-        return "%s://%s/" % (self.scheme.decode(), self.name)
-
-    def close(self):
-        """Close the socket; remove its file unless it is another server's by now (one
-        started while this one finished its requests)."""
-        self.sock.close()
-        path, self.path = self.path, None
-        try:
-            if path is not None and os.lstat(path).st_ino == self.inode:
-                os.unlink(path)
-        except OSError:
-            pass
-
-
-def open_listeners(binds, backlog=2048, unix_perms=0o600, environ=os.environ):
-    """Listeners for `binds` ([("tcp", host, port) | ("unix", path) | ("fd", n)]), or the
-    sockets systemd passed.  Raises BindError; what was opened before is closed again."""
-    listeners = []
-    try:
-        if environ.get("LISTEN_PID") == str(os.getpid()) and environ.get("LISTEN_FDS", "").isdigit():
-            count = int(environ["LISTEN_FDS"])
-            for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for the app
-                environ.pop(name, None)
-            binds = [("fd", fd) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
-        for bind in binds:
-            listeners.append(_open_listener(bind, backlog, unix_perms))
-    except BaseException:
-        for listener in listeners:
-            listener.close()
-        raise
-    return listeners
-
-
-def _open_listener(bind, backlog, unix_perms):
-    kind = bind[0]
-    if kind == "fd":
-        fd = bind[1]
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            raise BindError("fd://%d: %s" % (fd, exc.strerror or exc))
-        if sock.type != socket.SOCK_STREAM:
-            sock.detach()
-            raise BindError("fd://%d is not a stream socket" % fd)
-        sock.set_inheritable(False)
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.listen(backlog)
-        if sock.family == socket.AF_UNIX:
-            return Listener(sock, sock.getsockname() or "fd://%d" % fd)
-        return Listener(sock, _host_port(*sock.getsockname()[:2]))
-    if kind == "unix":
-        return _open_unix_listener(bind[1], backlog, unix_perms)
-    host, port = bind[1], bind[2]
-    try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                                      0, socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise BindError("cannot listen on %s: %s" % (_host_port(host, port), exc.strerror))
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:  # [::] takes IPv6 only, so 0.0.0.0 can be bound beside it
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise BindError("cannot listen on %s: %s" % (_host_port(host, port), exc.strerror or exc))
-    return Listener(sock, _host_port(*sock.getsockname()[:2]))
-
-
-def _host_port(host, port):
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-
-
-def _open_unix_listener(path, backlog, perms):
-    """A Unix socket at `path`, born with mode `perms`; a stale socket file is replaced,
-    one a live server answers on is not."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        bind_unix_socket(sock, path, backlog, perms)
-    except OSError as exc:
-        sock.close()
-        raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror or exc))
-    return Listener(sock, path, path)
-
-
-class TLSContext:
-    """The front's TLS: stdlib ssl (imported only when TLS is asked for), TLS 1.2 or newer,
-    HTTP/1.1 by ALPN; with `ca_certs`, a client certificate signed by one of them is
-    required.  reload() reads the files again (on SIGHUP): new connections get the new
-    certificate, open ones keep theirs."""
-
-    def __init__(self, certfile, keyfile=None, ca_certs=None):
-        self.certfile, self.keyfile, self.ca_certs = certfile, keyfile, ca_certs
-        self.context = self._load()
-
-    def _load(self):
-        import ssl
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["http/1.1"])
-        try:
-            context.load_cert_chain(self.certfile, self.keyfile)
-            if self.ca_certs:
-                context.load_verify_locations(self.ca_certs)
-                context.verify_mode = ssl.CERT_REQUIRED
-        except (OSError, ssl.SSLError) as exc:
-            raise BindError("TLS: cannot load %s: %s" % (
-                " and ".join(f for f in (self.certfile, self.keyfile, self.ca_certs) if f),
-                exc.strerror or exc.reason or exc))
-        return context
-
-    def reload(self):
-        """Load the files again; on failure keep the current ones and say why."""
-        try:
-            self.context = self._load()
-        except BindError as exc:
-            _log("front", "%s; keeping the certificate loaded before" % exc, "warning")
-            return False
-        return True
-
-    def handshake(self, sock, timeout):
-        """The TLS socket for an accepted `sock` once its handshake is done within
-        `timeout` seconds, however the client paces it; None (and closed) otherwise."""
-        import ssl
-        deadline = time.monotonic() + timeout
-        try:
-            tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        except OSError:
-            sock.close()
-            return None
-        try:
-            tls.setblocking(False)
-            poller = select.poll()
-            poller.register(tls, select.POLLIN)
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    poller.modify(tls, select.POLLIN)
-                except ssl.SSLWantWriteError:
-                    poller.modify(tls, select.POLLOUT)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not poller.poll(remaining * 1000):
-                    raise socket.timeout("TLS handshake not done within %ss" % timeout)
-            tls.setblocking(True)
-            return tls
-        except (OSError, ValueError):
-            tls.close()
-            return None
-
-
-class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """The HTTP front: ThreadingHTTPServer's threads, our listeners, parser and dispatch.
-
-    http.server's ThreadingHTTPServer is these two socketserver classes, with
-    daemon_threads set and a server_bind the front does not use (it binds its listeners
-    itself).  They are taken from socketserver directly: importing http.server would load
-    http.client and the email package, about 7 MB of the front's memory, for nothing.
-    """
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, listeners, mounts, limits=None, access_log=None,
-                 forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0, static=(), tls=None):
-        socketserver.BaseServer.__init__(self, listeners[0].sock.getsockname(), FrontHandler)
-        self.listeners = listeners
-        self.set_mounts(mounts)
-        self.static = sorted(static, key=lambda s: len(s.prefix), reverse=True)
-        self.limits = limits or Limits()
-        self.access_log = access_log
-        self.forwarded_allow = frozenset(forwarded_allow)
-        self.upstream_wait = upstream_wait
-        self.tls = tls  # a TLSContext for every listener, or None
-        if tls is not None:
-            for listener in listeners:
-                listener.scheme = b"https"
-                if listener.unix:
-                    listener.server_port = b"443"
-        self.stopping = False
-        self._accepting = threading.Event()
-        self.ending_streams = False  # set when a stop has run out of grace: streams end now
-        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
-        self._lock = threading.Lock()
-        self._connections = {}  # socket -> True while a request is being answered
-
-    def serve_forever(self, poll_interval=0.25):
-        """Accept on every listener until stop_accepting()."""
-        import selectors
-        self._accepting.set()
-        try:
-            with selectors.DefaultSelector() as selector:
-                for listener in self.listeners:
-                    selector.register(listener.sock, selectors.EVENT_READ, listener)
-                while not self.stopping:
-                    for key, _ in selector.select(poll_interval):
-                        self.accept(key.data)
-        finally:
-            self._accepting.clear()
-
-    def accept(self, listener):
-        try:
-            request, client_address = listener.sock.accept()
-        except OSError as exc:  # gone between select and accept, or out of descriptors
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                time.sleep(0.05)  # the backlog keeps the connection; do not spin meanwhile
-            return
-        self.process_request(request, client_address, listener)
-
-    def process_request(self, request, client_address, listener):
-        # At the connection cap, stop accepting: newcomers wait in the listen backlog.
-        while not self._slots.acquire(timeout=0.5):
-            if self.stopping:
-                self.shutdown_request(request)
-                return
-        if listener.unix:  # no peer address; a Unix-socket peer is a local proxy
-            client_address = ("", "")
-        with self._lock:
-            self._connections[request] = False
-        try:
-            threading.Thread(target=self.process_request_thread, args=(request, client_address, listener),
-                             name="front-connection", daemon=True).start()
-        except RuntimeError as exc:  # can't start new thread: this connection closes, its slot is free
-            with self._lock:
-                self._connections.pop(request, None)
-            self._slots.release()
-            _log("front", "no thread for a connection: %s" % exc, "warning")
-            self.shutdown_request(request)
-
-    def process_request_thread(self, request, client_address, listener):
-        try:
-            # Signals are the supervisor's: one landing on this thread would interrupt its
-            # door call (EINTR) and fail the request.
-            signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
-            if not listener.unix:
-                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls is not None:
-                # On this thread, bounded by the header timeout: a client that never
-                # finishes its handshake holds one thread for that long, and nothing else.
-                raw, request = request, self.tls.handshake(request, self.limits.header_timeout)
-                with self._lock:
-                    self._connections.pop(raw, None)
-                    if request is not None:
-                        self._connections[request] = False
-            if request is not None:
-                FrontHandler(request, client_address, self, listener)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            if request is not None:
-                with self._lock:
-                    self._connections.pop(request, None)
-                self.shutdown_request(request)
-            self._slots.release()
-
-    def handle_error(self, request, client_address):
-        _log("front", "error on connection from %s:\n%s" % (client_address[0], traceback.format_exc().rstrip()),
-             "error")
-
-    def busy(self, sock, busy):
-        # No lock: one item store is atomic, and only the connection's own thread stores
-        # it (its entry is added before that thread starts and removed after it is done).
-        self._connections[sock] = busy
-
-    @property
-    def in_flight(self):
-        with self._lock:
-            return sum(self._connections.values())
-
-    def set_mounts(self, mounts):
-        """Route to `mounts`: a mount for the request's Host before one for any Host, then
-        the longest path prefix (one assignment: requests see the old list or the new)."""
-        self.mounts = sorted(mounts, key=lambda m: (m.host is None, -len(m.prefix)))
-        self.host_routing = any(mount.host is not None for mount in mounts)
-
-    def route(self, request):
-        """The mount that claims the request, or None."""
-        path, host = request.path, None
-        if self.host_routing:
-            for name, value in request.headers:
-                if name.lower() == b"host":
-                    host = value.rpartition(b":")[0] if value.rsplit(b":", 1)[-1].isdigit() else value
-                    host = host.lower()
-                    break
-        for mount in self.mounts:
-            prefix = mount.prefix
-            if (mount.host is None or mount.host == host) and (
-                    not prefix or path == prefix or path.startswith(prefix + b"/")):
-                return mount
-        return None
-
-    def dispatch(self, request, client_address, listener):
-        """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
-        path = request.path
-        for files in self.static:
-            if files.matches(path):
-                return files.answer(request)
-        mount = self.route(request)
-        if mount is None:
-            return plain_response(404)
-        mount.enter()
-        try:
-            return self.forward(request, client_address, listener, mount)
-        finally:
-            mount.leave()
-
-    def forward(self, request, client_address, listener, mount):
-        env = _RequestEnv()
-        env.scheme = listener.scheme
-        env.remote_addr = client_address[0].encode()
-        env.remote_port = str(client_address[1]).encode()
-        env.server_name, env.server_port = listener.server_name, listener.server_port
-        env.script_name = mount.prefix
-        if request.proxy_headers:
-            self.apply_proxy_headers(request, env, client_address[0], listener)
-        upstream = mount.upstream
-        try:
-            for _attempt in range(3):
-                if upstream is None:
-                    upstream = mount.next_upstream(None, self.upstream_wait)
-                    if upstream is None:
-                        return self.unavailable(request, mount)
-                try:
-                    response = upstream.forward(request, env)
-                    mount.count_request()
-                    return response
-                except DoorRevoked:
-                    # Never delivered: the app is being replaced or has died.  Nothing ran,
-                    # so the request goes to the replacement as soon as there is one.
-                    if not mount.supervised:
-                        raise
-                    upstream = mount.next_upstream(upstream, self.upstream_wait)
-                    if upstream is None:
-                        return self.unavailable(request, mount)
-            return self.unavailable(request, mount)
-        except (DoorTimeout, TimeoutError, socket.timeout) as exc:  # socket.timeout: Python 3.9
-            self.log_failure(request, exc)
-            return plain_response(504, "the application did not answer in time", close=True)
-        except (DoorError, WireError, OSError) as exc:
-            self.log_failure(request, exc)
-            return plain_response(502, "the application could not be reached", close=True)
-        except Exception:  # a peer's reply that no parser above foresaw: still this request's 502
-            self.log_failure(request, "unusable reply:\n" + traceback.format_exc().rstrip())
-            return plain_response(502, "the application sent an unusable reply", close=True)
-        finally:
-            if request.body_fd is not None:
-                os.close(request.body_fd)
-
-    def unavailable(self, request, mount):
-        reason = mount.refused or "no application is answering"
-        self.log_failure(request, reason)
-        return plain_response(503, reason, close=True)
-
-    @staticmethod
-    def log_failure(request, why):
-        where = "%s %s" % (_log_text(request.method), _log_text(request.path)) if request else "-"
-        _log("front", "%s: %s" % (where, why), "error")
-
-    def apply_proxy_headers(self, request, env, peer, listener):
-        """Honour X-Forwarded-For/-Proto from an allowed proxy; from anyone else, drop them.
-
-        A peer on a Unix socket is trusted, as gunicorn does: only a local proxy can reach
-        it, and the socket's mode (--unix-socket-perms) says which."""
-        if listener.unix or peer in self.forwarded_allow or "*" in self.forwarded_allow:
-            forwarded_for = request.proxy_headers.get(b"x-forwarded-for")
-            if forwarded_for:  # the nearest hop is the one the allowed proxy saw
-                address = forwarded_for.split(b",")[-1].strip(b" \t")
-                if _is_ip(address):
-                    env.remote_addr = address
-            proto = request.proxy_headers.get(b"x-forwarded-proto", b"").strip(b" \t").lower()
-            if proto in (b"http", b"https"):
-                env.scheme = proto
-        else:
-            request.headers = [(n, v) for n, v in request.headers if n.lower() not in _PROXY_HEADERS]
-
-    def log_access(self, handler, request, response):
-        if self.access_log is not None:
-            self.access_log.write(handler, request, response)
-
-    def stop_accepting(self):
-        """Stop taking connections.  Open ones get `Connection: close` on their next reply."""
-        self.stopping = True
-        self._accepting.wait(1.0)  # cleared when serve_forever has left its loop
-        while self._accepting.is_set():
-            time.sleep(0.01)
-        # Connections the kernel completed but we had not yet accepted would be reset by
-        # the close: take them in and answer them too.
-        for listener in self.listeners:
-            listener.sock.setblocking(False)
-            while True:
-                try:
-                    request, client_address = listener.sock.accept()
-                except OSError:
-                    break
-                request.setblocking(True)
-                self.process_request(request, client_address, listener)
-            listener.close()
-
-    def close_idle(self):
-        """Close keep-alive connections that are not in the middle of a request."""
-        with self._lock:
-            idle = [sock for sock, busy in self._connections.items() if not busy]
-        for sock in idle:
-            _shutdown(sock)
-
-    @property
-    def open_connections(self):
-        return len(self._connections)
-
-
-def _is_ip(text):
-    import ipaddress
-    try:
-        ipaddress.ip_address(text.decode("ascii"))
-        return True
-    except ValueError:
-        return False
-
-
-###############################################################################
-# Other transports ###########################################################
-###############################################################################
-#
-# The usual ways of putting an application behind a front, each a usable transport
-# between the same front and the same WSGIGateway (`serve --transport NAME`):
-#
-#   proxy      the app role serves HTTP/1.1 on a Unix socket with its own threaded server;
-#              the front forwards over pooled keep-alive connections (nginx's proxy_pass
-#              with upstream keepalive).
-#   fastcgi    the app role is a FastCGI 1.0 responder on a Unix socket; the front is its
-#              client over pooled connections (FCGI_KEEP_CONN).  nginx's fastcgi_pass can
-#              be its client just as well.
-#   cgi        the front runs `doordown.py cgi module:app` for every request (RFC 3875).
-#   inprocess  the front calls the application itself, with no IPC at all: the reference
-#              the benchmark measures the others against, not a way to deploy.
-#
-# Whatever the transport, the application gets the environ of cgi_variables(), and a
-# failure reaches FrontServer.dispatch as an OSError (502) or a timeout (504).
-
-class TransportError(ConnectionError):
-    """A peer went away in the middle of a message or broke its protocol."""
-
-
-def cgi_response(status, headers, body, close):
-    """A response in CGI form (RFC 3875 section 6): Status and header lines, a blank line, the body."""
-    parts = [b"Status: ", status, b"\r\n"]
-    for i in range(0, len(headers), 2):
-        parts += (headers[i], b": ", headers[i + 1], b"\r\n")
-    if close:
-        parts.append(b"Connection: close\r\n")  # the app broke its framing: the front closes
-    parts += (b"\r\n", body)
-    return b"".join(parts)
-
-
-def parse_cgi_response(output):
-    """The Response in a CGI program's output: header lines (CRLF or LF), a blank line, the body."""
-    end, skip = output.find(b"\r\n\r\n"), 4
-    bare = output.find(b"\n\n")
-    if bare >= 0 and (end < 0 or bare < end):
-        end, skip = bare, 2
-    if end < 0:
-        raise TransportError("the CGI response has no end of headers")
-    status = None
-    try:
-        fields, _, chunked, close = parse_response_fields(head_lines(output[:end], lf_ends_lines=True))
-        if chunked:
-            raise HTTPError(400, "a chunked CGI response")
-        headers = []
-        for i in range(0, len(fields), 2):
-            lower = fields[i].lower()
-            if lower == b"status":
-                status = parse_status(fields[i + 1])
-                continue
-            if lower == b"location" and status is None:
-                status = b"302 Found"  # RFC 3875 6.2.3: a client redirect
-            headers += fields[i:i + 2]
-    except HTTPError as exc:
-        raise TransportError("malformed CGI response: %s" % exc)
-    return Response(status or b"200 OK", headers, output[end + skip:], None, close)
-
-
-def _body_input(body, body_fd):
-    """(wsgi.input, its length) for a body in memory or on a descriptor the caller keeps."""
-    if body_fd is None:
-        return io.BytesIO(body), len(body)
-    return os.fdopen(os.dup(body_fd), "rb"), os.fstat(body_fd).st_size
-
-
-# -- the app end: a threaded server on a Unix socket ---------------------------
+# -- over a Unix socket: the app end's threaded server, the front end's pool -------------
 
 class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """An app role's server on a Unix socket: one thread per connection from the front.
@@ -4381,8 +3172,6 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
 
-
-# -- the front end: pooled connections to a Unix socket ------------------------
 
 def unix_pool(path, timeout=None):
     """A LifoPool of BufferedSockets connected to the Unix socket at `path`, each send and
@@ -5084,21 +3873,58 @@ class FastCGIUpstream:
         self.pool.close()
 
 
-# -- CGI ---------------------------------------------------------------------------
+# -- CGI: a process per request ----------------------------------------------------------
 
-def spawn_unmasked(*args, **kwargs):
-    """subprocess.Popen with no signal blocked in the child.
-
-    A child inherits the signal mask of the thread that forks it, and threads that must
-    not take signals (front connections, door server threads before they run Python)
-    block them: a CGI program or an application's subprocess would then ignore SIGTERM.
-    """
-    import subprocess
-    blocked = signal.pthread_sigmask(signal.SIG_SETMASK, ())
+def run_cgi(args):
+    """The `cgi` command: answer the one request in the environment, as an RFC 3875 program."""
+    environ = {name.decode("latin-1"): value.decode("latin-1")
+               for name, value in os.environb.items()}
+    if "REQUEST_METHOD" not in environ:
+        _log("cgi", "no REQUEST_METHOD in the environment: run by a web server, not by hand", "error")
+        return EXIT_USAGE
     try:
-        return subprocess.Popen(*args, **kwargs)
+        app = load_app(args.app)
+    except BaseException:
+        _log("cgi", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()),
+             "error")
+        return EXIT_APP_LOAD
+    gateway = WSGIGateway(app)
+    environ.update(gateway.wsgi_keys)
+    environ.update({"wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": True,
+                    "wsgi.input": sys.stdin.buffer, "wsgi.errors": sys.stderr,
+                    "wsgi.url_scheme": "https" if environ.get("HTTPS") in ("on", "1") else "http"})
+    for name in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING"):
+        environ.setdefault(name, "")
+    status, headers, body, close = gateway.respond(environ)
+    out = sys.stdout.buffer
+    if type(body) is bytes:
+        out.write(cgi_response(status, headers, body, close))
+        out.flush()
+        return 0
+    # A file or a stream: each piece goes out (and on to the client) as it comes.
+    out.write(cgi_response(status, headers, body.first if type(body) is _StreamBody else b"", close))
+    out.flush()
+    if type(body) is _FileBody:
+        with os.fdopen(body.fd, "rb") as source:
+            source.seek(body.offset)
+            left = body.length
+            while left:
+                piece = source.read(min(left, 262144))
+                if not piece:
+                    return 1
+                out.write(piece)
+                left -= len(piece)
+        out.flush()
+        return 1 if body.short else 0
+    try:
+        for piece in body.pieces():
+            out.write(piece)
+            out.flush()
+    except (_StreamFailed, OSError):
+        return 1  # a non-zero exit tells the front the body broke off
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        body.close()
+    return 0
 
 
 class CGIUpstream:
@@ -5231,58 +4057,6 @@ class _CGIStream:
                 self.child.wait()
 
 
-def run_cgi(args):
-    """The `cgi` command: answer the one request in the environment, as an RFC 3875 program."""
-    environ = {name.decode("latin-1"): value.decode("latin-1")
-               for name, value in os.environb.items()}
-    if "REQUEST_METHOD" not in environ:
-        _log("cgi", "no REQUEST_METHOD in the environment: run by a web server, not by hand", "error")
-        return EXIT_USAGE
-    try:
-        app = load_app(args.app)
-    except BaseException:
-        _log("cgi", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()),
-             "error")
-        return EXIT_APP_LOAD
-    gateway = WSGIGateway(app)
-    environ.update(gateway.wsgi_keys)
-    environ.update({"wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": True,
-                    "wsgi.input": sys.stdin.buffer, "wsgi.errors": sys.stderr,
-                    "wsgi.url_scheme": "https" if environ.get("HTTPS") in ("on", "1") else "http"})
-    for name in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING"):
-        environ.setdefault(name, "")
-    status, headers, body, close = gateway.respond(environ)
-    out = sys.stdout.buffer
-    if type(body) is bytes:
-        out.write(cgi_response(status, headers, body, close))
-        out.flush()
-        return 0
-    # A file or a stream: each piece goes out (and on to the client) as it comes.
-    out.write(cgi_response(status, headers, body.first if type(body) is _StreamBody else b"", close))
-    out.flush()
-    if type(body) is _FileBody:
-        with os.fdopen(body.fd, "rb") as source:
-            source.seek(body.offset)
-            left = body.length
-            while left:
-                piece = source.read(min(left, 262144))
-                if not piece:
-                    return 1
-                out.write(piece)
-                left -= len(piece)
-        out.flush()
-        return 1 if body.short else 0
-    try:
-        for piece in body.pieces():
-            out.write(piece)
-            out.flush()
-    except (_StreamFailed, OSError):
-        return 1  # a non-zero exit tells the front the body broke off
-    finally:
-        body.close()
-    return 0
-
-
 # -- in-process: the reference -------------------------------------------------------
 
 class _IterStream:
@@ -5376,6 +4150,1260 @@ def make_upstream(transport, target, backend, timeout=None):
     if transport == "inprocess":
         return InProcessUpstream(target)
     raise ValueError("unknown transport %r" % transport)
+
+
+# -- the app role: `doordown.py app`, the app end of door, proxy and fastcgi -------------
+
+def run_app(args):
+    """The `app` command: serve one WSGI application on a door until SIGTERM/SIGINT."""
+    try:
+        app = load_app(args.app)
+    except AppLoadError as exc:
+        _log("app", "cannot load the application: %s" % exc, "error")
+        return EXIT_APP_LOAD
+    except BaseException:
+        _log("app", "cannot load the application %s:\n%s" % (args.app, traceback.format_exc().rstrip()),
+             "error")
+        return EXIT_APP_LOAD
+    gateway = WSGIGateway(app, args.allow_uid, args.timeout)
+    backend = None
+    try:
+        if args.transport == "door":
+            backend = door_backend(args.doors)
+            server = backend.serve(args.door, gateway)
+            where = "door %s (%s)" % (args.door, backend.description)
+        else:
+            server = APP_SERVERS[args.transport](args.door, gateway)
+            where = "socket %s (%s)" % (args.door, server.description)
+    except (OSError, ValueError) as exc:
+        _log("app", "cannot listen at %s: %s" % (args.door, exc), "error")
+        return EXIT_DOOR_FAILED
+    gateway.door_threads = lambda: server.threads
+    release_free_memory()  # what loading doordown and the application left behind
+    _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
+    if args.reload and args.parent_pid:
+        threading.Thread(target=watch_sources, args=(args.parent_pid,), name="reload", daemon=True).start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    # The front's pid comes on the command line: had the front died before this line ran,
+    # os.getppid() would already name init, and the app would outlive it unnoticed.
+    while not stop.wait(0.5):
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            _log("app", "the front went away: stopping")
+            break
+    deadline = time.monotonic() + args.graceful_timeout
+    server.close(args.graceful_timeout)
+    # Streams are not door calls: they get the rest of the grace, then end cleanly.
+    while gateway.streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for body in list(gateway.streams):
+        body.end()
+    _close_every_per_thread()
+    _log("app", "stopped after %d requests" % gateway.served.value)
+    if backend is not None and backend.exit_hard:
+        os._exit(0)
+    return 0
+
+
+def watch_sources(front_pid, interval=1.0):
+    """--reload: poll the files of every loaded module; when one changes, ask the front
+    for a new app process (SIGHUP: the zero-loss replacement, new code loaded)."""
+    seen = {}
+    while True:
+        for module in list(sys.modules.values()):
+            path = getattr(module, "__file__", None)
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except (OSError, TypeError):
+                continue
+            if seen.setdefault(path, mtime) != mtime:
+                _log("app", "%s changed: asking the front for a new app process (--reload)" % path)
+                seen[path] = mtime
+                os.kill(front_pid, signal.SIGHUP)
+        time.sleep(interval)
+
+
+###############################################################################
+# Front role #################################################################
+###############################################################################
+#
+# http.server's ThreadingHTTPServer gives the socket plumbing (a thread per
+# connection); the HTTP/1.1 parsing is the codec's (above), strict (RFC 9110/9112),
+# because the stdlib parser is lenient in ways that have allowed request smuggling.  A
+# bad request gets its 4xx, then the connection is closed: nothing after an error is parsed.
+
+_SUPERVISOR_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
+                       signal.SIGTTIN, signal.SIGTTOU)
+
+# An HTTP/2 client with prior knowledge (RFC 9113 3.3) opens with this line.  It is told
+# in its own protocol: the server preface, an empty SETTINGS frame (3.4), then GOAWAY
+# (6.8) with HTTP_1_1_REQUIRED (0xd); then the connection closes.
+_H2_PREFACE_LINE = b"PRI * HTTP/2.0"
+_H2_GOAWAY = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+              b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0d")
+
+
+class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
+    """One client connection: read requests, forward each, answer each, until close."""
+
+    def __init__(self, request, client_address, server, listener=None):
+        self.listener = listener  # the FrontServer listener that accepted this connection
+        socketserver.BaseRequestHandler.__init__(self, request, client_address, server)
+
+    def setup(self):
+        self.reader = BufferedSocket(self.request)
+        self.limits = self.server.limits
+        self.line = None  # the request line, once read (the access log's, even if refused)
+        self.started = time.monotonic()  # when the current request began to arrive
+        self.sent = 0  # body bytes of the last response
+
+    def handle(self):
+        server = self.server
+        while True:  # even while stopping: a request already sent still gets its answer
+            try:
+                request = self.read_request()
+                if request is None:
+                    return
+                server.busy(self.request, True)
+                try:
+                    response = server.dispatch(request, self.client_address, self.listener)
+                    self.send_response(request, response)
+                finally:
+                    server.busy(self.request, False)
+                if not request.keep_alive or response.close:
+                    return
+            except HTTPError as exc:
+                self.refuse(exc)
+                return
+            except (_ClientGone, OSError):
+                return
+
+    def refuse(self, error):
+        """Answer a request the front will not take, then the connection closes."""
+        if self.line is None:  # refused inside the head: its line, if that much arrived
+            end = self.reader.buf.find(b"\r\n")
+            if 0 < end <= self.limits.max_line:
+                self.line = bytes(self.reader.buf[:end])
+        response = plain_response(error.status, "%s: %s" % (_REASONS.get(error.status, "Error"), error),
+                                  close=True)
+        try:
+            self.request.settimeout(1.0)  # a client that does not read cannot hold us
+            if self.line == _H2_PREFACE_LINE:
+                self.request.sendall(_H2_GOAWAY)
+                self.sent = len(_H2_GOAWAY)
+            else:
+                self.send_response(None, response)
+        except OSError:
+            pass
+        self.server.log_access(self, None, response)
+
+    # -- writing --------------------------------------------------------------------
+    def send_response(self, request, response):
+        """Frame and send a response in one write (plus sendfile for a body on a descriptor)."""
+        if response.stream is not None:
+            return self.relay(request, response)
+        fd = response.body_fd
+        body = response.body
+        if fd is None:
+            size = len(body)
+        else:
+            size = response.body_length
+            if size is None:
+                size = os.fstat(fd).st_size - response.body_offset
+        keep_alive = (request is not None and request.keep_alive and not response.close
+                      and not self.server.stopping)
+        own = b"Date: %s\r\nServer: doordown\r\n" % http_date()
+        method, version = (request.method, request.version) if request is not None else (None, b"HTTP/1.1")
+        try:
+            head, size, chunked, close = frame_response(response.status, response.headers, size,
+                                                        method, version, keep_alive, own)
+        except ValueError as exc:
+            if fd is not None:
+                os.close(fd)
+            self.server.log_failure(request, "unusable response from the application: %s" % exc)
+            response = plain_response(502, "the application sent an unusable response", close=True)
+            fd, body = None, response.body
+            head, size, chunked, close = frame_response(response.status, response.headers, len(body),
+                                                        method, version, False, own)
+        if request is not None:
+            request.keep_alive = not close
+        response.close = close
+        self.sent = size
+        try:
+            if fd is None and size > 16384 and not chunked:  # sent from where it is, not copied
+                send_gathered(self.request, head, memoryview(body)[:size])
+            elif fd is None:
+                self.request.sendall(framed_bytes(head, body, size, chunked))
+            else:
+                self.request.sendall(head + chunk_header(size) if chunked and size else head)
+                self.sent = send_file(self.request, fd, response.body_offset, size) if size else 0
+                if self.sent < size:  # the file shrank under us: the close tells the client
+                    response.close = True
+                    if request is not None:
+                        request.keep_alive = False
+                elif chunked:
+                    self.request.sendall(b"\r\n" + LAST_CHUNK if size else LAST_CHUNK)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if request is not None:
+            self.server.log_access(self, request, response)
+
+
+    def relay(self, request, response):
+        """Send a streamed response as its body arrives, chunk by chunk (or up to its
+        Content-Length, or until the close on HTTP/1.0).
+
+        While the app is silent, the client's socket is watched too: a client that goes away
+        ends the stream at once (the source's close() tells the app).  No byte from the app
+        for --stream-idle-timeout, or a stop that has run out of grace, ends it cleanly (the
+        last chunk, then the close); a body that broke off ends with the close alone.
+        """
+        stream, sock, server = response.stream, self.request, self.server
+        idle = self.limits.stream_idle_timeout
+        keep_alive = (request is not None and request.keep_alive and not response.close
+                      and not server.stopping)
+        own = b"Date: %s\r\nServer: doordown\r\n" % http_date()
+        method, version = (request.method, request.version) if request is not None else (None, b"HTTP/1.1")
+        declared = _declared_length(response.headers)
+        try:
+            head, length, chunked, close = frame_response(
+                response.status, response.headers, max(declared or 0, 0), method, version, keep_alive, own)
+        except ValueError as exc:
+            stream.close()
+            self.server.log_failure(request, "unusable response from the application: %s" % exc)
+            return self.send_response(request, plain_response(502, "the application sent an unusable "
+                                                                   "response", close=True))
+        if chunked or declared is None:
+            length = None  # no bound but the end of the stream
+        body = response.body if length is None else response.body[:length]
+        clean = False  # the body was sent whole, or ended as a complete message
+        self.sent = 0
+        try:
+            if has_no_body(method, int(response.status[:3])):
+                sock.sendall(head)
+                clean = True
+                return
+            sock.settimeout(idle)  # a client that stops reading is bounded as the app is
+            self.reader.timeout = idle
+            sock.sendall(head + encode_chunk(body) if chunked else head + body)
+            self.sent = len(body)
+            source = stream.fileno()
+            poller = select.poll()
+            if source is not None:
+                poller.register(source, select.POLLIN)
+            client = sock.fileno()
+            poller.register(client, select.POLLIN)
+            quiet_since = time.monotonic()
+            while not stream.done and not server.ending_streams:
+                if source is not None and not stream.ready():
+                    events = dict(poller.poll(250))
+                    if client in events:
+                        # A TLS socket cannot be peeked at: its client's leaving is seen at
+                        # the next write instead.
+                        if not hasattr(sock, "getpeercert") and not sock.recv(1, socket.MSG_PEEK):
+                            raise _ClientGone("the client went away during the stream")
+                        poller.unregister(client)  # a pipelined request: it waits its turn
+                    if source not in events:
+                        if time.monotonic() - quiet_since >= idle:
+                            self.server.log_failure(request, "no byte from the app for %ss "
+                                                    "(--stream-idle-timeout): stream ended" % idle)
+                            break
+                        continue
+                piece = stream.read()
+                if not piece:
+                    continue
+                quiet_since = time.monotonic()
+                if length is not None:
+                    piece = piece[:length - self.sent]
+                    if not piece:
+                        break  # more than the app's Content-Length: not sent, and we close
+                sock.sendall(encode_chunk(piece) if chunked else piece)
+                self.sent += len(piece)
+            if chunked:
+                sock.sendall(LAST_CHUNK)
+            clean = stream.done and (length is None or self.sent == length)
+        except TransportError as exc:
+            self.server.log_failure(request, "stream broken off: %s" % exc)
+        except (_ClientGone, OSError):
+            pass  # the client left, or stopped reading for --stream-idle-timeout
+        finally:
+            stream.close()
+            if not clean:
+                close = True
+            response.close = close
+            if request is not None:
+                request.keep_alive = not close
+                server.log_access(self, request, response)
+
+
+# -- the access log ----------------------------------------------------------------------
+
+class AccessLog:
+    """The access log, in gunicorn's --access-logformat (Apache's combined format by default).
+
+    One line per request is on every request's path, so it is built cheaply: the format
+    is compiled once into one function (see compile_log_format); the time string is made
+    once a second; a value is escaped only when it holds a byte that needs it.
+    Lines are buffered and written by a background thread at least every
+    `flush_interval` seconds (or once `flush_lines` are pending), and at exit.
+    """
+
+    FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+    flush_interval = 1.0
+    flush_lines = 512
+
+    def __init__(self, path=None, log_format=None):
+        self.path = path  # None: stderr
+        self.fd = 2 if path is None else self._open(path)
+        self.format_line, self.wanted = compile_log_format(log_format or self.FORMAT)
+        self.lock = threading.Lock()  # one writer of the file at a time
+        self.pending = collections.deque()  # append and popleft are atomic: no lock per line
+        self.failed = None  # why the last write failed, said once
+        import atexit
+        atexit.register(self.flush)  # a clean stop loses no line
+        threading.Thread(target=self._flush_loop, name="access-log", daemon=True).start()
+
+    @staticmethod
+    def _open(path):
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def write(self, handler, request, response):
+        """Log one exchange: `request` None for one the front refused (handler.line says
+        what was read of it)."""
+        headers = {}  # the request headers the format names, in one pass
+        wanted = self.wanted
+        if wanted and request is not None:
+            for name, value in request.headers:
+                name = name.lower()
+                if name in wanted:
+                    headers[name] = value
+        pending = self.pending
+        pending.append(self.format_line(handler, request, response, headers))
+        if len(pending) >= self.flush_lines:
+            self.flush()
+
+    def _flush_loop(self):
+        while True:
+            time.sleep(self.flush_interval)
+            self.flush()
+
+    def flush(self):
+        with self.lock:
+            self._flush_locked()
+
+    def _flush_locked(self):
+        pending = self.pending
+        if not pending:
+            return
+        data = b"".join([pending.popleft() for _ in range(len(pending))])
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            if self.failed != exc.strerror:
+                self.failed = exc.strerror
+                _log("front", "cannot write the access log: %s" % exc.strerror, "error")
+
+    def reopen(self):
+        """SIGUSR1 (logrotate): write what is pending, then continue in a new file at the path."""
+        if self.path is None:
+            self.flush()
+            return
+        try:
+            fd = self._open(self.path)
+        except OSError as exc:
+            _log("front", "cannot reopen the access log %s: %s; writing on to the old file"
+                 % (self.path, exc.strerror), "warning")
+            return
+        with self.lock:
+            self._flush_locked()
+            self.fd, old = fd, self.fd
+        os.close(old)
+        _log("front", "SIGUSR1: reopened the access log %s" % self.path)
+
+
+_log_time_cache = [0, b""]
+
+
+def _log_time():
+    """t: [01/Dec/2026:21:17:19 +0000], local time as Apache and gunicorn write it, made
+    once a second."""
+    now = int(time.time())
+    if _log_time_cache[0] != now:
+        _log_time_cache[1] = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now)).encode()
+        _log_time_cache[0] = now
+    return _log_time_cache[1]
+
+
+def _log_request_part(pick):
+    """m U q H: `pick`(method, target, version) of the request, or of the line of one
+    that was refused."""
+    def get(handler, request, response, headers):
+        if request is not None:
+            return _log_value(pick(request.method, request.target, request.version))
+        parts = (handler.line or b"").split(b" ")
+        return _log_value(pick(*parts) if len(parts) == 3 else b"")
+    return get
+
+
+_LOG_METHOD = _log_request_part(lambda method, target, version: method)
+_LOG_PATH = _log_request_part(lambda method, target, version: target.partition(b"?")[0])
+_LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(b"?")[2])
+_LOG_PROTOCOL = _log_request_part(lambda method, target, version: version)
+
+
+class _Inline(str):
+    """An atom as an expression of h (the handler), q (the request, None if refused),
+    r (the response) and i (the request headers the format names, lower-case); `{0}` is
+    its `constant`.  Only these, written here, are ever compiled."""
+
+    def __new__(cls, expression, constant=None, header=None):
+        self = str.__new__(cls, expression)
+        self.constant, self.header = constant, header
+        return self
+
+
+def _log_header(name, where):
+    name = name.lower().encode("latin-1")
+    if where == "i":
+        return _Inline("value(i.get({0}))", name, header=name)
+
+    def from_response(handler, request, response, headers):
+        headers = response.headers
+        for i in range(0, len(headers), 2):
+            if headers[i].lower() == name:
+                return _log_value(headers[i + 1])
+        return b"-"
+    return from_response
+
+
+def _log_user(handler, request, response, headers):
+    """u: the user name of HTTP Basic authentication (RFC 7617), as gunicorn logs it."""
+    credentials = headers.get(b"authorization", b"")
+    if credentials[:6].lower() != b"basic ":
+        return b"-"
+    import binascii
+    try:
+        return _log_value(binascii.a2b_base64(credentials[6:]).partition(b":")[0])
+    except binascii.Error:
+        return b"-"
+
+
+_log_user.header = b"authorization"
+
+
+def _log_elapsed(scale, text=None):
+    def get(handler, request, response, headers):
+        seconds = time.monotonic() - handler.started
+        return (text % seconds if text else str(int(seconds * scale))).encode()
+    return get
+
+
+_LOG_PEER = _Inline('(h.client_address[0].encode() or b"-")')
+
+
+def _log_variable(name):
+    """{NAME}e: a CGI/WSGI variable of the request as the front forwards it."""
+    key = name.lower()
+    if key.startswith("http_"):
+        return _log_header(key[5:].replace("_", "-"), "i")
+    if key in ("content_type", "content_length"):
+        return _log_header(key.replace("_", "-"), "i")
+    known = {
+        "remote_addr": _LOG_PEER,
+        "remote_port": _Inline('(str(h.client_address[1]).encode() or b"-")'),
+        "server_name": _Inline("h.listener.server_name"),
+        "server_port": _Inline("h.listener.server_port"),
+        "wsgi.url_scheme": _Inline("h.listener.scheme"),
+        "request_method": _LOG_METHOD,
+        "path_info": _LOG_PATH,
+        "query_string": _LOG_QUERY,
+        "server_protocol": _LOG_PROTOCOL,
+    }
+    if key not in known:
+        raise ValueError("%%({%s}e)s: no such variable (known: %s, http_*, content_type, "
+                         "content_length)" % (name, ", ".join(sorted(known))))
+    return known[key]
+
+
+def _log_atoms():
+    """gunicorn's access log atoms (gunicorn/glogging.py, Logger.atoms)."""
+    return {
+        "h": _LOG_PEER,
+        "l": b"-",
+        "u": _log_user,
+        "t": _Inline("(TIME[1] if TIME[0] == int(time()) else stamp())"),
+        "r": _Inline("value(q.line if q is not None else h.line)"),
+        "m": _LOG_METHOD,
+        "U": _LOG_PATH,
+        "q": _LOG_QUERY,
+        "H": _LOG_PROTOCOL,
+        "s": _Inline("r.status[:3]"),
+        "B": _Inline('b"%d" % h.sent'),
+        "b": _Inline('(b"%d" % h.sent if h.sent else b"-")'),
+        "f": _log_header("referer", "i"),
+        "a": _log_header("user-agent", "i"),
+        "T": _log_elapsed(1),
+        "M": _log_elapsed(1000),
+        "D": _log_elapsed(1000000),
+        "L": _log_elapsed(1, "%.6f"),
+        "p": ("<%d>" % os.getpid()).encode(),
+    }
+
+
+def compile_log_format(log_format):
+    """A --access-logformat as (line function, lower-case names of the request headers it
+    reads); ValueError names a bad atom.
+
+    The function is made the way collections.namedtuple makes its methods: one expression,
+    `template % (atom, atom, ...)`, compiled once, so a line costs one call and not one
+    per atom.  The format's own text is never compiled: it is the bytes template, an
+    argument; the code is made only of the _Inline expressions above and calls of the
+    other atoms' functions."""
+    atoms = _log_atoms()
+    template, expressions = [], []
+    namespace = {"TIME": _log_time_cache, "time": time.time, "stamp": _log_time, "value": _log_value}
+    wanted = set()
+    position = 0
+    for match in re.finditer(r"%\(([^)]*)\)s|%%|%", log_format):
+        template.append(log_format[position:match.start()].encode().replace(b"%", b"%%"))
+        position = match.end()
+        if match.group(0) == "%%":
+            template.append(b"%%")
+            continue
+        name = match.group(1)
+        if name is None:
+            raise ValueError("a lone %% at column %d (write %%%% for a percent sign)" % match.start())
+        braced = re.fullmatch(r"\{([^}]+)\}([ioe])", name)
+        if braced:
+            header, where = braced.groups()
+            atom = _log_variable(header) if where == "e" else _log_header(header, where)
+        elif name in atoms:
+            atom = atoms[name]
+        else:
+            raise ValueError("unknown atom %%(%s)s (atoms: %s, {header}i, {header}o, {variable}e)"
+                             % (name, " ".join(atoms)))
+        if isinstance(atom, bytes):  # a constant: into the template
+            template.append(atom.replace(b"%", b"%%"))
+            continue
+        template.append(b"%s")
+        slot = "A%d" % len(expressions)
+        if isinstance(atom, _Inline):
+            namespace[slot] = atom.constant
+            expressions.append(atom.format(slot))
+        else:
+            namespace[slot] = atom
+            expressions.append("%s(h, q, r, i)" % slot)
+        if getattr(atom, "header", None):
+            wanted.add(atom.header)
+    template.append(log_format[position:].encode().replace(b"%", b"%%") + b"\n")
+    namespace["TEMPLATE"] = b"".join(template)
+    exec("def format_line(h, q, r, i):\n    return TEMPLATE %% (%s)\n"
+         % "".join(expression + ", " for expression in expressions), namespace)
+    return namespace["format_line"], frozenset(wanted)
+
+
+# -- static files, served by the front itself ------------------------------------------------
+#
+# `--static-map /URL=DIR` (uWSGI's option): requests under /URL are answered from DIR by the
+# front, with sendfile, and never reach the application.  What a path may name is decided
+# on the raw request path before anything is opened: an encoded slash or backslash (%2f,
+# %5c), a NUL, a backslash, or a "." or ".." segment (also when percent-encoded) is a 404;
+# the file found must, once every symlink is resolved, still lie under DIR.  Directories
+# are never listed; with `--static-index NAME` (uWSGI's too) a directory's NAME is served,
+# after a redirect that adds the trailing slash.  Conditional requests and ranges follow
+# RFC 9110 sections 13 and 14.
+
+_STATIC_REFUSED = re.compile(rb"%(?:2[fF]|5[cC]|00)|[\\\x00]")
+_BYTE_RANGE = re.compile(rb"([0-9]{0,18})-([0-9]{0,18})")
+_TEXT_TYPES = ("text/", "application/javascript", "application/json", "image/svg+xml")
+
+
+class StaticFiles:
+    """One `--static-map`: files under `root` answered at `prefix` (GET and HEAD)."""
+
+    def __init__(self, prefix, root, index=()):
+        self.prefix = prefix.rstrip("/").encode("latin-1")
+        self.root = os.path.realpath(root).encode()
+        self.index = [name.encode() for name in index]
+
+    def matches(self, path):
+        return path == self.prefix or path.startswith(self.prefix + b"/")
+
+    def answer(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            response = plain_response(405)
+            response.headers += (b"Allow", b"GET, HEAD")
+            return response
+        raw = request.path[len(self.prefix):]  # "" or "/...": matches() saw to it
+        if _STATIC_REFUSED.search(raw):
+            return plain_response(404)
+        segments = unquote_to_bytes(raw).split(b"/")
+        if any(segment in (b".", b"..") for segment in segments):
+            return plain_response(404)
+        path = os.path.join(self.root, *[segment for segment in segments if segment])
+        opened = self.open(path)
+        if opened is not None and stat.S_ISDIR(opened[1].st_mode):
+            os.close(opened[0])
+            opened = None
+            for name in self.index:
+                opened = self.open(os.path.join(path, name))
+                if opened is not None and stat.S_ISREG(opened[1].st_mode):
+                    path = os.path.join(path, name)
+                    break
+                if opened is not None:
+                    os.close(opened[0])
+                    opened = None
+            if opened is not None and not raw.endswith(b"/"):  # relative links in it need the slash
+                os.close(opened[0])
+                response = plain_response(301)
+                query = request.target.partition(b"?")[2]
+                response.headers += (b"Location", request.path + b"/" + (b"?" + query if query else b""))
+                return response
+        if opened is None or not stat.S_ISREG(opened[1].st_mode):
+            if opened is not None:
+                os.close(opened[0])
+            return plain_response(404)
+        fd, info = opened
+        try:
+            return self.respond(request, path, fd, info)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def open(self, path):
+        """(fd, stat) of `path` if it resolves to something under the root, else None."""
+        real = os.path.realpath(path)
+        if real != self.root and not real.startswith(self.root + b"/"):
+            return None  # a symlink out of the root
+        try:
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        return fd, os.fstat(fd)
+
+    def respond(self, request, path, fd, info):
+        size = info.st_size
+        etag = b'"%x-%x"' % (info.st_mtime_ns, size)
+        modified = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(info.st_mtime)).encode()
+        headers = [b"Last-Modified", modified, b"ETag", etag, b"Accept-Ranges", b"bytes"]
+        fields = {}
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in (b"if-none-match", b"if-modified-since", b"range", b"if-range"):
+                fields[lower] = fields[lower] + b"," + value if lower in fields else value
+        if self.not_modified(fields, etag, int(info.st_mtime)):
+            os.close(fd)
+            return Response(b"304 Not Modified", headers)
+        content_type = _static_type(path)
+        headers[:0] = (b"Content-Type", content_type)
+        offset, length = 0, size
+        status = b"200 OK"
+        wanted = fields.get(b"range")
+        if wanted is not None and request.method == b"GET" and self.range_applies(fields, etag, modified):
+            ranges = _byte_ranges(wanted, size)
+            if ranges == []:
+                os.close(fd)
+                response = plain_response(416)
+                response.headers += (b"Content-Range", b"bytes */%d" % size)
+                return response
+            if ranges is not None and len(ranges) == 1:
+                (offset, last), = ranges
+                length = last - offset + 1
+                status = b"206 Partial Content"
+                headers += (b"Content-Range", b"bytes %d-%d/%d" % (offset, last, size))
+        headers += (b"Content-Length", b"%d" % length)
+        return Response(status, headers, b"", fd, body_offset=offset, body_length=length)
+
+    @staticmethod
+    def not_modified(fields, etag, mtime):
+        """RFC 9110 13.1.2 and 13.1.3: If-None-Match first; If-Modified-Since only without it."""
+        match = fields.get(b"if-none-match")
+        if match is not None:
+            tags = [tag.strip(b" \t") for tag in match.split(b",")]
+            return b"*" in tags or any(tag[2:] == etag if tag.startswith(b"W/") else tag == etag
+                                       for tag in tags)  # weak comparison
+        since = fields.get(b"if-modified-since")
+        if since is not None:
+            when = _parse_http_date(since)
+            return when is not None and mtime <= when
+        return False
+
+    @staticmethod
+    def range_applies(fields, etag, modified):
+        """RFC 9110 13.1.5: an If-Range that does not match (strongly) means the whole file."""
+        condition = fields.get(b"if-range")
+        if condition is None:
+            return True
+        condition = condition.strip(b" \t")
+        return condition == etag if condition.startswith(b'"') else condition == modified
+
+
+def _byte_ranges(value, size):
+    """The satisfiable (first, last) ranges of a Range value (RFC 9110 14.1.2), or None
+    when it is not a valid bytes range set (then it is ignored, as 14.2 allows)."""
+    unit, _, ranges = value.partition(b"=")
+    if unit.strip(b" \t").lower() != b"bytes" or not ranges:
+        return None
+    found = []
+    specs = ranges.split(b",")
+    if len(specs) > 100:
+        return None  # a client that asks for that many pieces gets the whole file
+    for spec in specs:
+        match = _BYTE_RANGE.fullmatch(spec.strip(b" \t"))
+        if match is None or match.group(1) == match.group(2) == b"":
+            return None
+        first, last = match.groups()
+        if first == b"":  # the last N bytes
+            if int(last) and size:
+                found.append((max(0, size - int(last)), size - 1))
+            continue
+        first = int(first)
+        if last and int(last) < first:
+            return None
+        if first < size:
+            found.append((first, min(int(last), size - 1) if last else size - 1))
+    return found
+
+
+def _static_type(path):
+    import mimetypes  # only a front with --static-map reads the types table
+    content_type, encoding = mimetypes.guess_type(path.decode("utf-8", "surrogateescape"), strict=False)
+    if content_type is None or encoding is not None:  # x.tar.gz is gzip data, not a tar
+        return b"application/octet-stream"
+    if content_type.startswith(_TEXT_TYPES):
+        content_type += "; charset=utf-8"
+    return content_type.encode("latin-1")
+
+
+def _parse_http_date(value):
+    """Seconds since the epoch of an HTTP date (RFC 9110 5.6.7, all three forms), or None."""
+    import email.utils
+    try:
+        parsed = email.utils.parsedate_tz(value.decode("latin-1"))
+    except (TypeError, ValueError):
+        return None
+    if parsed is None:
+        return None
+    try:
+        return int(email.utils.mktime_tz(parsed))
+    except (OverflowError, ValueError):
+        return None
+
+
+# -- listening sockets -------------------------------------------------------------
+#
+# `serve` binds every --bind before anything else (before the app is even spawned), so
+# a port in use costs one line and no import.  The forms are gunicorn's: HOST:PORT,
+# [IPv6]:PORT, unix:PATH and fd://N; under systemd socket activation (LISTEN_FDS, see
+# sd_listen_fds(3)) the sockets systemd passes replace --bind, as gunicorn does, so the
+# front can be restarted while systemd keeps the socket and its backlog.
+
+SD_LISTEN_FDS_START = 3
+
+
+class BindError(Exception):
+    """A listening socket that could not be made: one line for the operator."""
+
+
+class Listener:
+    """One listening socket of the front, and what requests through it are told."""
+
+    def __init__(self, sock, name, path=None):
+        self.sock, self.name, self.path = sock, name, path  # path: a Unix socket's, ours to remove
+        self.inode = os.stat(path).st_ino if path is not None else None
+        self.unix = sock.family == socket.AF_UNIX
+        if self.unix:  # no port: PEP 3333 still wants SERVER_NAME and SERVER_PORT
+            self.server_name, self.server_port = b"localhost", b"80"
+        else:
+            host, port = sock.getsockname()[:2]
+            self.server_name, self.server_port = host.encode(), str(port).encode()
+        self.scheme = b"http"
+
+    def url(self):
+        if self.unix:
+            return "%s (unix:%s)" % (self.scheme.decode(), self.name)
+        return "%s://%s/" % (self.scheme.decode(), self.name)
+
+    def close(self):
+        """Close the socket; remove its file unless it is another server's by now (one
+        started while this one finished its requests)."""
+        self.sock.close()
+        path, self.path = self.path, None
+        try:
+            if path is not None and os.lstat(path).st_ino == self.inode:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def open_listeners(binds, backlog=2048, unix_perms=0o600, environ=os.environ):
+    """Listeners for `binds` ([("tcp", host, port) | ("unix", path) | ("fd", n)]), or the
+    sockets systemd passed.  Raises BindError; what was opened before is closed again."""
+    listeners = []
+    try:
+        if environ.get("LISTEN_PID") == str(os.getpid()) and environ.get("LISTEN_FDS", "").isdigit():
+            count = int(environ["LISTEN_FDS"])
+            for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for the app
+                environ.pop(name, None)
+            binds = [("fd", fd) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
+        for bind in binds:
+            listeners.append(_open_listener(bind, backlog, unix_perms))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _open_listener(bind, backlog, unix_perms):
+    kind = bind[0]
+    if kind == "fd":
+        fd = bind[1]
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise BindError("fd://%d: %s" % (fd, exc.strerror or exc))
+        if sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise BindError("fd://%d is not a stream socket" % fd)
+        sock.set_inheritable(False)
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.listen(backlog)
+        if sock.family == socket.AF_UNIX:
+            return Listener(sock, sock.getsockname() or "fd://%d" % fd)
+        return Listener(sock, _host_port(*sock.getsockname()[:2]))
+    if kind == "unix":
+        return _open_unix_listener(bind[1], backlog, unix_perms)
+    host, port = bind[1], bind[2]
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                                      0, socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise BindError("cannot listen on %s: %s" % (_host_port(host, port), exc.strerror))
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # [::] takes IPv6 only, so 0.0.0.0 can be bound beside it
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError("cannot listen on %s: %s" % (_host_port(host, port), exc.strerror or exc))
+    return Listener(sock, _host_port(*sock.getsockname()[:2]))
+
+
+def _host_port(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def _open_unix_listener(path, backlog, perms):
+    """A Unix socket at `path`, born with mode `perms`; a stale socket file is replaced,
+    one a live server answers on is not."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        bind_unix_socket(sock, path, backlog, perms)
+    except OSError as exc:
+        sock.close()
+        raise BindError("cannot listen on unix:%s: %s" % (path, exc.strerror or exc))
+    return Listener(sock, path, path)
+
+
+class TLSContext:
+    """The front's TLS: stdlib ssl (imported only when TLS is asked for), TLS 1.2 or newer,
+    HTTP/1.1 by ALPN; with `ca_certs`, a client certificate signed by one of them is
+    required.  reload() reads the files again (on SIGHUP): new connections get the new
+    certificate, open ones keep theirs."""
+
+    def __init__(self, certfile, keyfile=None, ca_certs=None):
+        self.certfile, self.keyfile, self.ca_certs = certfile, keyfile, ca_certs
+        self.context = self._load()
+
+    def _load(self):
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile)
+            if self.ca_certs:
+                context.load_verify_locations(self.ca_certs)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise BindError("TLS: cannot load %s: %s" % (
+                " and ".join(f for f in (self.certfile, self.keyfile, self.ca_certs) if f),
+                exc.strerror or exc.reason or exc))
+        return context
+
+    def reload(self):
+        """Load the files again; on failure keep the current ones and say why."""
+        try:
+            self.context = self._load()
+        except BindError as exc:
+            _log("front", "%s; keeping the certificate loaded before" % exc, "warning")
+            return False
+        return True
+
+    def handshake(self, sock, timeout):
+        """The TLS socket for an accepted `sock` once its handshake is done within
+        `timeout` seconds, however the client paces it; None (and closed) otherwise."""
+        import ssl
+        deadline = time.monotonic() + timeout
+        try:
+            tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            sock.close()
+            return None
+        try:
+            tls.setblocking(False)
+            poller = select.poll()
+            poller.register(tls, select.POLLIN)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    poller.modify(tls, select.POLLIN)
+                except ssl.SSLWantWriteError:
+                    poller.modify(tls, select.POLLOUT)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(remaining * 1000):
+                    raise socket.timeout("TLS handshake not done within %ss" % timeout)
+            tls.setblocking(True)
+            return tls
+        except (OSError, ValueError):
+            tls.close()
+            return None
+
+
+# -- the server: mounts, dispatch, the upstream's failures as 5xx ------------------------
+
+class _RequestEnv:
+    """Per-request facts the front adds for the app: peer, server address, mount."""
+
+    __slots__ = ("scheme", "remote_addr", "remote_port", "server_name", "server_port", "script_name")
+
+
+class Mount:
+    """An application mounted at a path prefix, reached through one upstream at a time.
+
+    The supervisor swaps the upstream whole when it replaces the app, so requests under
+    way finish on the one they started with.  A request that could not be delivered
+    (the old app revoked its door, or died) waits for the replacement instead of failing.
+    """
+
+    def __init__(self, prefix, upstream=None, supervised=True, host=None):
+        self.prefix = prefix.rstrip("/").encode("latin-1")
+        self.host = host  # lower-case bytes: only requests for this Host; None: any Host
+        self.upstream = upstream
+        self.supervised = supervised  # False: an app started separately; nobody replaces it
+        self.refused = None  # why requests get 503 while restarts are paused, or None
+        self.request_limit = 0  # ask for a replacement after this many requests (0: never)
+        self.on_limit = None
+        self._served = Counter()
+        self.on_demand = None  # called when a request finds no upstream: start the app
+        self._changed = threading.Condition()
+        self._activity = threading.Lock()
+        self.active = 0  # requests being forwarded now
+        self.last_used = time.monotonic()  # when the last one ended
+
+    def enter(self):
+        with self._activity:
+            self.active += 1
+
+    def leave(self):
+        with self._activity:
+            self.active -= 1
+            self.last_used = time.monotonic()
+
+    def replace(self, upstream, request_limit=0, refused=None):
+        with self._changed:
+            self.upstream, self.refused = upstream, refused
+            self.request_limit, self._served = request_limit, Counter()
+            self._changed.notify_all()
+
+    def next_upstream(self, stale, timeout):
+        """The upstream after `stale`, waiting up to `timeout` for it; None if none comes."""
+        with self._changed:
+            if self.on_demand is not None and self.upstream in (None, stale):
+                self.on_demand(self)  # a stopped (lazy or idle) app is started by its request
+            self._changed.wait_for(lambda: self.refused or self.upstream not in (None, stale), timeout)
+            return None if self.refused or self.upstream is stale else self.upstream
+
+    def count_request(self):
+        if self.request_limit and self._served.add() == self.request_limit:
+            self.on_limit(self)
+
+
+class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The HTTP front: ThreadingHTTPServer's threads, our listeners, parser and dispatch.
+
+    http.server's ThreadingHTTPServer is these two socketserver classes, with
+    daemon_threads set and a server_bind the front does not use (it binds its listeners
+    itself).  They are taken from socketserver directly: importing http.server would load
+    http.client and the email package, about 7 MB of the front's memory, for nothing.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, listeners, mounts, limits=None, access_log=None,
+                 forwarded_allow=("127.0.0.1", "::1"), upstream_wait=30.0, static=(), tls=None):
+        socketserver.BaseServer.__init__(self, listeners[0].sock.getsockname(), FrontHandler)
+        self.listeners = listeners
+        self.set_mounts(mounts)
+        self.static = sorted(static, key=lambda s: len(s.prefix), reverse=True)
+        self.limits = limits or Limits()
+        self.access_log = access_log
+        self.forwarded_allow = frozenset(forwarded_allow)
+        self.upstream_wait = upstream_wait
+        self.tls = tls  # a TLSContext for every listener, or None
+        if tls is not None:
+            for listener in listeners:
+                listener.scheme = b"https"
+                if listener.unix:
+                    listener.server_port = b"443"
+        self.stopping = False
+        self._accepting = threading.Event()
+        self.ending_streams = False  # set when a stop has run out of grace: streams end now
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._lock = threading.Lock()
+        self._connections = {}  # socket -> True while a request is being answered
+
+    def serve_forever(self, poll_interval=0.25):
+        """Accept on every listener until stop_accepting()."""
+        import selectors
+        self._accepting.set()
+        try:
+            with selectors.DefaultSelector() as selector:
+                for listener in self.listeners:
+                    selector.register(listener.sock, selectors.EVENT_READ, listener)
+                while not self.stopping:
+                    for key, _ in selector.select(poll_interval):
+                        self.accept(key.data)
+        finally:
+            self._accepting.clear()
+
+    def accept(self, listener):
+        try:
+            request, client_address = listener.sock.accept()
+        except OSError as exc:  # gone between select and accept, or out of descriptors
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(0.05)  # the backlog keeps the connection; do not spin meanwhile
+            return
+        self.process_request(request, client_address, listener)
+
+    def process_request(self, request, client_address, listener):
+        # At the connection cap, stop accepting: newcomers wait in the listen backlog.
+        while not self._slots.acquire(timeout=0.5):
+            if self.stopping:
+                self.shutdown_request(request)
+                return
+        if listener.unix:  # no peer address; a Unix-socket peer is a local proxy
+            client_address = ("", "")
+        with self._lock:
+            self._connections[request] = False
+        try:
+            threading.Thread(target=self.process_request_thread, args=(request, client_address, listener),
+                             name="front-connection", daemon=True).start()
+        except RuntimeError as exc:  # can't start new thread: this connection closes, its slot is free
+            with self._lock:
+                self._connections.pop(request, None)
+            self._slots.release()
+            _log("front", "no thread for a connection: %s" % exc, "warning")
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address, listener):
+        try:
+            # Signals are the supervisor's: one landing on this thread would interrupt its
+            # door call (EINTR) and fail the request.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+            if not listener.unix:
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                # On this thread, bounded by the header timeout: a client that never
+                # finishes its handshake holds one thread for that long, and nothing else.
+                raw, request = request, self.tls.handshake(request, self.limits.header_timeout)
+                with self._lock:
+                    self._connections.pop(raw, None)
+                    if request is not None:
+                        self._connections[request] = False
+            if request is not None:
+                FrontHandler(request, client_address, self, listener)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if request is not None:
+                with self._lock:
+                    self._connections.pop(request, None)
+                self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        _log("front", "error on connection from %s:\n%s" % (client_address[0], traceback.format_exc().rstrip()),
+             "error")
+
+    def busy(self, sock, busy):
+        # No lock: one item store is atomic, and only the connection's own thread stores
+        # it (its entry is added before that thread starts and removed after it is done).
+        self._connections[sock] = busy
+
+    @property
+    def in_flight(self):
+        with self._lock:
+            return sum(self._connections.values())
+
+    def set_mounts(self, mounts):
+        """Route to `mounts`: a mount for the request's Host before one for any Host, then
+        the longest path prefix (one assignment: requests see the old list or the new)."""
+        self.mounts = sorted(mounts, key=lambda m: (m.host is None, -len(m.prefix)))
+        self.host_routing = any(mount.host is not None for mount in mounts)
+
+    def route(self, request):
+        """The mount that claims the request, or None."""
+        path, host = request.path, None
+        if self.host_routing:
+            for name, value in request.headers:
+                if name.lower() == b"host":
+                    host = value.rpartition(b":")[0] if value.rsplit(b":", 1)[-1].isdigit() else value
+                    host = host.lower()
+                    break
+        for mount in self.mounts:
+            prefix = mount.prefix
+            if (mount.host is None or mount.host == host) and (
+                    not prefix or path == prefix or path.startswith(prefix + b"/")):
+                return mount
+        return None
+
+    def dispatch(self, request, client_address, listener):
+        """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
+        path = request.path
+        for files in self.static:
+            if files.matches(path):
+                return files.answer(request)
+        mount = self.route(request)
+        if mount is None:
+            return plain_response(404)
+        mount.enter()
+        try:
+            return self.forward(request, client_address, listener, mount)
+        finally:
+            mount.leave()
+
+    def forward(self, request, client_address, listener, mount):
+        env = _RequestEnv()
+        env.scheme = listener.scheme
+        env.remote_addr = client_address[0].encode()
+        env.remote_port = str(client_address[1]).encode()
+        env.server_name, env.server_port = listener.server_name, listener.server_port
+        env.script_name = mount.prefix
+        if request.proxy_headers:
+            self.apply_proxy_headers(request, env, client_address[0], listener)
+        upstream = mount.upstream
+        try:
+            for _attempt in range(3):
+                if upstream is None:
+                    upstream = mount.next_upstream(None, self.upstream_wait)
+                    if upstream is None:
+                        return self.unavailable(request, mount)
+                try:
+                    response = upstream.forward(request, env)
+                    mount.count_request()
+                    return response
+                except DoorRevoked:
+                    # Never delivered: the app is being replaced or has died.  Nothing ran,
+                    # so the request goes to the replacement as soon as there is one.
+                    if not mount.supervised:
+                        raise
+                    upstream = mount.next_upstream(upstream, self.upstream_wait)
+                    if upstream is None:
+                        return self.unavailable(request, mount)
+            return self.unavailable(request, mount)
+        except (DoorTimeout, TimeoutError, socket.timeout) as exc:  # socket.timeout: Python 3.9
+            self.log_failure(request, exc)
+            return plain_response(504, "the application did not answer in time", close=True)
+        except (DoorError, WireError, OSError) as exc:
+            self.log_failure(request, exc)
+            return plain_response(502, "the application could not be reached", close=True)
+        except Exception:  # a peer's reply that no parser above foresaw: still this request's 502
+            self.log_failure(request, "unusable reply:\n" + traceback.format_exc().rstrip())
+            return plain_response(502, "the application sent an unusable reply", close=True)
+        finally:
+            if request.body_fd is not None:
+                os.close(request.body_fd)
+
+    def unavailable(self, request, mount):
+        reason = mount.refused or "no application is answering"
+        self.log_failure(request, reason)
+        return plain_response(503, reason, close=True)
+
+    @staticmethod
+    def log_failure(request, why):
+        where = "%s %s" % (_log_text(request.method), _log_text(request.path)) if request else "-"
+        _log("front", "%s: %s" % (where, why), "error")
+
+    def apply_proxy_headers(self, request, env, peer, listener):
+        """Honour X-Forwarded-For/-Proto from an allowed proxy; from anyone else, drop them.
+
+        A peer on a Unix socket is trusted, as gunicorn does: only a local proxy can reach
+        it, and the socket's mode (--unix-socket-perms) says which."""
+        if listener.unix or peer in self.forwarded_allow or "*" in self.forwarded_allow:
+            forwarded_for = request.proxy_headers.get(b"x-forwarded-for")
+            if forwarded_for:  # the nearest hop is the one the allowed proxy saw
+                address = forwarded_for.split(b",")[-1].strip(b" \t")
+                if _is_ip(address):
+                    env.remote_addr = address
+            proto = request.proxy_headers.get(b"x-forwarded-proto", b"").strip(b" \t").lower()
+            if proto in (b"http", b"https"):
+                env.scheme = proto
+        else:
+            request.headers = [(n, v) for n, v in request.headers if n.lower() not in _PROXY_HEADERS]
+
+    def log_access(self, handler, request, response):
+        if self.access_log is not None:
+            self.access_log.write(handler, request, response)
+
+    def stop_accepting(self):
+        """Stop taking connections.  Open ones get `Connection: close` on their next reply."""
+        self.stopping = True
+        self._accepting.wait(1.0)  # cleared when serve_forever has left its loop
+        while self._accepting.is_set():
+            time.sleep(0.01)
+        # Connections the kernel completed but we had not yet accepted would be reset by
+        # the close: take them in and answer them too.
+        for listener in self.listeners:
+            listener.sock.setblocking(False)
+            while True:
+                try:
+                    request, client_address = listener.sock.accept()
+                except OSError:
+                    break
+                request.setblocking(True)
+                self.process_request(request, client_address, listener)
+            listener.close()
+
+    def close_idle(self):
+        """Close keep-alive connections that are not in the middle of a request."""
+        with self._lock:
+            idle = [sock for sock, busy in self._connections.items() if not busy]
+        for sock in idle:
+            _shutdown(sock)
+
+    @property
+    def open_connections(self):
+        return len(self._connections)
+
+
+def _is_ip(text):
+    import ipaddress
+    try:
+        ipaddress.ip_address(text.decode("ascii"))
+        return True
+    except ValueError:
+        return False
 
 
 ###############################################################################
