@@ -3563,7 +3563,8 @@ def _fcgi_reply_record(kind, request_id, content):
     if request_id != 1:
         return False  # management records we did not ask for
     if kind == _FCGI_STDERR and content:
-        _log("front", "FastCGI stderr: " + content.decode("utf-8", "replace").rstrip(), "error")
+        for line in content.rstrip().split(b"\n"):  # the app's text may quote a client's bytes
+            _log("front", "FastCGI stderr: " + _log_text(line.rstrip(b"\r")), "error")
     elif kind == _FCGI_END_REQUEST:
         if len(content) < _FCGI_END.size:
             raise TransportError("FastCGI END_REQUEST of %d bytes" % len(content))
@@ -7478,7 +7479,7 @@ def _progress_line(done, cells, row):
 
 
 def _bench_targets(rows):
-    """The issue's targets, read from the hello rows: door against proxy, FastCGI, in-process."""
+    """The ratios doordown aims at, read from the hello rows: door against proxy, FastCGI, in-process."""
     by_key = {(r["transport"], r["concurrency"]): r for r in rows
               if r.get("workload") == "hello" and "failed" not in r and "skipped" not in r}
     lines = []

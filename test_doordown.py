@@ -2333,6 +2333,17 @@ def test_transport_front_owns_date_server_and_framing(started, transport):
     assert "\n[doordown front 1] forged" not in server.log and "\x1b" not in server.log
 
 
+def test_fastcgi_stderr_reaches_the_front_log_escaped(started):
+    # what the app writes to wsgi.errors comes back as FCGI_STDERR and may quote a client's path
+    server = serve(started, "apps:warn", "--transport", "fastcgi")
+    reply = server.raw(b"GET /w%0a[doordown%20front%201]%20forged%1b[31m HTTP/1.1\r\nHost: x\r\n"
+                       b"Connection: close\r\n\r\n")
+    assert status_of(reply) == 200
+    server.wait_for(r"FastCGI stderr: warned about /w")
+    assert "\\x1b[31m" in server.log and "\x1b" not in server.log, server.log
+    assert "\n[doordown front 1] forged" not in server.log
+
+
 def _fake_peer(path, serve_connection):
     """A broken application at `path`, in a thread: serve_connection(sock) runs per connection."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
