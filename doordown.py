@@ -3999,6 +3999,7 @@ class CGIUpstream:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         output = bytearray()
         searched = 0
+        head_in = False
         while True:
             if not _poll_one(fd, select.POLLIN, None if deadline is None else deadline - time.monotonic()):
                 raise TimeoutError("the CGI program did not answer within %ss" % self.timeout)
@@ -4006,8 +4007,12 @@ class CGIUpstream:
             if not data:
                 return bytes(output), True
             output += data
-            if output.find(b"\n\n", searched) >= 0 or output.find(b"\r\n\r\n", searched) >= 0:
-                if not _poll_one(fd, select.POLLIN, 0):
+            head_in = head_in or output.find(b"\n\n", searched) >= 0 or output.find(b"\r\n\r\n", searched) >= 0
+            if head_in:
+                # Gather what is already written, so that a short answer goes out in one
+                # piece, but at most _CGI_GATHER bytes of it: a program that writes faster
+                # than this loop reads would otherwise be buffered whole.
+                if len(output) > _CGI_GATHER or not _poll_one(fd, select.POLLIN, 0):
                     return bytes(output), False
             searched = max(0, len(output) - 3)
 
@@ -4016,6 +4021,9 @@ class CGIUpstream:
 
     def close(self):
         pass
+
+
+_CGI_GATHER = 1 << 20  # bytes of a CGI program's output held before its body is streamed
 
 
 class _CGIStream:
