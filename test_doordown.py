@@ -2102,9 +2102,10 @@ def _assert_one_connection_per_thread(server, replies, total):
     assert stats["requests"] == total and stats["connections_opened"] == len(uses)
     # door_threads also counts the threads that served only the front's health checks
     # and this test's own stats call: they never open a connection.
-    # Native doors' pool may overshoot a burst by a few threads (libc creates a thread on
-    # depletion before the new ones have parked), as illumos's does.
-    ceiling = 33 if DOORS == "emulated" else 40
+    # Native doors' pool may overshoot a burst (libc creates a thread on depletion before
+    # the new ones have parked), as illumos's does, and more so on a loaded machine: 44
+    # threads for 32 connections seen with another suite running beside this one.
+    ceiling = 33 if DOORS == "emulated" else 48
     assert len(uses) <= stats["threads_seen"] <= door_threads and len(uses) <= ceiling, (uses, stats, door_threads)
     # Most connections are reused many times.  Not all: under a burst the door pool may
     # overshoot (illumos's does too), and a late thread may serve only a few requests.
