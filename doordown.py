@@ -1624,10 +1624,10 @@ _executable.pages = []
 
 def _load_door_library():
     """libc's door calls, or those of the library DOORDOWN_LIBDOOR names (the test model)."""
-    import platform
-    if platform.machine().lower() not in ("x86_64", "amd64", "i86pc") or sys.maxsize < 2 ** 32:
+    machine = os.uname().machine  # not platform.machine(): on 3.9 `platform` loads subprocess
+    if machine.lower() not in ("x86_64", "amd64", "i86pc") or sys.maxsize < 2 ** 32:
         raise DoorError(errno.ENOTSUP, "native doors need a 64-bit x86 CPU for their trampoline "
-                        "(this is %s); use --doors emulated" % platform.machine())
+                        "(this is %s); use --doors emulated" % machine)
     path = os.environ.get("DOORDOWN_LIBDOOR") or ("libc.so.1" if is_illumos() else None)
     if path is None:
         raise DoorError(errno.ENOTSUP, "native doors need illumos (or DOORDOWN_LIBDOOR naming a "
