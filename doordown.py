@@ -1111,7 +1111,7 @@ class DoorTimeout(DoorError):
 
 # -- emulated doors: Unix-domain sockets ---------------------------------------
 #
-# Semantics kept from illumos (see shared notes, doors.md):
+# Semantics kept from illumos (door_sys.c and door_calls.c in illumos-gate):
 # * a call is synchronous: the calling thread blocks until the reply;
 # * a client holds a LIFO stack of idle connections and opens a new one only when
 #   every one is busy, and the server gives each connection a thread from its own LIFO
@@ -6701,7 +6701,7 @@ def app_stats(door_path, doors="auto"):
 # Load: wrk when it is on PATH (a Python client under-reports a Python server), else a
 # built-in generator: forked processes, raw sockets, keep-alive.  --pinned puts the server
 # stack on CPU 0 and the load on CPU 1; free (the default) lets the OS place them.  The two
-# rank servers differently (shared notes, benchmarking.md): never compare across them.
+# rank servers differently (threaded Python servers gain most from pinning, multi-process ones from running free): never compare across them.
 
 def block_2ms_app(environ, start_response):
     """The I/O-bound workload: blocks 2 ms, as a query to a database would."""
