@@ -133,9 +133,7 @@ class Process:
         self.changed = threading.Condition()
         # Its own temporary directory and mark: what it leaves when killed can be found.
         self.tmp = tempfile.mkdtemp(dir=RUN_TMP)
-        # Sticky and writable by all, as /tmp is: a serve that drops to another user (--user)
-        # makes its private directory here, where the checks below see it, not in /tmp.
-        os.chmod(self.tmp, 0o1777)
+        os.chmod(self.tmp, 0o711)
         self.mark = "DOORDOWN_TEST_PROCESS=%s" % self.tmp
         env = dict(env or os.environ, TMPDIR=self.tmp, DOORDOWN_TEST_PROCESS=self.tmp)
         self.proc = subprocess.Popen([python, DOORDOWN, *args] if script else [python, *args], cwd=cwd,
