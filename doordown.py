@@ -6458,10 +6458,9 @@ class Supervisor:
     # -- the loop ---------------------------------------------------------------
     def run(self):
         import shutil
-        import tempfile
         for signum in _SUPERVISOR_SIGNALS:
             signal.signal(signum, lambda signum, _frame: self.events.put(signum))
-        self.door_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
+        self.door_dir = self.args.private_dir
         compile_for_children(self.door_dir)
         try:
             return self._run()
@@ -8990,8 +8989,10 @@ def prepare_serve(args):
         sys.stderr.write("doordown: error: %s\n" % message)
         for listener in args.listeners:
             listener.close()
+        if args.private_dir is not None:
+            os.rmdir(args.private_dir)
         return code
-    args.listeners, args.tls, args.access_logger = [], None, None
+    args.listeners, args.tls, args.access_logger, args.private_dir = [], None, None, None
     args.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)  # the front's, not the app's
     if (args.keyfile or args.ca_certs) and not args.certfile:
         return fail(EXIT_USAGE, "--keyfile and --ca-certs need --certfile")
@@ -9023,8 +9024,13 @@ def prepare_serve(args):
         if args.pid:
             with open(args.pid, "w") as pid_file:
                 pid_file.write("%d\n" % os.getpid())
+        # The private directory is made before the drop: where TMPDIR says, which the
+        # user dropped to may not be allowed to write, and owned by that user.
+        import tempfile
+        args.private_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
         if credentials is not None:
             uid, gid, user = credentials
+            os.chown(args.private_dir, uid, gid)
             for listener in args.listeners:
                 if listener.path is not None:  # the proxy in --group must reach it
                     os.chown(listener.path, uid, gid)

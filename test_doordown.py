@@ -7,6 +7,7 @@ line), every wait is bounded, and every process started is killed at teardown.
 import concurrent.futures
 import ctypes
 import errno
+import glob
 import hashlib
 import importlib.util
 import http.client
@@ -977,6 +978,10 @@ def test_user_and_group_dropped_after_binding_a_privileged_port(started, tmp_pat
         status = _read("/proc/%d/status" % pid)
         return [int(re.search(r"^%s:\s+(\d+)" % key, status, re.M).group(1)) for key in ("Uid", "Gid")]
     assert ids(server.proc.pid) == ids(server.app_pid()) == [nobody.pw_uid, nobody.pw_gid]
+    # its private directory is made before the drop, in its TMPDIR (which nobody may not
+    # write), not in /tmp where a SIGKILL would leave it
+    [private] = glob.glob(os.path.join(server.tmp, "doordown-*"))
+    assert os.stat(private).st_uid == nobody.pw_uid
 
 
 def test_readiness_is_notified_to_systemd(started, tmp_path):
