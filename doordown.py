@@ -6457,7 +6457,6 @@ class Supervisor:
 
     # -- the loop ---------------------------------------------------------------
     def run(self):
-        import shutil
         for signum in _SUPERVISOR_SIGNALS:
             signal.signal(signum, lambda signum, _frame: self.events.put(signum))
         self.door_dir = self.args.private_dir
@@ -6486,7 +6485,6 @@ class Supervisor:
                 for upstream in (slot.mount.upstream, slot.health):
                     if upstream is not None:
                         upstream.close()
-            shutil.rmtree(self.door_dir, ignore_errors=True)
 
     def start_front(self):
         """Take connections on the listeners bound at start-up: for one app, once it answers;
@@ -9142,6 +9140,8 @@ def main(argv=None):
         try:
             return Supervisor(args, apps).run()
         finally:
+            import shutil
+            shutil.rmtree(args.private_dir, ignore_errors=True)
             for listener in args.listeners:
                 listener.close()
             if args.pid:
