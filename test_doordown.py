@@ -1736,8 +1736,8 @@ def probe_server(door_model, tmp_path):
     """Start support/native_probe.py MODE on the door model; yields a native client."""
     children = []
 
-    def start(mode, timeout=None, **env):
-        path = str(tmp_path / ("%s.door" % mode))
+    def start(mode, timeout=None, path=None, **env):
+        path = path or str(tmp_path / ("%s.door" % mode))
         env = dict(os.environ, DOORDOWN_LIBDOOR=door_model, **env)
         child = subprocess.Popen([sys.executable, os.path.join(SUPPORT, "native_probe.py"), mode, path],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -1862,6 +1862,94 @@ def test_reply_descriptors_the_caller_cannot_take(probe_server, door_model):
     assert client.call(b"fds")[0] == before  # no descriptor left behind in the server
 
 
+def test_reply_to_a_caller_that_wants_no_results(probe_server):
+    """door_call(d, NULL) takes no results: door_return fails (E2BIG) back to the server,
+    which closes the reply's descriptors instead of leaking one per call."""
+    child, client = probe_server("failures")
+    before = client.call(b"fds")[0]
+    door = os.open(child.door, os.O_RDONLY)
+    try:
+        for _ in range(3):  # each answered with a descriptor, each refused
+            assert child.doors.lib.door_call(door, None) == 0
+    finally:
+        os.close(door)
+    assert client.call(b"fds")[0] == before
+
+
+def test_reply_that_faults_in_the_caller(probe_server):
+    """door_return fails (EFAULT) when the reply cannot be copied into the caller: the
+    server closes the reply's descriptors and tells the caller why."""
+    child, client = probe_server("failures", DOORMODEL_REPLY_FAULTS_ABOVE="20000")
+    before = client.call(b"fds")[0]
+    for _ in range(3):
+        assert client.call(b"bigfd:30000") == (b"refused %d" % errno.EFAULT, [])
+    assert client.call(b"fds")[0] == before
+
+
+def test_late_watchdog_signal_never_interrupts_the_next_call(probe_server, door_model, monkeypatch):
+    """The watchdog decides to interrupt an overdue call, and is descheduled before its
+    signal goes out; the call finishes meanwhile.  However late, that signal must not
+    land in the thread's next call (EINTR there reads as a dead server: a 502)."""
+    child, client = probe_server("failures")
+    timed = child.doors.open(child.door, 0.3)
+    model, calls = ctypes.CDLL(door_model), (ctypes.c_ulong * 2)()
+    real_kill, decided = signal.pthread_kill, []
+
+    def kill_once_the_next_call_waits(thread, signum):
+        # The watchdog stalls right before its kill until the thread's next door call
+        # is waiting for its reply (the model counts calls started and waiting), or 1 s.
+        decided.append(thread)
+        model.doormodel_calls(calls)
+        started, deadline = calls[0], time.monotonic() + 1.0
+        while time.monotonic() < deadline and not (calls[0] > started and calls[1] > 0):
+            time.sleep(0.001)
+            model.doormodel_calls(calls)
+        real_kill(thread, signum)
+
+    monkeypatch.setattr(signal, "pthread_kill", kill_once_the_next_call_waits)
+    assert timed.call(b"sleep:0.8")[0] == b"ok"  # overdue, but answered before any signal
+    assert decided, "the watchdog never meant to interrupt the overdue call"
+    assert timed.call(b"sleep:0.2")[0] == b"ok"
+
+
+def test_reopened_door_descriptor_is_not_closed_under_a_call_about_to_use_it(probe_server, door_model,
+                                                                             tmp_path):
+    """One thread holds the door's descriptor number, about to call; another finds the door
+    replaced and opens the path again.  The old number must stay open until the held call
+    is done with it: closed, the next open() in the process takes it, and the held call
+    goes wherever that descriptor leads (another application's door, a socket...)."""
+    door = str(tmp_path / "replaced.door")
+    first, client = probe_server("failures", path=door)
+    model = ctypes.CDLL(door_model)
+    assert client.call(b"pid")[0] == b"%d" % first.pid
+    answers = []
+    model.doormodel_hold_next_call()  # the model holds the next door_call at its entry
+    held = threading.Thread(target=lambda: answers.append(client.call(b"pid")[0]))
+    held.start()
+    try:
+        deadline = time.monotonic() + 10
+        while model.doormodel_held_call() < 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        number = model.doormodel_held_call()
+        assert number >= 0, "the call never reached the model's gate"
+        opened_on = os.fstat(number)
+        first.kill()
+        first.wait()
+        second, _ = probe_server("failures", path=door)
+        assert client.call(b"pid")[0] == b"%d" % second.pid  # EBADF: the path opened again
+        try:
+            now = os.fstat(number)
+        except OSError:
+            now = None
+        assert now is not None and (now.st_dev, now.st_ino) == (opened_on.st_dev, opened_on.st_ino), \
+            "the held call's descriptor was closed under it (%s)" % ("and taken by another open()"
+                                                                 if now else "its number free for any open()")
+    finally:
+        model.doormodel_release_call()
+        held.join(15)
+    assert answers == [b"%d" % second.pid]
+
+
 def test_reply_of_64k_lands_in_the_reply_buffer(probe_server, door_model):
     child, client = probe_server("failures")
     model = ctypes.CDLL(door_model)
@@ -1936,15 +2024,38 @@ def test_app_door_path_is_replaced_only_if_a_stale_door(tmp_path, native):
             app.wait()
 
 
-def test_trampoline_page_is_never_writable_and_executable(door_model):
-    address = doordown._executable(b"\xc3")
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            low, high = (int(x, 16) for x in line.split()[0].split("-"))
-            if low <= address < high:
-                assert line.split()[1].startswith("r-x"), line
-                return
-    raise AssertionError("trampoline page not mapped")
+_WRITE_EXECUTE_PROBE = """
+import ctypes, os, sys
+import doordown
+doors = doordown.NativeDoors()
+server = doors.serve(sys.argv[1], lambda data, fds, caller: (b"pong", []))
+reply = doors.open(sys.argv[1]).call(b"ping")[0].decode()
+print(reply, ctypes.CDLL(os.environ["DOORDOWN_LIBDOOR"]).doormodel_wx_procedures())
+server.close(grace=0.1)
+os._exit(0)
+"""
+
+
+def test_trampoline_page_is_never_writable_and_executable(door_model, tmp_path):
+    """Preloaded, the model sees every mmap and mprotect: no door's procedure was ever in
+    memory that was writable and executable at once."""
+    result = subprocess.run([sys.executable, "-c", _WRITE_EXECUTE_PROBE, str(tmp_path / "wx.door")],
+                            cwd=HERE, capture_output=True, timeout=60,
+                            env=dict(os.environ, DOORDOWN_LIBDOOR=door_model, LD_PRELOAD=door_model))
+    assert result.stdout.decode().split() == ["pong", "0"], result.stdout.decode() + result.stderr.decode()
+
+
+def test_refused_executable_memory_fails_clearly(door_model, tmp_path):
+    """A system that refuses to make memory executable: the app says so in one line."""
+    door = tmp_path / "app.door"
+    result = subprocess.run([sys.executable, DOORDOWN, "app", "--doors", "native", "--door", str(door)],
+                            cwd=SUPPORT, capture_output=True, timeout=30,
+                            env=dict(os.environ, DOORDOWN_LIBDOOR=door_model, LD_PRELOAD=door_model,
+                                     DOORMODEL_REFUSE_EXEC="1"))
+    err = result.stderr.decode()
+    assert result.returncode == 5 and not door.exists(), err
+    assert "mprotect of the door trampoline to read+execute" in err and "Permission denied" in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_check_command_passes_under_the_model(door_model):

@@ -10,8 +10,8 @@
  * API (door_create, door_call, door_return, door_info, door_revoke,
  * door_ucred + ucred_geteuid/ucred_getegid/ucred_getpid/ucred_free,
  * door_cred, door_server_create, door_bind, door_unbind, door_getparam,
- * door_setparam, fattach, fdetach; plus doormodel_stats() for tests) with
- * the illumos amd64 struct layouts and
+ * door_setparam, fattach, fdetach; plus doormodel_* functions for tests)
+ * with the illumos amd64 struct layouts and
  * constants, and -- the point of the exercise -- with the illumos behaviour
  * of server threads:
  *
@@ -67,9 +67,23 @@
  *     waiting.  DOORMODEL_MAX_LWPS=N in the environment refuses thread
  *     creation past N default-creator threads, as a zone's zone.max-lwps
  *     does.
+ *     DOORMODEL_REPLY_FAULTS_ABOVE=N makes door_return() of more than N
+ *     (and more than 16 KiB) bytes fail with EFAULT, as door_results()
+ *     does when the copy into the caller's buffer faults.
  *     With zero-length results data_ptr/desc_ptr are left as they were.
  *   - door_call(fd, NULL) means "no results": a door_return() with data or
  *     descriptors then fails with E2BIG in the server (door_results()).
+ *
+ * TEST HOOKS (no illumos API; see each for the illumos code it stands at)
+ *
+ *   - doormodel_calls(): door_calls started and waiting for results;
+ *     doormodel_hold_next_call() / doormodel_held_call() /
+ *     doormodel_release_call(): a gate at door_call()'s entry, before the
+ *     descriptor is looked at.  Races made to happen on demand.
+ *   - LD_PRELOADed, the library also watches mmap()/mprotect()/munmap():
+ *     doormodel_wx_procedures() counts doors whose procedure was ever in
+ *     writable and executable memory; DOORMODEL_REFUSE_EXEC=1 refuses to
+ *     make memory executable, as a W^X policy does.
  *
  * HOW IT WORKS
  *
@@ -161,6 +175,7 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/xattr.h>
@@ -803,7 +818,8 @@ parse_door_addr(const struct sockaddr_un *sa, socklen_t len, struct dref *r)
 /*
  * What does descriptor fd refer to?  A door handle (a socket connected to a
  * door listener) or a file (which may have a door attached).  EBADF if
- * neither.
+ * neither, as door_lookup() in door_sys.c says of a descriptor that is not
+ * a door.
  */
 static int
 door_ref(int fd, struct dref *r)
@@ -934,7 +950,8 @@ cpool_get(const struct dref *r, int *fresh)
 		if (errno == EINTR)
 			continue;
 		(void) close(fd);
-		return (seterr(EBADF));	/* no such door (any more) */
+		/* no such door (any more): door_lookup(), DOOR_INVALID() */
+		return (seterr(EBADF));
 	}
 	return (fd);
 }
@@ -1194,7 +1211,9 @@ handle_conn(struct conn *c, uint32_t events)
 	}
 	e = recv_header(c->fd, &h, fds, DOOR_MAX_DESC, &nfds, 0);
 	if (e == -EMFILE && h.type == M_CALL) {
-		err = EMFILE;		/* server out of descriptors */
+		/* server out of descriptors: door_insert() fails in
+		 * door_server_dispatch() (door_sys.c) -> EMFILE */
+		err = EMFILE;
 	} else if (e != 0) {
 		conn_close(c);
 		return;
@@ -1262,6 +1281,7 @@ refuse:
 		return;
 	}
 	case M_INFO: {
+		/* door_info() in door_sys.c (EBADF: model, see the top) */
 		door_info_t di;
 
 		memset(&di, 0, sizeof (di));
@@ -1277,6 +1297,7 @@ refuse:
 		return;
 	}
 	case M_GETPARAM: {
+		/* door_getparam_common(): EINVAL for an unknown param */
 		struct door *d = c->door;
 
 		pthread_mutex_lock(&G);
@@ -1323,6 +1344,12 @@ refuse:
 		return;
 	}
 	case M_DETACH:
+		/*
+		 * fdetach(3C) is umount2() of the namefs node: EINVAL if
+		 * nothing is mounted there, and nm_unmount() in namevfs.c
+		 * EPERM unless the caller owns it or is privileged
+		 * (secpolicy_vnode_owner()).
+		 */
 		pthread_mutex_lock(&G);
 		if (c->via == NULL || c->via->lfd < 0)
 			rep.err = EINVAL;
@@ -1441,6 +1468,11 @@ runtime_locked(void)
 static __thread uintptr_t tls_stack_top;
 /* DOORMODEL_MAX_LWPS: see default_creator(); -1 = no limit. */
 static long max_lwps = -1;
+/* DOORMODEL_REPLY_FAULTS_ABOVE: see door_return(); -1 = never. */
+static long reply_faults_above = -1;
+/* Executable memory, seen when the model is preloaded: see mmap() below. */
+static int wx_ever(uintptr_t addr);
+static unsigned long wx_procedures;
 
 static struct sthread *
 self_get(void)
@@ -1593,11 +1625,11 @@ start_invocation(struct sthread *self, struct conn *c, int deplete)
 	revoked = d->revoked;
 	pthread_mutex_unlock(&G);
 	if (revoked) {
-		err = EBADF;
+		err = EBADF;		/* door_call(): DOOR_INVALID() */
 		goto refuse;
 	}
 	if (size >= SIZE_MAX - 65535 - descsz) {
-		err = E2BIG;
+		err = E2BIG;		/* door_layout(): overflow */
 		goto refuse;
 	}
 	descp = (base - descsz) & ~(uintptr_t)15;
@@ -1723,19 +1755,40 @@ door_return(char *data_ptr, size_t data_size, door_desc_t *desc_ptr,
 	struct sthread *self = self_get();
 
 	if (self == NULL)
-		return (seterr(EAGAIN));
+		return (seterr(EAGAIN));	/* model: no memory for it */
 	if (self->reset_sp == 0)
 		init_stack(self, (uintptr_t)__builtin_dwarf_cfa());
+	/* door_results() in door_sys.c: copyin_nowatch() fails -> EFAULT */
 	if (data_size != 0 && data_ptr == NULL)
 		return (seterr(EFAULT));
 	if (num_desc != 0 && desc_ptr == NULL)
 		return (seterr(EFAULT));
 	if (self->conn != NULL) {
-		/* door_results(): failures leave the client blocked */
+		/*
+		 * door_results(): failures leave the client blocked; E2BIG
+		 * for results to a caller that takes none (d_noresults) or
+		 * for more than door_max_desc descriptors, EINVAL for one
+		 * that is not an open DOOR_DESCRIPTOR ("Only understand
+		 * file descriptor results").
+		 */
 		if (self->noresults && (data_size != 0 || num_desc != 0))
 			return (seterr(E2BIG));
 		if (num_desc > DOOR_MAX_DESC)
 			return (seterr(E2BIG));
+		/*
+		 * door_results() copies a reply of more than door_max_arg
+		 * (16 KiB) that fits the caller's rbuf straight into the
+		 * caller's address space (door_copy()); a fault there -- a
+		 * caller's rbuf that is not writable -- fails door_return()
+		 * with EFAULT, back to the server, the caller still waiting.
+		 * The model cannot see the caller's memory:
+		 * DOORMODEL_REPLY_FAULTS_ABOVE=N makes every such reply over
+		 * N bytes fault.
+		 */
+		if (reply_faults_above >= 0 && !self->noresults &&
+		    data_size > 16 * 1024 &&
+		    data_size > (size_t)reply_faults_above)
+			return (seterr(EFAULT));
 		for (uint_t i = 0; i < num_desc; i++) {
 			if (!(desc_ptr[i].d_attributes & DOOR_DESCRIPTOR) ||
 			    fcntl(desc_ptr[i].d_data.d_desc.d_descriptor,
@@ -1864,13 +1917,19 @@ door_create(door_server_procedure_t *proc, void *cookie, uint_t attributes)
 	door_server_func_t *f;
 	door_info_t di;
 
-	/* libc rejects DOOR_NO_DEPLETION_CB; the kernel the rest */
+	/*
+	 * door_create() in usr/src/lib/libc/port/threads/door_calls.c
+	 * rejects DOOR_NO_DEPLETION_CB; door_create() in door_sys.c the
+	 * rest: unknown attributes, or DOOR_UNREF with DOOR_UNREF_MULTI.
+	 */
 	if ((attributes & ~DOOR_CREATE_MASK) ||
 	    (attributes & (DOOR_UNREF | DOOR_UNREF_MULTI)) ==
 	    (DOOR_UNREF | DOOR_UNREF_MULTI))
 		return (seterr(EINVAL));
 	if ((d = calloc(1, sizeof (*d))) == NULL)
 		return (seterr(ENOMEM));
+	if (wx_ever((uintptr_t)proc))
+		__atomic_add_fetch(&wx_procedures, 1, __ATOMIC_SEQ_CST);
 	d->kind = K_DOOR;
 	d->proc = proc;
 	d->cookie = cookie;
@@ -1968,6 +2027,9 @@ can_take_fds(int fd, unsigned n)
 }
 
 static uint32_t call_seq;
+static unsigned long calls_started, calls_waiting;	/* doormodel_calls() */
+static int gate_armed;					/* doormodel_hold_next_call() */
+static void gate_hold(int d);
 static unsigned long noverflow;	/* doormodel_overflows() */
 
 /*
@@ -2038,6 +2100,9 @@ door_call(int d, door_arg_t *params)
 	char *buf = NULL;
 	size_t maplen = 0;
 
+	__atomic_add_fetch(&calls_started, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&gate_armed, __ATOMIC_SEQ_CST))
+		gate_hold(d);
 	if (door_ref(d, &r) != 0)
 		return (-1);
 	if (params != NULL) {
@@ -2046,6 +2111,7 @@ door_call(int d, door_arg_t *params)
 		memset(&a, 0, sizeof (a));
 		noresults = 1;
 	}
+	/* door_args(): copyin() of the arguments fails -> EFAULT */
 	if ((a.data_size != 0 && a.data_ptr == NULL) ||
 	    (a.desc_num != 0 && a.desc_ptr == NULL))
 		return (seterr(EFAULT));
@@ -2054,6 +2120,7 @@ door_call(int d, door_arg_t *params)
 	if (a.desc_num > 64 &&
 	    (fds = malloc(a.desc_num * sizeof (int))) == NULL)
 		return (seterr(ENOMEM));
+	/* door_translate_in(): EINVAL for a descriptor it cannot getf() */
 	for (uint_t i = 0; i < a.desc_num; i++) {
 		fds[i] = a.desc_ptr[i].d_data.d_desc.d_descriptor;
 		if (!(a.desc_ptr[i].d_attributes & DOOR_DESCRIPTOR) ||
@@ -2094,6 +2161,7 @@ door_call(int d, door_arg_t *params)
 	}
 	release_descs(a.desc_ptr, a.desc_num);	/* passed: DOOR_RELEASE */
 
+	__atomic_add_fetch(&calls_waiting, 1, __ATOMIC_SEQ_CST);
 	e = recv_header(fd, &rh, rfds, DOOR_MAX_DESC, &nr, 1);
 	while (e == 0 && rh.type == M_ASKFDS) {
 		/* door_results(): can we take the descriptors? */
@@ -2105,6 +2173,7 @@ door_call(int d, door_arg_t *params)
 		if ((e = send_message(fd, &ok, NULL, 0, NULL, 0, 0)) == 0)
 			e = recv_header(fd, &rh, rfds, DOOR_MAX_DESC, &nr, 1);
 	}
+	__atomic_sub_fetch(&calls_waiting, 1, __ATOMIC_SEQ_CST);
 	if (e == -EINTR) {
 		/*
 		 * A signal.  EAGAIN if the call was still waiting for a
@@ -2125,6 +2194,7 @@ door_call(int d, door_arg_t *params)
 		goto out;
 	}
 	if (e == -EMFILE) {
+		/* door_call(): door_insert() of a returned descriptor fails */
 		(void) close(fd);	/* lost descriptors: give up the reply */
 		fd = -1;
 		e = EMFILE;
@@ -2246,6 +2316,11 @@ door_info(int d, door_info_t *info)
 	struct dref r;
 	struct door *door;
 
+	/*
+	 * door_info() in door_sys.c: EBADF for a thread not bound to a door
+	 * (DOOR_QUERY) or a descriptor that is not a door, EFAULT when the
+	 * copyout fails; door_info_common() fills it in.
+	 */
 	if (info == NULL)
 		return (seterr(EFAULT));
 	if (d == DOOR_QUERY) {
@@ -2286,7 +2361,10 @@ door_revoke(int d)
 		door_info_t di;
 
 		pthread_mutex_unlock(&G);
-		/* a door of another process: EPERM; no door at all: EBADF */
+		/*
+		 * door_revoke() in door_sys.c: EBADF from door_lookup(),
+		 * EPERM for a door of another process (door_target)
+		 */
 		if (remote_info(&r, &di) != 0)
 			return (seterr(EBADF));
 		return (seterr(EPERM));
@@ -2369,6 +2447,7 @@ door_ucred(ucred_t **uc)
 	return (0);
 }
 
+/* door_cred() in door_calls.c: __door_ucred(), so door_ucred()'s errors */
 EXPORT int
 door_cred(door_cred_t *dc)
 {
@@ -2434,7 +2513,11 @@ door_bind(int d)
 	if (door_ref(d, &r) != 0)
 		return (-1);
 	if ((self = self_get()) == NULL)
-		return (seterr(EAGAIN));
+		return (seterr(EAGAIN));	/* model: no memory for it */
+	/*
+	 * door_bind() in door_sys.c: EBADF from door_lookup(), EINVAL for a
+	 * door that is not DOOR_PRIVATE or not this process's
+	 */
 	pthread_mutex_lock(&G);
 	door = local_door_locked(&r);
 	if (door == NULL || !(door->attrs & DOOR_PRIVATE)) {
@@ -2452,6 +2535,7 @@ door_unbind(void)
 {
 	struct sthread *self = tls_self;
 
+	/* door_unbind() in door_sys.c: EBADF for a thread not bound */
 	pthread_mutex_lock(&G);
 	if (self == NULL || self->bound == NULL) {
 		pthread_mutex_unlock(&G);
@@ -2470,6 +2554,11 @@ door_getparam(int d, int type, size_t *out)
 	struct door *door;
 	struct dm_msg rep;
 
+	/*
+	 * door_getparam() in door_sys.c: EBADF from door_lookup(), EINVAL
+	 * from door_getparam_common() for an unknown parameter, EFAULT when
+	 * the copyout fails
+	 */
 	if (out == NULL)
 		return (seterr(EFAULT));
 	if (door_ref(d, &r) != 0)
@@ -2501,7 +2590,10 @@ door_getparam(int d, int type, size_t *out)
 	return (0);
 }
 
-/* door_setparam_common() */
+/*
+ * door_setparam_common() in door_sys.c: EBADF (DOOR_INVALID), EPERM (a door
+ * of another process), ERANGE, ENOTSUP (DOOR_REFUSE_DESC), EINVAL
+ */
 EXPORT int
 door_setparam(int d, int type, size_t val)
 {
@@ -2566,6 +2658,13 @@ fattach(int fildes, const char *path)
 	socklen_t alen;
 	int lfd;
 
+	/*
+	 * fattach(3C) mounts namefs on path; nm_mount() in namevfs.c: EBADF
+	 * (getf() of the descriptor fails), EINVAL for a descriptor that is
+	 * neither a door nor a stream, EPERM unless the caller owns the path
+	 * (secpolicy_vnode_owner()), EACCES without write permission on it
+	 * (secpolicy_vnode_access2(..., VWRITE)), EBUSY below.
+	 */
 	if (fcntl(fildes, F_GETFD) < 0)
 		return (seterr(EBADF));
 	if (path == NULL)
@@ -2666,6 +2765,7 @@ fdetach(const char *path)
 	struct dm_msg rep;
 	char name[96];
 
+	/* umount2() of the namefs node: nm_unmount() in namevfs.c, EPERM */
 	if (path == NULL)
 		return (seterr(EFAULT));
 	if (stat(path, &st) != 0)
@@ -2749,6 +2849,215 @@ doormodel_overflows(void)
 	return (__atomic_load_n(&noverflow, __ATOMIC_RELAXED));
 }
 
+/*
+ * Test support: door_call()s this process started, and how many of them are
+ * blocked right now waiting for their results -- the wait a signal
+ * interrupts (door_call() in usr/src/uts/common/fs/doorfs/door_sys.c sleeps
+ * in cv_wait_sig_swap_core() until door_return() resumes it).  A test that
+ * must deliver a signal into "the next call" waits for both to move.
+ */
+EXPORT void
+doormodel_calls(unsigned long out[2])
+{
+	out[0] = __atomic_load_n(&calls_started, __ATOMIC_SEQ_CST);
+	out[1] = __atomic_load_n(&calls_waiting, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * Test support: hold the next door_call() of this process at its entry,
+ * before it looks at its descriptor.  On illumos the descriptor is resolved
+ * only in the kernel (door_lookup() at the start of door_call() in
+ * door_sys.c); until then it is a number the calling thread holds, and a
+ * thread that closes that number meanwhile (and an open() that reuses it)
+ * decides what the call reaches.  doormodel_hold_next_call() arms the gate,
+ * doormodel_held_call() gives the descriptor of the call held there (-1
+ * while none is), doormodel_release_call() lets it go on.  A held call goes
+ * on by itself after 10 seconds, so that a failing test cannot hang.
+ */
+static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cv = PTHREAD_COND_INITIALIZER;
+static int gate_fd = -1, gate_open;
+
+static void
+gate_hold(int d)
+{
+	struct timespec until;
+
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += 10;
+	pthread_mutex_lock(&gate_lock);
+	if (gate_armed) {
+		__atomic_store_n(&gate_armed, 0, __ATOMIC_SEQ_CST);
+		gate_fd = d;
+		pthread_cond_broadcast(&gate_cv);
+		while (!gate_open && pthread_cond_timedwait(&gate_cv,
+		    &gate_lock, &until) != ETIMEDOUT)
+			continue;
+		gate_fd = -1;
+	}
+	pthread_mutex_unlock(&gate_lock);
+}
+
+EXPORT void
+doormodel_hold_next_call(void)
+{
+	pthread_mutex_lock(&gate_lock);
+	gate_open = 0;
+	__atomic_store_n(&gate_armed, 1, __ATOMIC_SEQ_CST);
+	pthread_mutex_unlock(&gate_lock);
+}
+
+EXPORT int
+doormodel_held_call(void)
+{
+	int fd;
+
+	pthread_mutex_lock(&gate_lock);
+	fd = gate_fd;
+	pthread_mutex_unlock(&gate_lock);
+	return (fd);
+}
+
+EXPORT void
+doormodel_release_call(void)
+{
+	pthread_mutex_lock(&gate_lock);
+	__atomic_store_n(&gate_armed, 0, __ATOMIC_SEQ_CST);
+	gate_open = 1;
+	pthread_cond_broadcast(&gate_cv);
+	pthread_mutex_unlock(&gate_lock);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Executable memory: only when this library is LD_PRELOADed                */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Preloaded, the model interposes mmap(), mprotect() and munmap() to see how
+ * the process makes code executable.  Loaded with dlopen(), as doordown
+ * loads it, these definitions are reached by nobody: libc's come first in
+ * the global scope, for the model's own calls too.
+ *
+ *   - Every range ever mapped or mprotect()ed writable and executable at
+ *     once is remembered until it is unmapped, and door_create() counts the
+ *     doors whose server procedure lies in such a range
+ *     (doormodel_wx_procedures()).  illumos itself allows it -- an anonymous
+ *     segment's maxprot is PROT_ALL and segvn_setprot() in
+ *     usr/src/uts/common/vm/seg_vn.c checks a protection only against
+ *     maxprot -- so this is no door rule: it checks what doordown promises,
+ *     that its trampoline page is never writable and executable together.
+ *   - DOORMODEL_REFUSE_EXEC=1 makes a system whose policy refuses to make
+ *     memory executable after the fact (SELinux's execmem, PaX MPROTECT):
+ *     an anonymous mapping with PROT_EXEC, and any mprotect() that adds
+ *     PROT_EXEC, fail with EACCES -- what mprotect(2) and mmap(2) return on
+ *     illumos for a protection the segment may not have (segvn_setprot():
+ *     "(svd->maxprot & prot) != prot" -> EACCES; smmap_common() in
+ *     usr/src/uts/common/os/grow.c for mmap).
+ */
+#define WX_MAX	256
+static struct { uintptr_t lo, hi; } wx_ranges[WX_MAX];
+static unsigned wx_count;
+static int refuse_exec;
+static pthread_mutex_t wx_lock = PTHREAD_MUTEX_INITIALIZER;
+
+#define WRITE_EXEC	(PROT_WRITE | PROT_EXEC)
+
+static void
+wx_forget(uintptr_t lo, size_t len)
+{
+	uintptr_t hi = lo + len;
+
+	pthread_mutex_lock(&wx_lock);
+	for (unsigned i = 0; i < wx_count; )
+		if (wx_ranges[i].lo < hi && lo < wx_ranges[i].hi)
+			wx_ranges[i] = wx_ranges[--wx_count];
+		else
+			i++;
+	pthread_mutex_unlock(&wx_lock);
+}
+
+static void
+wx_remember(uintptr_t lo, size_t len)
+{
+	pthread_mutex_lock(&wx_lock);
+	if (wx_count < WX_MAX) {
+		wx_ranges[wx_count].lo = lo;
+		wx_ranges[wx_count].hi = lo + len;
+		wx_count++;
+	} else {
+		/* table full: treat the whole address space as once W+X */
+		wx_ranges[0].lo = 0;
+		wx_ranges[0].hi = UINTPTR_MAX;
+	}
+	pthread_mutex_unlock(&wx_lock);
+}
+
+static int
+wx_ever(uintptr_t addr)
+{
+	int found = 0;
+
+	pthread_mutex_lock(&wx_lock);
+	for (unsigned i = 0; i < wx_count && !found; i++)
+		found = wx_ranges[i].lo <= addr && addr < wx_ranges[i].hi;
+	pthread_mutex_unlock(&wx_lock);
+	return (found);
+}
+
+EXPORT void *
+mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	void *p;
+
+	if (refuse_exec && (prot & PROT_EXEC) && (flags & MAP_ANONYMOUS)) {
+		errno = EACCES;
+		return (MAP_FAILED);
+	}
+	p = (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+	if (p != MAP_FAILED) {
+		wx_forget((uintptr_t)p, len);	/* MAP_FIXED replaces */
+		if ((prot & WRITE_EXEC) == WRITE_EXEC)
+			wx_remember((uintptr_t)p, len);
+	}
+	return (p);
+}
+
+EXPORT void *
+mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	return (mmap(addr, len, prot, flags, fd, off));
+}
+
+EXPORT int
+mprotect(void *addr, size_t len, int prot)
+{
+	if (refuse_exec && (prot & PROT_EXEC)) {
+		errno = EACCES;
+		return (-1);
+	}
+	if (syscall(SYS_mprotect, addr, len, prot) != 0)
+		return (-1);
+	if ((prot & WRITE_EXEC) == WRITE_EXEC)
+		wx_remember((uintptr_t)addr, len);
+	return (0);
+}
+
+EXPORT int
+munmap(void *addr, size_t len)
+{
+	if (syscall(SYS_munmap, addr, len) != 0)
+		return (-1);
+	wx_forget((uintptr_t)addr, len);
+	return (0);
+}
+
+/* Test support: doors created with a procedure in memory once W+X. */
+EXPORT unsigned long
+doormodel_wx_procedures(void)
+{
+	return (__atomic_load_n(&wx_procedures, __ATOMIC_SEQ_CST));
+}
+
 /* ------------------------------------------------------------------------ */
 /* fork()                                                                    */
 /* ------------------------------------------------------------------------ */
@@ -2817,5 +3126,10 @@ doormodel_init(void)
 
 	if (v != NULL && *v != '\0')
 		max_lwps = atol(v);
+	v = getenv("DOORMODEL_REFUSE_EXEC");
+	refuse_exec = v != NULL && strcmp(v, "1") == 0;
+	v = getenv("DOORMODEL_REPLY_FAULTS_ABOVE");
+	if (v != NULL && *v != '\0')
+		reply_faults_above = atol(v);
 	(void) pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }

@@ -6,8 +6,10 @@ MODE naive: the wrong way, a ctypes callback that calls door_return itself; it a
 with a call counter and the frame depth, until CPython's thread state gives way.
 MODE failures: doordown's native server answering commands that exercise the failure
 paths: sleep:S (a slow call), hold:S (a thread holds the GIL for S seconds, as a C
-extension may), fd (a reply carrying a descriptor), fds (the open descriptor count),
-calls (how many calls reached the handler), big:N (an N-byte reply).
+extension may), fd (a reply carrying a descriptor; so is the answer to an empty call,
+which is what door_call(d, NULL) sends), fds (the open descriptor count), calls (how
+many calls reached the handler), big:N (an N-byte reply), bigfd:N (an N-byte reply
+carrying a descriptor), pid (the server's process id).
 All print READY once the door is attached, and serve until stdin closes.
 """
 
@@ -64,10 +66,12 @@ class Failures:
                 time.sleep(0.05)  # this call's answer first
                 pause(int(seconds * 1e6))
             threading.Thread(target=hold).start()
-        elif command == b"fd":
+        elif command in (b"fd", b"", b"bigfd"):
             read, write = os.pipe()
             os.close(write)
-            return b"with a descriptor", [read]
+            return (b"b" * int(argument) if argument else b"with a descriptor"), [read]
+        elif command == b"pid":
+            return b"%d" % os.getpid(), []
         elif command == b"fds":
             return b"%d" % len(os.listdir("/proc/self/fd")), []
         elif command == b"calls":
