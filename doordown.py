@@ -1412,9 +1412,12 @@ class _EmulatedDoorClient:
         sock = _DoorSocket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.path)
-        except OSError as exc:
+        except (FileNotFoundError, ConnectionRefusedError) as exc:  # no server there now
             sock.close()
             raise DoorRevoked(exc.errno, "no door server at %s (%s)" % (self.path, exc.strerror))
+        except OSError as exc:  # EACCES, EMFILE...: a server may well be there
+            sock.close()
+            raise DoorError(exc.errno, "cannot reach the door %s: %s" % (self.path, exc.strerror))
         _io_timeout(sock, self.timeout)
         sock.buffer = receive_buffer()
         return sock
