@@ -27,6 +27,10 @@ works under the model and that the naive way does not:
      door_ucred EINVAL once a thread had the call, door_return failing
      back to the server with EMFILE when the caller's descriptor table is
      full, EFAULT when an overflowed reply's descriptors miss the mapping
+  h  the test hooks: door_return failing with EFAULT past
+     DOORMODEL_REPLY_FAULTS_ABOVE, the gate at door_call's entry and the
+     counts of calls started and waiting, and (LD_PRELOADed) the watch on
+     writable+executable memory and DOORMODEL_REFUSE_EXEC
 
 Exit status 0 when every check passes.
 """
@@ -162,6 +166,9 @@ def load(path):
     lib.doormodel_stats.restype = None
     lib.doormodel_stack_left.argtypes = []
     lib.doormodel_stack_left.restype = ctypes.c_long
+    lib.doormodel_calls.argtypes = [ctypes.POINTER(ctypes.c_ulong * 2)]
+    lib.doormodel_calls.restype = None
+    lib.doormodel_held_call.restype = c_int
     return lib
 
 
@@ -897,12 +904,15 @@ def test_failure_paths(lib, libpath, tmpdir):
     print("g) libc's server stacks, and the failure paths")
     _test_stale_attachment(cl, lib, os.path.join(tmpdir, "main"))
     p, spid, log = start_server("--serve", libpath, tmpdir, "strict.log",
-                                env={"DOORMODEL_MAX_LWPS": "2"})
+                                env={"DOORMODEL_MAX_LWPS": "2",
+                                     "DOORMODEL_REPLY_FAULTS_ABOVE": "2500000"})
     fd = os.open(os.path.join(tmpdir, "main"), os.O_RDONLY)
     try:
         _test_stack(cl, fd)
         _test_eagain(cl, fd)
         _test_reply_fds(cl, fd)
+        _test_reply_fault(cl, fd)
+        _test_gate(cl, lib, fd)
         _test_stopped(cl, fd, spid)
     finally:
         os.close(fd)
@@ -993,6 +1003,88 @@ def _test_reply_fds(cl, fd):
           not isinstance(padded, str) and unpadded == "EFAULT")
 
 
+def _test_reply_fault(cl, fd):
+    fits = _attempt(cl.call, fd, b"Y2000000", rsize=0)
+    if not isinstance(fits, str):
+        _close(d[1] for d in fits[1])
+    faults = _attempt(cl.call, fd, b"Y3000000", rsize=0)
+    fate = cl.call(fd, b"L")[0].decode()
+    check("h) DOORMODEL_REPLY_FAULTS_ABOVE=2500000: a 2 MB reply arrives, a 3 MB "
+          "one fails in the server (trampoline's empty reply), its descriptor "
+          "stays %s" % fate,
+          not isinstance(fits, str) and len(fits[0]) == 2000000 and
+          not isinstance(faults, str) and faults[0] == b"" and fate == "open")
+
+
+def _test_gate(cl, lib, fd):
+    counts = (ctypes.c_ulong * 2)()
+    lib.doormodel_calls(ctypes.byref(counts))
+    started = counts[0]
+    lib.doormodel_hold_next_call()
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(
+        _attempt(cl.call, fd, b"S0.4")))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while lib.doormodel_held_call() < 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    held = lib.doormodel_held_call()
+    time.sleep(0.2)
+    lib.doormodel_calls(ctypes.byref(counts))
+    at_gate = (counts[0] - started, counts[1], bool(outcome))
+    lib.doormodel_release_call()
+    time.sleep(0.2)
+    lib.doormodel_calls(ctypes.byref(counts))
+    in_call = counts[1]
+    caller.join(10)
+    lib.doormodel_calls(ctypes.byref(counts))
+    check("h) a call held at door_call's entry (descriptor %d; %d started, %d "
+          "waiting, done: %s), released: %d waiting, then done"
+          % ((held,) + at_gate + (in_call,)),
+          held == fd and at_gate == (1, 0, False) and in_call == 1 and
+          outcome and not isinstance(outcome[0], str) and counts[1] == 0)
+
+
+_PRELOADED = r"""
+import ctypes, os, sys
+sys.path.insert(0, %r)
+import model_selftest as t
+lib = t.load(os.environ["DOORMODEL_LIB"])
+lib.doormodel_wx_procedures.restype = ctypes.c_ulong
+def rwx_page():
+    addr = t.libc.mmap(None, 4096, t.PROT_READ | t.PROT_WRITE | t.PROT_EXEC,
+                       t.MAP_PRIVATE | t.MAP_ANONYMOUS, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    ctypes.memmove(addr, b"\xc3", 1)
+    return addr
+try:
+    doors = [lib.door_create(t.exec_page(b"\xc3"), None, 0)]
+    before = lib.doormodel_wx_procedures()
+    doors.append(lib.door_create(rwx_page(), None, 0))
+    print("ok", before, lib.doormodel_wx_procedures())
+except OSError as exc:
+    print("refused", t.errname(exc.errno))
+"""
+
+
+def test_preloaded(libpath):
+    print("h) the model LD_PRELOADed: executable memory")
+    results = []
+    for refuse in ("0", "1"):
+        out = subprocess.run(
+            [sys.executable, "-c", _PRELOADED % HERE], capture_output=True,
+            timeout=60, env=dict(os.environ, LD_PRELOAD=libpath,
+                                 DOORMODEL_LIB=libpath,
+                                 DOORMODEL_REFUSE_EXEC=refuse))
+        results.append(out.stdout.decode().split() or
+                       [out.stderr.decode()[-300:]])
+    check("door procedures once writable+executable: RW->RX page %s, RWX page "
+          "%s; DOORMODEL_REFUSE_EXEC=1 -> %s" % (
+              results[0][1:2], results[0][2:3], " ".join(results[1])),
+          results == [["ok", "0", "1"], ["refused", "EACCES"]])
+
+
 def _test_stopped(cl, fd, spid):
     os.kill(spid, signal.SIGSTOP)             # nobody in the server can answer
     for _ in range(200):                      # the stop takes effect a little later
@@ -1026,6 +1118,7 @@ def main():
         test_naive(lib, libpath, tmpdir)
         test_trampoline(lib, libpath, tmpdir)
         test_failure_paths(lib, libpath, tmpdir)
+        test_preloaded(libpath)
     failed = [r for r in RESULTS if not r[1]]
     print("%d checks, %d failed" % (len(RESULTS), len(failed)))
     return 1 if failed else 0
