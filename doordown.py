@@ -1131,7 +1131,10 @@ class DoorTimeout(DoorError):
 _FRAME = struct.Struct("=IH2x")
 _MAX_FDS = 16
 _ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# Plain ints: the socket module's are IntFlag members, and `flags & socket.MSG_CTRUNC`
+# would build a new enum member per message.
+_RECV_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # Each connection keeps a buffer of this size for the first read of every message: small
 # messages (most calls and replies) take one read and no allocation; a larger one is read
 # on into a buffer of its own size.  Kept small, as every open connection holds one
@@ -1175,7 +1178,7 @@ def _recv_message(sock, limit, buffer):
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         _close_fds(fds)
         raise DoorError(errno.EMSGSIZE, "too many descriptors in one door message")
     if not got:
@@ -2178,16 +2181,25 @@ REPLY_HEAD_MAX = 64 * 1024  # a response head larger than this is the app's erro
 _REQUEST_FIXED = 10
 _MESSAGE_HEAD = struct.Struct("!cBH")
 _MAX_FIELDS = 2 * 1024 + _REQUEST_FIXED
+_FIELD_TABLES = {}  # field count -> the Struct of its length table (at most _MAX_FIELDS of them)
 
 
 class WireError(ValueError):
     """A truncated or malformed door message."""
 
 
+def _field_table(count):
+    """The Struct of a message's table of `count` field lengths (made once per count)."""
+    table = _FIELD_TABLES.get(count)
+    if table is None:
+        table = _FIELD_TABLES[count] = struct.Struct("!%dI" % count)
+    return table
+
+
 def pack_message(kind, flags, fields):
     count = len(fields)
-    return b"".join((_MESSAGE_HEAD.pack(kind, flags, count),
-                     struct.pack("!%dI" % count, *map(len, fields)), *fields))
+    return b"".join((_MESSAGE_HEAD.pack(kind, flags, count), _field_table(count).pack(*map(len, fields)),
+                     *fields))
 
 
 def unpack_message(data, expected_kinds):
@@ -2202,14 +2214,12 @@ def unpack_message(data, expected_kinds):
     pos = _MESSAGE_HEAD.size + 4 * count
     if len(data) < pos:
         raise WireError("truncated field table")
-    lengths = struct.unpack_from("!%dI" % count, data, _MESSAGE_HEAD.size)
-    if pos + sum(lengths) != len(data):
-        raise WireError("field lengths say %d bytes, message has %d"
-                        % (pos + sum(lengths), len(data)))
     fields = []
-    for length in lengths:
+    for length in _field_table(count).unpack_from(data, _MESSAGE_HEAD.size):
         fields.append(data[pos:pos + length])
         pos += length
+    if pos != len(data):
+        raise WireError("field lengths say %d bytes, message has %d" % (pos, len(data)))
     return kind, flags, fields
 
 
@@ -6926,6 +6936,16 @@ def process_tree(*roots):
     return tree
 
 
+def user_and_system_cpu(pid):
+    """(user, system) CPU seconds of the process `pid` itself, or None (gone, or not Linux)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 StackUsage = collections.namedtuple("StackUsage", "cpu rss pss processes")
 
 
@@ -7319,6 +7339,81 @@ _FLUP_PREFORK = ("from flup.server.fcgi_fork import WSGIServer; import hello; "
                  "WSGIServer(hello.app, bindAddress=%r, minSpare=4, maxSpare=4, maxChildren=4).run()")
 
 
+# The floor (bench --breakdown): the least a stack of doordown's shape can cost in Python
+# here.  A threaded front that reads just enough of each request to find its end, and
+# answers it through a minimal WSGI call, in its own process or through one Unix-socket
+# round trip per request to a threaded app process (one connection per front thread, one
+# thread per connection: the same threads as the door transport's).  No limit, no
+# timeout, no log: what doordown costs beyond it is doordown's, what the hop costs here
+# is the hop's.
+_FLOOR_STACK = '''import os, socket, sys, threading
+import hello
+
+def respond(head):
+    lines = head.split(b"\\r\\n")
+    method, target, _ = lines[0].split(b" ")
+    environ = {"REQUEST_METHOD": method.decode("latin-1"), "PATH_INFO": target.decode("latin-1")}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        environ["HTTP_" + name.decode("latin-1").upper().replace("-", "_")] = value.strip().decode("latin-1")
+    start = []
+    body = b"".join(hello.app(environ, lambda status, headers: start.extend((status, headers))))
+    fields = "".join("%s: %s\\r\\n" % header for header in start[1])
+    return ("HTTP/1.1 %s\\r\\n%s\\r\\n" % (start[0], fields)).encode("latin-1") + body
+
+def app_connection(conn, _hop):
+    with conn:
+        while True:
+            head = conn.recv(65536)
+            if not head:
+                return
+            conn.sendall(respond(head))
+
+def front_connection(conn, hop_path):
+    hop = None
+    if hop_path:
+        hop = socket.socket(socket.AF_UNIX)
+        hop.connect(hop_path)
+    data = b""
+    with conn:
+        while True:
+            more = conn.recv(65536)
+            if not more:
+                return
+            data += more
+            while b"\\r\\n\\r\\n" in data:
+                head, data = data.split(b"\\r\\n\\r\\n", 1)
+                if hop is None:
+                    conn.sendall(respond(head))
+                else:
+                    hop.sendall(head)
+                    conn.sendall(hop.recv(65536))  # a reply this small arrives in one read
+
+def serve(listener, connection, hop_path):
+    def run(conn):
+        try:
+            connection(conn, hop_path)
+        except OSError:
+            pass  # the client reset its connection
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=run, args=(conn,), daemon=True).start()
+
+host, port = sys.argv[1].rsplit(":", 1)
+hop_path = sys.argv[2] if len(sys.argv) > 2 else None
+if hop_path and os.fork() == 0:
+    app = socket.socket(socket.AF_UNIX)
+    app.bind(hop_path)
+    app.listen(1024)
+    serve(app, app_connection, None)
+front = socket.socket()
+front.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+front.bind((host, int(port)))
+front.listen(1024)
+serve(front, front_connection, hop_path)
+'''
+
+
 def _find_nginx():
     import shutil
     return shutil.which("nginx") or next((path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx",
@@ -7347,6 +7442,8 @@ def _peer_commands(name, directory, port):
         "nginx-flup-prefork": [[python, "-c", _FLUP_PREFORK % sock], "fastcgi"],
         "nginx-uwsgi": [[uwsgi, "--socket", sock] + uwsgi_app, "uwsgi"],
         "uwsgi-http": [[uwsgi, "--http11-socket", here] + uwsgi_app],
+        "floor": [[python, "floor.py", here]],
+        "floor-hop": [[python, "floor.py", here, sock]],
         "granian": [[granian, "--interface", "wsgi", "--workers", "2", "--host", "127.0.0.1",
                      "--port", str(port), "--working-dir", directory, "hello:app"]],
     }
@@ -7369,7 +7466,9 @@ PEER_TITLES = {"waitress": "waitress, 8 threads", "gunicorn": "gunicorn gthread 
                "nginx-flup": "nginx → flup threaded FastCGI",
                "nginx-flup-prefork": "nginx → flup prefork FastCGI (4)",
                "nginx-uwsgi": "nginx → uWSGI (uwsgi protocol, 2×8)",
-               "uwsgi-http": "uWSGI http11-socket (2×8)", "granian": "granian -w2 (Rust)"}
+               "uwsgi-http": "uWSGI http11-socket (2×8)", "granian": "granian -w2 (Rust)",
+               "floor": "floor: a minimal threaded front, in-process",
+               "floor-hop": "floor: the same front, one Unix-socket hop to a threaded app process"}
 
 
 class PeerStack(BenchServer):
@@ -7386,6 +7485,8 @@ class PeerStack(BenchServer):
         self.directory = tempfile.mkdtemp(prefix="doordown-peer-")
         with open(os.path.join(self.directory, "hello.py"), "w") as f:
             f.write(_PEER_APP)
+        with open(os.path.join(self.directory, "floor.py"), "w") as f:
+            f.write(_FLOOR_STACK)
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -7423,7 +7524,10 @@ class PeerStack(BenchServer):
         return stack_usage(*(process.pid for process in self.processes))
 
     def roles(self):
-        return {}
+        if self.transport == "floor-hop":  # its app process is forked by the front
+            tree = process_tree(self.proc.pid)
+            return {"front": tree[0], "app": tree[1]} if len(tree) > 1 else {"front": tree[0]}
+        return {"front": self.proc.pid} if self.transport == "floor" else {}
 
     def exited(self):
         return any(process.poll() is not None for process in self.processes)
@@ -7651,6 +7755,7 @@ def _bench_cell(load, server, workload, connections, duration, warmup, idle):
     peak_rss, peak_pss = before.rss, before.pss
     roles = server.roles()  # each process of the stack on its own too: the front, the app
     peaks = {role: (0, 0) for role in roles}
+    split = {role: user_and_system_cpu(pid) for role, pid in roles.items()}
     run = load.start(server.port, connections, duration)
     while load.running(run):
         time.sleep(0.25)
@@ -7663,6 +7768,10 @@ def _bench_cell(load, server, workload, connections, duration, warmup, idle):
                 peaks[role] = (max(peaks[role][0], facts.rss), max(peaks[role][1], facts.pss or 0))
     result = load.result(run)
     after = server.usage()
+    for role, pid in roles.items():  # µs of user and of system CPU per request, each role
+        now = user_and_system_cpu(pid)
+        split[role] = None if now is None or split[role] is None or not result.requests else [
+            round((now[i] - split[role][i]) * 1e6 / result.requests, 1) for i in (0, 1)]
     if server.exited():
         raise RuntimeError("the stack exited during the run:\n%s" % server.output()[-2000:])
     app = process_facts(server.app_pid, memory=False)
@@ -7680,6 +7789,7 @@ def _bench_cell(load, server, workload, connections, duration, warmup, idle):
         **{"%s_%s_peak_mb" % (role, kind): _megabytes(peaks[role][i]) if peaks.get(role, (0, 0))[i] else None
            for role in ("front", "app") for i, kind in enumerate(("rss", "pss"))},
         "app_threads": app.threads if app is not None and server.transport != "cgi" else None,
+        "cpu_user_system_us": split,
     }
 
 
@@ -7929,20 +8039,27 @@ def run_breakdown(args, load, server_cpus, backend):
     warmup = args.warmup if args.warmup is not None else 1.0
     connections = (args.concurrency or [16])[0]
     whole = {}
-    for transport in ("door", "inprocess"):
-        server = BenchServer(transport, None, args.doors, server_cpus)
+    stacks = ("door", "inprocess", "floor", "floor-hop")
+    for transport in stacks:
+        if transport.startswith("floor"):
+            server, expected = PeerStack(transport, server_cpus), None
+        else:
+            server, expected = BenchServer(transport, None, args.doors, server_cpus), BENCH_WORKLOADS["hello"][1]
         try:
             server.start()
-            problem = server.check(BENCH_WORKLOADS["hello"][1])
+            problem = server.check(expected) if expected is not None else None
             if problem is not None:
                 raise RuntimeError("wrong answer before timing: %s" % problem)
             row = _bench_cell(load, server, "hello", connections, duration, warmup, server.usage())
             whole[transport] = row
-            _log("bench", _progress_line(len(whole), 2, row))
+            _log("bench", _progress_line(len(whole), len(stacks), row))
         finally:
             server.stop()
-    door_us = whole["door"]["cpu_s_per_1k"] * 1000
-    inprocess_us = whole["inprocess"]["cpu_s_per_1k"] * 1000
+    us = {name: row["cpu_s_per_1k"] * 1000 for name, row in whole.items()}
+    rate = {name: row["requests_per_s"] for name, row in whole.items()}
+    titles = {"door": "door", "inprocess": "in-process", "floor": PEER_TITLES["floor"],
+              "floor-hop": PEER_TITLES["floor-hop"]}
+    hop, floor_hop = us["door"] - us["inprocess"], us["floor-hop"] - us["floor"]
     added = sum(steps[name] for name in _DOOR_ONLY_STEPS)
     lines = ["", "Where a door request's CPU goes: hello, %s, µs of CPU per request "
              "(each step timed alone, best of three)" % backend.description, "",
@@ -7950,17 +8067,25 @@ def run_breakdown(args, load, server_cpus, backend):
     lines += ["| %s | %.1f |" % (name, value) for name, value in steps.items()]
     lines += ["| sum of the steps | %.1f |" % sum(steps.values()),
               "| *for scale:* a raw Unix-socket round trip between two processes, same sizes | %.1f |" % raw,
-              "", "Whole stacks under load (%s, -c%d, %s): CPU per request of all their processes"
+              "", "Whole stacks under load (%s, -c%d, %s): CPU per request, µs, of all their processes, "
+              "and of the front and the app on their own (user + system)"
               % ("pinned" if server_cpus else "free", connections, load.describe()), "",
-              "| stack | req/s | µs per request |", "|---|---:|---:|",
-              "| door | %.0f | %.1f |" % (whole["door"]["requests_per_s"], door_us),
-              "| in-process | %.0f | %.1f |" % (whole["inprocess"]["requests_per_s"], inprocess_us), "",
-              "- the door hop costs %.1f µs per request (door less in-process)" % (door_us - inprocess_us),
-              "- its own steps (encoding and decoding both ways, the round trip) account for %.1f µs"
-              % added,
-              "- the rest, %.1f µs, is the hand-off between threads under load: the app's server "
-              "thread and the front's connection thread woken, each taking its process's GIL"
-              % (door_us - inprocess_us - added)]
+              "| stack | req/s | µs per request | front | app |", "|---|---:|---:|---:|---:|"]
+    for name in stacks:
+        split = whole[name]["cpu_user_system_us"]
+        cells = ["%.1f + %.1f" % tuple(split[role]) if split.get(role) else "" for role in ("front", "app")]
+        lines.append("| %s | %.0f | %.1f | %s | %s |" % (titles[name], rate[name], us[name], *cells))
+    lines += ["",
+              "- door / in-process: %.2f× the requests per second; the floor's hop / its in-process: %.2f×"
+              % (rate["door"] / rate["inprocess"], rate["floor-hop"] / rate["floor"]),
+              "- the door hop costs %.1f µs per request (door less in-process); the floor's hop %.1f µs: "
+              "what two Python processes, their thread hand-offs and a Unix socket cost here, at least"
+              % (hop, floor_hop),
+              "- the door hop's own steps (encoding and decoding both ways, the round trip) account "
+              "for %.1f µs timed alone" % added,
+              "- the rest, %.1f µs, is the same code run in the stack rather than in a loop (each "
+              "process resumes after the other ran, its caches cold) and the hand-offs beyond the "
+              "floor's: compare the user CPU of front and app with the floor's" % (hop - added)]
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:

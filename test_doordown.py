@@ -3388,10 +3388,18 @@ def test_bench_breakdown_accounts_for_the_door_hop(tmp_path):
     steps = figures["steps_us"]
     assert len(steps) == 9 and all(value > 0 for value in steps.values()), steps
     assert figures["raw_socket_round_trip_us"] > 0
-    assert set(figures["whole"]) == {"door", "inprocess"}
+    whole = figures["whole"]
+    assert set(whole) == {"door", "inprocess", "floor", "floor-hop"}
+    assert all(row["requests"] > 0 and row["errors"] == 0 for row in whole.values()), whole
+    # user and system CPU per request of the front and the app on their own, floor included
+    assert set(whole["door"]["cpu_user_system_us"]) == set(whole["floor-hop"]["cpu_user_system_us"]) \
+        == {"front", "app"}
+    for row in whole["door"], whole["floor-hop"]:  # CPU time is counted in ticks: a light role may show 0
+        splits = row["cpu_user_system_us"].values()
+        assert all(len(split) == 2 for split in splits) and sum(map(sum, splits)) > 0, whole
     out = result.stdout.decode()
     assert "| door: round trip, both processes |" in out and "raw Unix-socket round trip" in out
-    assert "the door hop costs" in out
+    assert "the door hop costs" in out and "the floor's hop" in out
 
 
 def test_bench_faults_counts_failures_per_event(tmp_path):
