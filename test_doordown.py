@@ -4,6 +4,7 @@ Every server listens on a free port (bind to port 0, read the port from the star
 line), every wait is bounded, and every process started is killed at teardown.
 """
 
+import atexit
 import concurrent.futures
 import ctypes
 import errno
@@ -79,6 +80,7 @@ RUN_TMP = tempfile.mkdtemp(prefix="doordown-suite-")
 os.chmod(RUN_TMP, 0o711)  # apps run as another user pass through to their doors
 os.environ["DOORDOWN_TEST_RUN"] = RUN_MARK
 os.environ["TMPDIR"] = RUN_TMP  # for every process the tests start
+atexit.register(shutil.rmtree, RUN_TMP, True)  # also when no test ran, so no fixture did
 
 
 def _marked_processes(mark):
