@@ -174,6 +174,14 @@ class TransportError(ConnectionError):
     """A peer went away in the middle of a message or broke its protocol."""
 
 
+def _poll_one(fd, events, timeout):
+    """Wait up to `timeout` seconds (None: no limit) for `events` on `fd`; the events seen."""
+    poller = select.poll()
+    poller.register(fd, events)
+    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+    return ready[0][1] if ready else 0
+
+
 class BufferedSocket:
     """A connected socket and its receive buffer: how doordown reads every byte stream (a
     client's requests, an application's replies, a FastCGI peer's records)."""
@@ -228,6 +236,15 @@ class BufferedSocket:
         data = bytes(self.buf[:size])
         del self.buf[:size]
         return data
+
+    def fill_ready(self, size):
+        """Whether `buf` holds `size` bytes once what has already arrived is received; never
+        waits.  A reply in several pieces is so taken whole when it is all on its way, and
+        left to stream when the peer is still producing it."""
+        while len(self.buf) < size:
+            if not _poll_one(self.sock.fileno(), select.POLLIN, 0) or not self.fill():
+                return False
+        return True
 
     def read_until(self, separator, limit):
         """Bytes up to `separator` (which is consumed, not returned)."""
@@ -359,14 +376,6 @@ class _DoorSocket(socket.socket):
     """A client's connection to an emulated door, with the buffer it reads replies into."""
 
     __slots__ = ("buffer",)
-
-
-def _poll_one(fd, events, timeout):
-    """Wait up to `timeout` seconds (None: no limit) for `events` on `fd`; the events seen."""
-    poller = select.poll()
-    poller.register(fd, events)
-    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
-    return ready[0][1] if ready else 0
 
 
 def send_file(sock, fd, offset, count):
@@ -885,12 +894,21 @@ def cgi_response(status, headers, body, close):
     return b"".join(parts)
 
 
+def cgi_head_end(output, start=0):
+    """(where, length) of the blank line that ends a CGI response head, the first from
+    `start`: CRLF CRLF, or LF LF (RFC 3875 6.3 lets a program end its lines with LF);
+    (-1, 0) while there is none.  The LF LF search stops at the CRLF CRLF: a body is not
+    scanned (64 KiB of it cost 60 µs a search)."""
+    end = output.find(b"\r\n\r\n", start)
+    bare = output.find(b"\n\n", start, end if end >= 0 else len(output))
+    if bare >= 0:
+        return bare, 2
+    return (end, 4) if end >= 0 else (-1, 0)
+
+
 def parse_cgi_response(output):
     """The Response in a CGI program's output: header lines (CRLF or LF), a blank line, the body."""
-    end, skip = output.find(b"\r\n\r\n"), 4
-    bare = output.find(b"\n\n")
-    if bare >= 0 and (end < 0 or bare < end):
-        end, skip = bare, 2
+    end, skip = cgi_head_end(output)
     if end < 0:
         raise TransportError("the CGI response has no end of headers")
     status = None
@@ -3452,7 +3470,7 @@ class ProxyUpstream:
             headers, length, chunked, close = parse_response_fields(lines[1:])
             if head_only or has_no_body(None, int(status[:3])):
                 body = b""
-            elif length is not None and len(connection.buf) >= length:  # all there: the fast path
+            elif length is not None and connection.fill_ready(length):  # all there: the fast path
                 body = connection.read_exact(length)
             else:
                 body = b""
@@ -3569,6 +3587,15 @@ def _fcgi_record_buffered(connection):
         return False
     _, _, _, size, padding = _FCGI_HEADER.unpack_from(buf)
     return len(buf) >= _FCGI_HEADER.size + size + padding
+
+
+def _fcgi_record_ready(connection):
+    """Whether a whole record is in the buffer once what has already arrived is received
+    (never waits)."""
+    if not connection.fill_ready(_FCGI_HEADER.size):
+        return False
+    _, _, _, size, padding = _FCGI_HEADER.unpack_from(connection.buf)
+    return connection.fill_ready(_FCGI_HEADER.size + size + padding)
 
 
 def _fcgi_reply_record(kind, request_id, content):
@@ -3862,9 +3889,9 @@ class FastCGIUpstream:
             if kind == _FCGI_STDOUT and request_id == 1:
                 stdout += content
                 if not headed:
-                    headed = stdout.find(b"\n\n", searched) >= 0 or stdout.find(b"\r\n\r\n", searched) >= 0
+                    headed = cgi_head_end(stdout, searched)[0] >= 0
                     searched = max(0, len(stdout) - 3)
-                if headed and not _fcgi_record_buffered(connection):
+                if headed and not _fcgi_record_ready(connection):
                     return bytes(stdout), False
 
     def stats(self):
@@ -4020,7 +4047,7 @@ class CGIUpstream:
             if not data:
                 return bytes(output), True
             output += data
-            head_in = head_in or output.find(b"\n\n", searched) >= 0 or output.find(b"\r\n\r\n", searched) >= 0
+            head_in = head_in or cgi_head_end(output, searched)[0] >= 0
             if head_in:
                 # Gather what is already written, so that a short answer goes out in one
                 # piece, but at most _CGI_GATHER bytes of it: a program that writes faster

@@ -2872,6 +2872,7 @@ def test_fastcgi_records_and_pairs_round_trip():
     (b"Content-Type: text/plain\n\nbody\n\nmore", b"200 OK", [b"Content-Type", b"text/plain"],
      b"body\n\nmore", False),
     (b"Location: http://x/\r\n\r\n", b"302 Found", [b"Location", b"http://x/"], b"", False),
+    (b"Content-Type: a\r\n\r\nx\n\ny", b"200 OK", [b"Content-Type", b"a"], b"x\n\ny", False),  # LF LF in the body
     (b"Status: 201\r\nConnection: close\r\n\r\n", b"201 Created", [], b"", True),
 ])
 def test_cgi_response_parsing(output, status, headers, body, close):
