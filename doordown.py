@@ -3227,6 +3227,11 @@ def _put_back(pool, connection):
 
 
 # -- proxy pass: HTTP/1.1 over a Unix socket -----------------------------------
+
+# A reply (proxy, FastCGI, CGI) that has arrived, or is arriving, whole is sent in one
+# piece; past this many bytes its body is streamed, so that an app that writes faster
+# than the front reads is never held in memory whole.
+_GATHER_MAX = 1 << 20
 #
 # The front sends the request as it received it (line, headers, the decoded body with a
 # Content-Length) plus one header of its own, Doordown-Forwarded: scheme, client address
@@ -3470,7 +3475,7 @@ class ProxyUpstream:
             headers, length, chunked, close = parse_response_fields(lines[1:])
             if head_only or has_no_body(None, int(status[:3])):
                 body = b""
-            elif length is not None and connection.fill_ready(length):  # all there: the fast path
+            elif length is not None and length <= _GATHER_MAX and connection.fill_ready(length):
                 body = connection.read_exact(length)
             else:
                 body = b""
@@ -3891,7 +3896,7 @@ class FastCGIUpstream:
                 if not headed:
                     headed = cgi_head_end(stdout, searched)[0] >= 0
                     searched = max(0, len(stdout) - 3)
-                if headed and not _fcgi_record_ready(connection):
+                if headed and (len(stdout) > _GATHER_MAX or not _fcgi_record_ready(connection)):
                     return bytes(stdout), False
 
     def stats(self):
@@ -4050,9 +4055,9 @@ class CGIUpstream:
             head_in = head_in or cgi_head_end(output, searched)[0] >= 0
             if head_in:
                 # Gather what is already written, so that a short answer goes out in one
-                # piece, but at most _CGI_GATHER bytes of it: a program that writes faster
+                # piece, but at most _GATHER_MAX bytes of it: a program that writes faster
                 # than this loop reads would otherwise be buffered whole.
-                if len(output) > _CGI_GATHER or not _poll_one(fd, select.POLLIN, 0):
+                if len(output) > _GATHER_MAX or not _poll_one(fd, select.POLLIN, 0):
                     return bytes(output), False
             searched = max(0, len(output) - 3)
 
@@ -4063,7 +4068,6 @@ class CGIUpstream:
         pass
 
 
-_CGI_GATHER = 1 << 20  # bytes of a CGI program's output held before its body is streamed
 
 
 class _CGIStream:
