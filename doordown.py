@@ -8114,9 +8114,10 @@ def run_breakdown(args, load, server_cpus, backend):
               % (hop, floor_hop),
               "- the door hop's own steps (encoding and decoding both ways, the round trip) account "
               "for %.1f µs timed alone" % added,
-              "- the rest, %.1f µs, is the same code run in the stack rather than in a loop (each "
-              "process resumes after the other ran, its caches cold) and the hand-offs beyond the "
-              "floor's: compare the user CPU of front and app with the floor's" % (hop - added)]
+              "- the rest, %.1f µs, is in no step timed alone: the same code costs more in the "
+              "stack than in a loop (each process resumes after the other ran), and the hand-offs "
+              "cost more than the floor's; compare the user CPU of front and app with the floor's"
+              % (hop - added)]
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:
