@@ -3227,11 +3227,6 @@ def _put_back(pool, connection):
 
 
 # -- proxy pass: HTTP/1.1 over a Unix socket -----------------------------------
-
-# A reply (proxy, FastCGI, CGI) that has arrived, or is arriving, whole is sent in one
-# piece; past this many bytes its body is streamed, so that an app that writes faster
-# than the front reads is never held in memory whole.
-_GATHER_MAX = 1 << 20
 #
 # The front sends the request as it received it (line, headers, the decoded body with a
 # Content-Length) plus one header of its own, Doordown-Forwarded: scheme, client address
@@ -3240,6 +3235,10 @@ _GATHER_MAX = 1 << 20
 # only its own user can connect.  The app answers without Date or Server: the front adds
 # its own, as nginx does with what an upstream sends.
 
+# A reply (proxy, FastCGI, CGI) that has arrived, or is arriving, whole is sent in one
+# piece; past this many bytes its body is streamed, so that an app that writes faster
+# than the front reads is never held in memory whole.
+_GATHER_MAX = 1 << 20
 _PROXY_DROPPED = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 
 
@@ -4066,8 +4065,6 @@ class CGIUpstream:
 
     def close(self):
         pass
-
-
 
 
 class _CGIStream:

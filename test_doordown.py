@@ -2797,8 +2797,9 @@ def test_stream_idle_timeout_and_sighup_during_a_stream(started, tmp_path):
 
 def test_transport_timeout_gives_504(started):
     for transport in ("door", "proxy", "fastcgi", "cgi"):
-        server = serve(started, "apps:slow", "--transport", transport, "--timeout", "0.5")
-        assert server.get("/?s=3")[0] == 504, transport
+        # 1.5 s: a CGI child starting on a loaded machine must not pass it for s=0
+        server = serve(started, "apps:slow", "--transport", transport, "--timeout", "1.5")
+        assert server.get("/?s=5")[0] == 504, transport
         assert server.get("/?s=0")[0] == 200, transport
 
 
