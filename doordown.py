@@ -7962,7 +7962,8 @@ class _NoServer:
 
 
 def _breakdown_steps(backend):
-    """({step: CPU µs}, raw socket round trip µs) for one hello request through the door."""
+    """({step: CPU µs}, raw socket round trip µs, (app handler µs, the same after a nap))
+    for one hello request through the door."""
     import shutil
     import tempfile
     gateway = WSGIGateway(hello_app)
@@ -8010,6 +8011,16 @@ def _breakdown_steps(backend):
     steps["front: frame and send the response"] = _cpu_per_call(send)
     front_end.close()
     client_end.close()
+    # The app's whole door handler once more, run as a server thread runs it: after
+    # sleeping (here 50 µs) while the request came.  What that costs on top is what a
+    # thread's cold start costs on this machine, in every process, for every wake.
+    caller = Caller(os.geteuid(), os.getpid())
+    handler_us = _cpu_per_call(lambda: gateway(call, [], caller))
+
+    def nap():
+        time.sleep(50e-6)
+
+    woken_us = max(0.0, _cpu_per_call(lambda: (nap(), gateway(call, [], caller))) - _cpu_per_call(nap))
 
     # The round trips, against a child process: through the door, and as bare socket I/O.
     directory = tempfile.mkdtemp(prefix="doordown-breakdown-")
@@ -8052,7 +8063,7 @@ def _breakdown_steps(backend):
     finally:
         ours.close()
         os.waitpid(child, 0)
-    return steps, raw
+    return steps, raw, (handler_us, woken_us)
 
 
 _DOOR_ONLY_STEPS = ("front: encode the door call", "app: decode the call", "app: encode the reply",
@@ -8062,7 +8073,7 @@ _DOOR_ONLY_STEPS = ("front: encode the door call", "app: decode the call", "app:
 def run_breakdown(args, load, server_cpus, backend):
     """bench --breakdown: the door request's CPU, step by step, beside the whole stacks'."""
     _log("bench", "timing each step of a door request alone")
-    steps, raw = _breakdown_steps(backend)
+    steps, raw, (handler_us, woken_us) = _breakdown_steps(backend)
     duration = args.duration or 3.0
     warmup = args.warmup if args.warmup is not None else 1.0
     connections = (args.concurrency or [16])[0]
@@ -8095,6 +8106,9 @@ def run_breakdown(args, load, server_cpus, backend):
     lines += ["| %s | %.1f |" % (name, value) for name, value in steps.items()]
     lines += ["| sum of the steps | %.1f |" % sum(steps.values()),
               "| *for scale:* a raw Unix-socket round trip between two processes, same sizes | %.1f |" % raw,
+              "| *for scale:* the app's whole door handler (decode to encode) | %.1f |" % handler_us,
+              "| *for scale:* the same, run after its thread slept 50 µs, as a server thread is | %.1f |"
+              % woken_us,
               "", "Whole stacks under load (%s, -c%d, %s): CPU per request, µs, of all their processes, "
               "and of the front and the app on their own (user + system)"
               % ("pinned" if server_cpus else "free", connections, load.describe()), "",
@@ -8105,21 +8119,35 @@ def run_breakdown(args, load, server_cpus, backend):
         lines.append("| %s | %.0f | %.1f | %s | %s |" % (titles[name], rate[name], us[name], *cells))
     lines += ["",
               "- door / in-process: %.2f× the requests per second; the floor's hop / its in-process: %.2f×"
-              % (rate["door"] / rate["inprocess"], rate["floor-hop"] / rate["floor"]),
-              "- the door hop costs %.1f µs per request (door less in-process); the floor's hop %.1f µs: "
+              % (rate["door"] / rate["inprocess"], rate["floor-hop"] / rate["floor"])]
+    bound = None
+    if server_cpus:
+        # One CPU runs every process, so the times of a request's parts add up: the floor's
+        # hop adds 1/floor-hop - 1/floor seconds to each request, and no hop adds less.
+        floor_hop_s = 1 / rate["floor-hop"] - 1 / rate["floor"]
+        if floor_hop_s > 0:
+            bound = (1 / rate["inprocess"]) / (1 / rate["inprocess"] + floor_hop_s)
+            lines.append("- a door hop as cheap as the floor's (%.1f µs of a request's time here) "
+                         "would make door / in-process %.2f× at most" % (floor_hop_s * 1e6, bound))
+        else:  # cells this short are at the mercy of the machine's changes of speed
+            lines.append("- the floor's hop took no time in this run: too short or noisy for a bound")
+    lines += ["- the door hop costs %.1f µs per request (door less in-process); the floor's hop %.1f µs: "
               "what two Python processes, their thread hand-offs and a Unix socket cost here, at least"
               % (hop, floor_hop),
               "- the door hop's own steps (encoding and decoding both ways, the round trip) account "
               "for %.1f µs timed alone" % added,
               "- the rest, %.1f µs, is in no step timed alone: the same code costs more in the "
-              "stack than in a loop (each process resumes after the other ran), and the hand-offs "
-              "cost more than the floor's; compare the user CPU of front and app with the floor's"
-              % (hop - added)]
+              "stack than in a loop (each thread resumes cold after sleeping, as the handler timed "
+              "after a nap shows), and the hand-offs cost more than the floor's; compare the user "
+              "CPU of front and app with the floor's" % (hop - added) if hop > added else
+              "- the steps timed alone cost more than the hop did in the stack: the machine's speed "
+              "changed during the run; run it again"]
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps_us": steps, "raw_socket_round_trip_us": raw, "whole": whole,
-                       "doors": backend.description}, f, indent=1)
+                       "doors": backend.description, "door_over_inprocess_at_most": bound,
+                       "app_handler_us": handler_us, "app_handler_after_sleep_us": woken_us}, f, indent=1)
             f.write("\n")
     return 0
 

@@ -3384,14 +3384,20 @@ def test_bench_peers_measures_gunicorn_beside_the_door(tmp_path):
 
 def test_bench_breakdown_accounts_for_the_door_hop(tmp_path):
     report = tmp_path / "breakdown.json"
+    pinned = ["--pinned"] if len(os.sched_getaffinity(0)) >= 2 else []
     result = subprocess.run([sys.executable, DOORDOWN, "bench", "--breakdown", "-c", "2", "-d", "0.5",
-                             "--warmup", "0.2", "--load", "builtin", "--doors", DOORS, "--json", str(report)],
-                            capture_output=True, timeout=120, cwd=str(tmp_path))
+                             "--warmup", "0.2", "--load", "builtin", "--doors", DOORS, "--json", str(report),
+                             *pinned], capture_output=True, timeout=120, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     figures = json.loads(report.read_text())
     steps = figures["steps_us"]
     assert len(steps) == 9 and all(value > 0 for value in steps.values()), steps
     assert figures["raw_socket_round_trip_us"] > 0
+    assert figures["app_handler_us"] > 0 and figures["app_handler_after_sleep_us"] >= 0
+    # pinned, the bound the floor's hop sets: a ratio of times, so in (0, 1), unless cells this
+    # short saw no hop at all; free, none
+    bound = figures["door_over_inprocess_at_most"]
+    assert (bound is None or 0 < bound < 1) if pinned else bound is None, bound
     whole = figures["whole"]
     assert set(whole) == {"door", "inprocess", "floor", "floor-hop"}
     assert all(row["requests"] > 0 and row["errors"] == 0 for row in whole.values()), whole
