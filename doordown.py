@@ -8123,12 +8123,14 @@ def run_breakdown(args, load, server_cpus, backend):
     bound = None
     if server_cpus:
         # One CPU runs every process, so the times of a request's parts add up: the floor's
-        # hop adds 1/floor-hop - 1/floor seconds to each request, and no hop adds less.
+        # hop adds 1/floor-hop - 1/floor seconds to each request, and a hop that does more
+        # adds more.  Cells a minute apart on a machine whose speed changes: an estimate.
         floor_hop_s = 1 / rate["floor-hop"] - 1 / rate["floor"]
         if floor_hop_s > 0:
             bound = (1 / rate["inprocess"]) / (1 / rate["inprocess"] + floor_hop_s)
             lines.append("- a door hop as cheap as the floor's (%.1f µs of a request's time here) "
-                         "would make door / in-process %.2f× at most" % (floor_hop_s * 1e6, bound))
+                         "would have made door / in-process %.2f× in this run"
+                         % (floor_hop_s * 1e6, bound))
         else:  # cells this short are at the mercy of the machine's changes of speed
             lines.append("- the floor's hop took no time in this run: too short or noisy for a bound")
     lines += ["- the door hop costs %.1f µs per request (door less in-process); the floor's hop %.1f µs: "
