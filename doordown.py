@@ -8148,7 +8148,7 @@ def run_breakdown(args, load, server_cpus, backend):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps_us": steps, "raw_socket_round_trip_us": raw, "whole": whole,
-                       "doors": backend.description, "door_over_inprocess_at_most": bound,
+                       "doors": backend.description, "door_over_inprocess_with_the_floors_hop": bound,
                        "app_handler_us": handler_us, "app_handler_after_sleep_us": woken_us}, f, indent=1)
             f.write("\n")
     return 0

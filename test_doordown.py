@@ -3396,7 +3396,7 @@ def test_bench_breakdown_accounts_for_the_door_hop(tmp_path):
     assert figures["app_handler_us"] > 0 and figures["app_handler_after_sleep_us"] >= 0
     # pinned, the bound the floor's hop sets: a ratio of times, so in (0, 1), unless cells this
     # short saw no hop at all; free, none
-    bound = figures["door_over_inprocess_at_most"]
+    bound = figures["door_over_inprocess_with_the_floors_hop"]
     assert (bound is None or 0 < bound < 1) if pinned else bound is None, bound
     whole = figures["whole"]
     assert set(whole) == {"door", "inprocess", "floor", "floor-hop"}
