@@ -5334,17 +5334,23 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def dispatch(self, request, client_address, listener):
         """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
         path = request.path
-        for files in self.static:
-            if files.matches(path):
-                return files.answer(request)
-        mount = self.route(request)
-        if mount is None:
-            return plain_response(404)
-        mount.enter()
+        mount = None
         try:
-            return self.forward(request, client_address, listener, mount)
+            for files in self.static:
+                if files.matches(path):
+                    return files.answer(request)
+            mount = self.route(request)
+            if mount is None:
+                return plain_response(404)
+            mount.enter()
+            try:
+                return self.forward(request, client_address, listener, mount)
+            finally:
+                mount.leave()
         finally:
-            mount.leave()
+            if request.body_fd is not None:  # a spooled body, also of a request no app saw
+                os.close(request.body_fd)
+                request.body_fd = None
 
     def forward(self, request, client_address, listener, mount):
         env = _RequestEnv()
@@ -5384,9 +5390,6 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except Exception:  # a peer's reply that no parser above foresaw: still this request's 502
             self.log_failure(request, "unusable reply:\n" + traceback.format_exc().rstrip())
             return plain_response(502, "the application sent an unusable reply", close=True)
-        finally:
-            if request.body_fd is not None:
-                os.close(request.body_fd)
 
     def unavailable(self, request, mount):
         reason = mount.refused or "no application is answering"

@@ -3418,3 +3418,24 @@ def test_bench_faults_counts_failures_per_event(tmp_path):
     assert rows["stop"]["failed"] == 0 and rows["stop"]["serve_exit"] == 0  # it did stop, cleanly
     assert all(row["serve_exit"] is None for event, row in rows.items() if event != "stop"), rows
     assert "| event | requests attempted | failed |" in result.stdout.decode()
+
+
+# -- review: defects found and fixed -----------------------------------------------------
+
+def _fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def test_spooled_body_of_a_request_the_app_never_sees_is_closed(started, tmp_path):
+    """A body over the inline limit is spooled to a descriptor; a request answered by the
+    front itself (a --static-map path, here 405) must close it, or a client leaks the
+    front's descriptors one request at a time."""
+    (tmp_path / "f.txt").write_bytes(b"file")
+    server = serve(started, "--static-map", "/static=%s" % tmp_path)
+    payload = b"x" * (2 << 20)
+    assert server.get("/static/f.txt", "POST", payload)[0] == 405  # warm up
+    before = _fd_count(server.proc.pid)
+    for _ in range(10):
+        assert server.get("/static/f.txt", "POST", payload)[0] == 405
+    time.sleep(0.2)
+    assert _fd_count(server.proc.pid) - before < 3
