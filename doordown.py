@@ -4485,6 +4485,14 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
             stream.close()
             if not clean:
                 close = True
+            elif type(sock) is socket.socket:
+                # Back to the kernel's bounds, which the next read sets (a Python timeout
+                # left here would hold an idle connection for the stream's bound instead
+                # of --keep-alive, and a next head for that long past --header-timeout).
+                sock.settimeout(None)
+                self.reader.timeout = None
+            else:
+                self.reader.timeout = None  # TLS: the next read sets its own bound
             response.close = close
             if request is not None:
                 request.keep_alive = not close

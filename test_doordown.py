@@ -3439,3 +3439,15 @@ def test_spooled_body_of_a_request_the_app_never_sees_is_closed(started, tmp_pat
         assert server.get("/static/f.txt", "POST", payload)[0] == 405
     time.sleep(0.2)
     assert _fd_count(server.proc.pid) - before < 3
+
+
+def test_keep_alive_timeout_holds_after_a_streamed_response(started):
+    """After a streamed response the idle keep-alive connection must still be closed after
+    --keep-alive seconds, not after --stream-idle-timeout (the stream's socket timeout)."""
+    server = serve(started, "apps:streams", "--keep-alive", "1", "--stream-idle-timeout", "30")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"GET /events?n=2&every=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+        _read_events(sock)
+        begin = time.monotonic()
+        assert sock.recv(100) == b""  # the front closes the idle connection
+        assert time.monotonic() - begin < 5
