@@ -2510,6 +2510,8 @@ class WSGIGateway:
         first = body.first
         if len(first) > INLINE_BODY_MAX:  # too big for the call: the pipe carries it too
             body.out.chunks.append(first)
+            if body.left is not None:
+                body.left += len(first)  # pieces() cuts it to the Content-Length again
             body.first = first = b""
         read_end, write_end = os.pipe()
         if _PIPE_SIZE is not None:  # Linux's 64 KiB is one chunk: with four, both sides keep

@@ -3451,3 +3451,14 @@ def test_keep_alive_timeout_holds_after_a_streamed_response(started):
         begin = time.monotonic()
         assert sock.recv(100) == b""  # the front closes the idle connection
         assert time.monotonic() - begin < 5
+
+
+@pytest.mark.parametrize("transport", ["door", "inprocess", "proxy"])
+def test_stream_whose_first_chunk_is_over_the_inline_limit_is_sent_whole(started, transport):
+    """A first chunk too big for the door call goes down the pipe; the Content-Length
+    budget must not be charged for it twice (the body was cut off after the first chunk)."""
+    server = serve(started, "apps:big_first_chunk", "--transport", transport)
+    for query in ("", "?length=0"):
+        status, _, body = server.get("/" + query)
+        assert status == 200 and len(body) == 3 << 20, (query, len(body))
+        assert body == b"a" * (2 << 20) + b"b" * (1 << 20)

@@ -241,3 +241,18 @@ def lean(environ, start_response):
         "heavy": sorted(name for name in sys.modules if name.split(".")[0] in heavy or name in heavy),
         "compiled": getattr(main, "_compiled_from", None), "file": getattr(main, "__file__", None),
         "argv0": sys.argv[0], "same_module": sys.modules.get("doordown") is main, "pid": os.getpid()})
+
+
+def big_first_chunk(environ, start_response):
+    """A generator whose first chunk is over the door's inline limit (2 MiB), then 1 MiB more,
+    with the Content-Length of both: ?length=0 leaves the Content-Length out."""
+    first, rest = b"a" * (2 << 20), b"b" * (1 << 20)
+    headers = [("Content-Type", "application/octet-stream")]
+    if _query(environ).get("length") != "0":
+        headers.append(("Content-Length", str(len(first) + len(rest))))
+    start_response("200 OK", headers)
+
+    def body():
+        yield first
+        yield rest
+    return body()
