@@ -8842,11 +8842,19 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise _invalid("expected a positive number, got %r" % text)
-        if value <= 0:
+        if not 0 < value < float("inf"):  # nan and inf too: every deadline would break on them
             raise _invalid("expected a positive number, got %r" % text)
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def _rate(text):
+    """--min-body-rate: a size of at least one byte (a second per byte at worst)."""
+    rate = _size(text)
+    if rate <= 0:
+        raise _invalid("--min-body-rate must be at least 1 byte/s, got %r" % text)
+    return rate
 
 
 def _size(text):
@@ -9020,7 +9028,7 @@ def build_parser():
     serve.add_argument("--stream-idle-timeout", type=_positive(float), default=Limits.stream_idle_timeout,
                        metavar="SECONDS", help="end a streamed response after this long without a "
                                                "byte from the app, or the client not reading (default 60)")
-    serve.add_argument("--min-body-rate", type=_size, default=Limits.min_body_rate, metavar="SIZE",
+    serve.add_argument("--min-body-rate", type=_rate, default=Limits.min_body_rate, metavar="SIZE",
                        help="bytes/s a request body must keep up once started (default 1K)")
     serve.add_argument("--max-requests", type=int, default=0, metavar="N",
                        help="replace the app (without losing a request) after N requests; 0: never")

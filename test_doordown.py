@@ -583,6 +583,10 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "--user", "no-such-user-here"], "no such user"),
     (["serve", "--chdir", "/nonexistent/dir"], "--chdir /nonexistent/dir"),
     (["systemd", "--service", "bad name"], "--service"), (["smf", "--bogus"], "unknown option --bogus"),
+    (["serve", "-b", "127.0.0.1:0", "--min-body-rate", "0"], "--min-body-rate"),
+    (["serve", "-b", "127.0.0.1:0", "--keep-alive", "nan"], "positive"),
+    (["serve", "-b", "127.0.0.1:0", "--timeout", "inf"], "positive"),
+    (["serve", "-b", "127.0.0.1:0", "--header-timeout", "NaN"], "positive"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, says):
     result = subprocess.run([sys.executable, DOORDOWN, *args], capture_output=True, timeout=20)
