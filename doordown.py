@@ -8849,6 +8849,20 @@ def _positive(kind):
     return parse
 
 
+def _count(option):
+    """A whole number, 0 or more (0: off)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise _invalid("%s: expected a whole number, 0 or more, got %r" % (option, text))
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def _rate(text):
     """--min-body-rate: a size of at least one byte (a second per byte at worst)."""
     rate = _size(text)
@@ -9030,9 +9044,9 @@ def build_parser():
                                                "byte from the app, or the client not reading (default 60)")
     serve.add_argument("--min-body-rate", type=_rate, default=Limits.min_body_rate, metavar="SIZE",
                        help="bytes/s a request body must keep up once started (default 1K)")
-    serve.add_argument("--max-requests", type=int, default=0, metavar="N",
+    serve.add_argument("--max-requests", type=_count("--max-requests"), default=0, metavar="N",
                        help="replace the app (without losing a request) after N requests; 0: never")
-    serve.add_argument("--max-requests-jitter", type=int, default=0, metavar="N",
+    serve.add_argument("--max-requests-jitter", type=_count("--max-requests-jitter"), default=0, metavar="N",
                        help="add 0..N at random to --max-requests, so replacements do not align")
     serve.add_argument("--max-stuck", type=_positive(int), default=5, metavar="N",
                        help="replace the app when N requests are running past --timeout (default 5)")
