@@ -8863,6 +8863,16 @@ def _count(option):
     return parse
 
 
+def _max_headers(text):
+    """--max-headers: positive, and no more than a door message carries (else such a
+    request, within the limit, would be a 502 from the app's refusal of the call)."""
+    value = _positive(int)(text)
+    most = (_MAX_FIELDS - _REQUEST_FIXED) // 2
+    if value > most:
+        raise _invalid("--max-headers: at most %d, got %r" % (most, text))
+    return value
+
+
 def _rate(text):
     """--min-body-rate: a size of at least one byte (a second per byte at worst)."""
     rate = _size(text)
@@ -9018,7 +9028,7 @@ def build_parser():
                        help="largest request body, e.g. 100M (default); larger: 413")
     serve.add_argument("--max-line", type=_positive(int), default=Limits.max_line, metavar="BYTES",
                        help="longest request line (414) or header field (431) (default 8190)")
-    serve.add_argument("--max-headers", type=_positive(int), default=Limits.max_headers, metavar="N",
+    serve.add_argument("--max-headers", type=_max_headers, default=Limits.max_headers, metavar="N",
                        help="most header fields in a request (default 100); more: 431")
     serve.add_argument("--max-header-size", type=_size, default=Limits.max_header_size, metavar="SIZE",
                        help="largest request head (default 64K); larger: 431")

@@ -589,6 +589,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "-b", "127.0.0.1:0", "--header-timeout", "NaN"], "positive"),
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "5", "--max-requests-jitter", "-1"], "jitter"),
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "-5"], "max-requests"),
+    (["serve", "-b", "127.0.0.1:0", "--max-headers", "1500"], "at most 1024"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, says):
     result = subprocess.run([sys.executable, DOORDOWN, *args], capture_output=True, timeout=20)
