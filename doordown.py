@@ -2492,6 +2492,10 @@ class WSGIGateway:
         if sum(map(len, headers)) + 8 * len(headers) > REPLY_HEAD_MAX:
             _log("app", "response head of %s %s over %d bytes: 500 instead"
                  % (environ["REQUEST_METHOD"], environ["PATH_INFO"], REPLY_HEAD_MAX), "warning")
+            if type(body) is _FileBody:
+                os.close(body.fd)
+            elif type(body) is _StreamBody:
+                body.close()  # the iterable's close(), and no longer one of the streams
             status, headers, body, close = self.error_reply()
         flags = FLAG_CLOSE if close else 0
         if type(body) is not bytes:

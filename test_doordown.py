@@ -3469,3 +3469,18 @@ def test_stream_whose_first_chunk_is_over_the_inline_limit_is_sent_whole(started
         status, _, body = server.get("/" + query)
         assert status == 200 and len(body) == 3 << 20, (query, len(body))
         assert body == b"a" * (2 << 20) + b"b" * (1 << 20)
+
+
+def test_a_response_head_too_large_for_the_door_closes_its_body(started):
+    """A head over the door's bound becomes a 500; the streamed or file body the app
+    returned with it must still be closed (PEP 3333), not left among the app's streams."""
+    server = serve(started, "apps:huge_head")
+    for path in ("/stream", "/file"):
+        status, _, body = server.get(path)
+        assert status == 500 and b"x" * 100 not in body, path
+    assert json.loads(server.get("/closed")[2])["closed"] == 2
+    assert server.stats()["streams"] == 0
+    before = _fd_count(server.app_pid())
+    for _ in range(5):
+        assert server.get("/file")[0] == 500
+    assert _fd_count(server.app_pid()) - before < 3

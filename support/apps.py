@@ -256,3 +256,29 @@ def big_first_chunk(environ, start_response):
         yield first
         yield rest
     return body()
+
+
+_huge_head_closed = []
+
+
+def huge_head(environ, start_response):
+    """A response head over the door's 64 KiB bound: /stream with a generator body, /file
+    with wsgi.file_wrapper; /closed says how many of those bodies were closed."""
+    if environ["PATH_INFO"] == "/closed":
+        return _reply(start_response, {"closed": len(_huge_head_closed)})
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-Big", "x" * 70000)])
+    if environ["PATH_INFO"] == "/file":
+        class Closing(_io.FileIO):
+            def close(self):
+                if not self.closed:
+                    _huge_head_closed.append(1)
+                super().close()
+        return environ["wsgi.file_wrapper"](Closing(__file__), 65536)
+
+    def body():
+        try:
+            yield b"first"
+            yield b"second"
+        finally:
+            _huge_head_closed.append(1)
+    return body()
