@@ -2491,7 +2491,8 @@ class WSGIGateway:
         status, headers, body, close = self.respond(environ)
         if sum(map(len, headers)) + 8 * len(headers) > REPLY_HEAD_MAX:
             _log("app", "response head of %s %s over %d bytes: 500 instead"
-                 % (environ["REQUEST_METHOD"], environ["PATH_INFO"], REPLY_HEAD_MAX), "warning")
+                 % (_log_text(environ["REQUEST_METHOD"]), _log_text(environ["PATH_INFO"]), REPLY_HEAD_MAX),
+                 "warning")
             if type(body) is _FileBody:
                 os.close(body.fd)
             elif type(body) is _StreamBody:

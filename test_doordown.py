@@ -3484,3 +3484,11 @@ def test_a_response_head_too_large_for_the_door_closes_its_body(started):
     for _ in range(5):
         assert server.get("/file")[0] == 500
     assert _fd_count(server.app_pid()) - before < 3
+
+
+def test_the_head_too_large_warning_escapes_the_path(started):
+    server = serve(started, "apps:huge_head")
+    reply = server.raw(b"GET /stream%0aFORGED%1b[31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 500
+    server.wait_for(r"response head of GET .* over \d+ bytes")
+    assert "\nFORGED" not in server.log and "\x1b" not in server.log
