@@ -2474,9 +2474,10 @@ class WSGIGateway:
             body_length = len(fields[9])
         environ = self.environ(fields, body_input, body_length)
         try:
-            return self.run(environ)
-        finally:
+            return self.run(environ, body_input)
+        except BaseException:
             body_input.close()
+            raise
 
     def environ(self, fields, body_input, body_length):
         env = cgi_variables(fields, fields[_REQUEST_FIXED:], body_length)
@@ -2486,9 +2487,11 @@ class WSGIGateway:
         env["wsgi.errors"] = sys.stderr
         return env
 
-    def run(self, environ):
+    def run(self, environ, body_input=None):
         """Call the application; return the door reply (response message, descriptors)."""
         status, headers, body, close = self.respond(environ)
+        if body_input is not None:
+            _release_input(body_input, body)
         if sum(map(len, headers)) + 8 * len(headers) > REPLY_HEAD_MAX:
             _log("app", "response head of %s %s over %d bytes: 500 instead"
                  % (_log_text(environ["REQUEST_METHOD"]), _log_text(environ["PATH_INFO"]), REPLY_HEAD_MAX),
@@ -2751,6 +2754,7 @@ class _StreamBody:
         self.lock = threading.Lock()  # held while a piece is written, and by end()
         self.finish = None  # the transport's way to end the body cleanly, for end()
         self.ended = False
+        self.input = None  # wsgi.input, which the iterable may read as it goes: closed by close()
         gateway.streams.add(self)
 
     def pieces(self):
@@ -2825,6 +2829,18 @@ class _StreamBody:
                 result.close()
             except Exception:
                 _log("app", "error in close():\n" + traceback.format_exc().rstrip(), "error")
+        body_input, self.input = self.input, None
+        if body_input is not None:
+            body_input.close()
+
+
+def _release_input(body_input, body):
+    """After respond(): close wsgi.input now, unless the body is a stream the iterable is
+    still producing (PEP 3333 lets it read the input as it goes): that closes it at its end."""
+    if type(body) is _StreamBody:
+        body.input = body_input
+    else:
+        body_input.close()
 
 
 def _stream_to_pipe(body, fd):
@@ -3303,8 +3319,10 @@ class _ProxyAppHandler(RequestReader, socketserver.BaseRequestHandler):
         fields = [request.method, request.target, request.version, *env_fields, b"", *headers]
         try:
             status, headers, body, close = gateway.respond(gateway.environ(fields, body_input, length))
-        finally:
+        except BaseException:
             body_input.close()
+            raise
+        _release_input(body_input, body)
         if type(body) is not bytes:
             return self.send_passed(request, status, headers, body, close)
         return self.send(request, Response(status, headers, body, None, close))
@@ -3795,8 +3813,10 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
         environ.setdefault("QUERY_STRING", "")
         try:
             status, headers, body, close = gateway.respond(environ)
-        finally:
+        except BaseException:
             body_input.close()
+            raise
+        _release_input(body_input, body)
         passed = None
         if type(body) is not bytes:  # a file or a stream: send_passed() sends the rest
             passed, body = body, body.first if type(body) is _StreamBody else b""
@@ -4165,8 +4185,10 @@ class InProcessUpstream:
         try:
             status, headers, body, close = self.gateway.respond(
                 self.gateway.environ(fields, body_input, length))
-        finally:
+        except BaseException:
             body_input.close()
+            raise
+        _release_input(body_input, body)
         if type(body) is _FileBody:
             return Response(status, headers, b"", body.fd, close, body.offset, body.length)
         if type(body) is _StreamBody:

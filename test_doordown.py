@@ -3492,3 +3492,14 @@ def test_the_head_too_large_warning_escapes_the_path(started):
     assert status_of(reply) == 500
     server.wait_for(r"response head of GET .* over \d+ bytes")
     assert "\nFORGED" not in server.log and "\x1b" not in server.log
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_iterable_may_read_the_request_body_as_it_goes(started, transport):
+    """PEP 3333 lets the iterable read wsgi.input while it yields: the input must stay open
+    until the body is done, inline or spooled, on every transport."""
+    server = serve(started, "apps:lazy_echo", "--transport", transport)
+    for size in (5000, (1 << 20) + 5000):
+        payload = os.urandom(size)
+        status, _, body = server.get("/", "POST", payload)
+        assert (status, len(body)) == (200, size) and body == payload, (transport, size, len(body))

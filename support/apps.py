@@ -282,3 +282,17 @@ def huge_head(environ, start_response):
         finally:
             _huge_head_closed.append(1)
     return body()
+
+
+def lazy_echo(environ, start_response):
+    """Echoes the request body as it reads it, 1000 bytes a chunk, from inside its iterable."""
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    body = environ["wsgi.input"]
+
+    def chunks():
+        while True:
+            piece = body.read(1000)
+            if not piece:
+                return
+            yield piece
+    return chunks()
