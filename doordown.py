@@ -2474,9 +2474,10 @@ class WSGIGateway:
             body_length = len(fields[9])
         environ = self.environ(fields, body_input, body_length)
         try:
-            return self.run(environ)
-        finally:
+            return self.run(environ, body_input)
+        except BaseException:
             body_input.close()
+            raise
 
     def environ(self, fields, body_input, body_length):
         env = cgi_variables(fields, fields[_REQUEST_FIXED:], body_length)
@@ -2486,12 +2487,19 @@ class WSGIGateway:
         env["wsgi.errors"] = sys.stderr
         return env
 
-    def run(self, environ):
+    def run(self, environ, body_input=None):
         """Call the application; return the door reply (response message, descriptors)."""
         status, headers, body, close = self.respond(environ)
+        if body_input is not None:
+            _release_input(body_input, body)
         if sum(map(len, headers)) + 8 * len(headers) > REPLY_HEAD_MAX:
             _log("app", "response head of %s %s over %d bytes: 500 instead"
-                 % (environ["REQUEST_METHOD"], environ["PATH_INFO"], REPLY_HEAD_MAX), "warning")
+                 % (_log_text(environ["REQUEST_METHOD"]), _log_text(environ["PATH_INFO"]), REPLY_HEAD_MAX),
+                 "warning")
+            if type(body) is _FileBody:
+                os.close(body.fd)
+            elif type(body) is _StreamBody:
+                body.close()  # the iterable's close(), and no longer one of the streams
             status, headers, body, close = self.error_reply()
         flags = FLAG_CLOSE if close else 0
         if type(body) is not bytes:
@@ -2510,6 +2518,8 @@ class WSGIGateway:
         first = body.first
         if len(first) > INLINE_BODY_MAX:  # too big for the call: the pipe carries it too
             body.out.chunks.append(first)
+            if body.left is not None:
+                body.left += len(first)  # pieces() cuts it to the Content-Length again
             body.first = first = b""
         read_end, write_end = os.pipe()
         if _PIPE_SIZE is not None:  # Linux's 64 KiB is one chunk: with four, both sides keep
@@ -2744,6 +2754,7 @@ class _StreamBody:
         self.lock = threading.Lock()  # held while a piece is written, and by end()
         self.finish = None  # the transport's way to end the body cleanly, for end()
         self.ended = False
+        self.input = None  # wsgi.input, which the iterable may read as it goes: closed by close()
         gateway.streams.add(self)
 
     def pieces(self):
@@ -2818,6 +2829,18 @@ class _StreamBody:
                 result.close()
             except Exception:
                 _log("app", "error in close():\n" + traceback.format_exc().rstrip(), "error")
+        body_input, self.input = self.input, None
+        if body_input is not None:
+            body_input.close()
+
+
+def _release_input(body_input, body):
+    """After respond(): close wsgi.input now, unless the body is a stream the iterable is
+    still producing (PEP 3333 lets it read the input as it goes): that closes it at its end."""
+    if type(body) is _StreamBody:
+        body.input = body_input
+    else:
+        body_input.close()
 
 
 def _stream_to_pipe(body, fd):
@@ -3295,8 +3318,10 @@ class _ProxyAppHandler(RequestReader, socketserver.BaseRequestHandler):
         fields = [request.method, request.target, request.version, *env_fields, b"", *headers]
         try:
             status, headers, body, close = gateway.respond(gateway.environ(fields, body_input, length))
-        finally:
+        except BaseException:
             body_input.close()
+            raise
+        _release_input(body_input, body)
         if type(body) is not bytes:
             return self.send_passed(request, status, headers, body, close)
         return self.send(request, Response(status, headers, body, None, close))
@@ -3787,8 +3812,10 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
         environ.setdefault("QUERY_STRING", "")
         try:
             status, headers, body, close = gateway.respond(environ)
-        finally:
+        except BaseException:
             body_input.close()
+            raise
+        _release_input(body_input, body)
         passed = None
         if type(body) is not bytes:  # a file or a stream: send_passed() sends the rest
             passed, body = body, body.first if type(body) is _StreamBody else b""
@@ -4155,8 +4182,10 @@ class InProcessUpstream:
         try:
             status, headers, body, close = self.gateway.respond(
                 self.gateway.environ(fields, body_input, length))
-        finally:
+        except BaseException:
             body_input.close()
+            raise
+        _release_input(body_input, body)
         if type(body) is _FileBody:
             return Response(status, headers, b"", body.fd, close, body.offset, body.length)
         if type(body) is _StreamBody:
@@ -4482,6 +4511,14 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
             stream.close()
             if not clean:
                 close = True
+            elif type(sock) is socket.socket:
+                # Back to the kernel's bounds, which the next read sets (a Python timeout
+                # left here would hold an idle connection for the stream's bound instead
+                # of --keep-alive, and a next head for that long past --header-timeout).
+                sock.settimeout(None)
+                self.reader.timeout = None
+            else:
+                self.reader.timeout = None  # TLS: the next read sets its own bound
             response.close = close
             if request is not None:
                 request.keep_alive = not close
@@ -5331,17 +5368,23 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def dispatch(self, request, client_address, listener):
         """Forward one request to the app mounted at its path; map IPC failures to 5xx."""
         path = request.path
-        for files in self.static:
-            if files.matches(path):
-                return files.answer(request)
-        mount = self.route(request)
-        if mount is None:
-            return plain_response(404)
-        mount.enter()
+        mount = None
         try:
-            return self.forward(request, client_address, listener, mount)
+            for files in self.static:
+                if files.matches(path):
+                    return files.answer(request)
+            mount = self.route(request)
+            if mount is None:
+                return plain_response(404)
+            mount.enter()
+            try:
+                return self.forward(request, client_address, listener, mount)
+            finally:
+                mount.leave()
         finally:
-            mount.leave()
+            if request.body_fd is not None:  # a spooled body, also of a request no app saw
+                os.close(request.body_fd)
+                request.body_fd = None
 
     def forward(self, request, client_address, listener, mount):
         env = _RequestEnv()
@@ -5381,9 +5424,6 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except Exception:  # a peer's reply that no parser above foresaw: still this request's 502
             self.log_failure(request, "unusable reply:\n" + traceback.format_exc().rstrip())
             return plain_response(502, "the application sent an unusable reply", close=True)
-        finally:
-            if request.body_fd is not None:
-                os.close(request.body_fd)
 
     def unavailable(self, request, mount):
         reason = mount.refused or "no application is answering"
@@ -8856,11 +8896,43 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise _invalid("expected a positive number, got %r" % text)
-        if value <= 0:
+        if not 0 < value < float("inf"):  # nan and inf too: every deadline would break on them
             raise _invalid("expected a positive number, got %r" % text)
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def _count(option):
+    """A whole number, 0 or more (0: off)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise _invalid("%s: expected a whole number, 0 or more, got %r" % (option, text))
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _max_headers(text):
+    """--max-headers: positive, and no more than a door message carries (else such a
+    request, within the limit, would be a 502 from the app's refusal of the call)."""
+    value = _positive(int)(text)
+    most = (_MAX_FIELDS - _REQUEST_FIXED) // 2
+    if value > most:
+        raise _invalid("--max-headers: at most %d, got %r" % (most, text))
+    return value
+
+
+def _rate(text):
+    """--min-body-rate: a size of at least one byte (a second per byte at worst)."""
+    rate = _size(text)
+    if rate <= 0:
+        raise _invalid("--min-body-rate must be at least 1 byte/s, got %r" % text)
+    return rate
 
 
 def _size(text):
@@ -9010,7 +9082,7 @@ def build_parser():
                        help="largest request body, e.g. 100M (default); larger: 413")
     serve.add_argument("--max-line", type=_positive(int), default=Limits.max_line, metavar="BYTES",
                        help="longest request line (414) or header field (431) (default 8190)")
-    serve.add_argument("--max-headers", type=_positive(int), default=Limits.max_headers, metavar="N",
+    serve.add_argument("--max-headers", type=_max_headers, default=Limits.max_headers, metavar="N",
                        help="most header fields in a request (default 100); more: 431")
     serve.add_argument("--max-header-size", type=_size, default=Limits.max_header_size, metavar="SIZE",
                        help="largest request head (default 64K); larger: 431")
@@ -9034,11 +9106,11 @@ def build_parser():
     serve.add_argument("--stream-idle-timeout", type=_positive(float), default=Limits.stream_idle_timeout,
                        metavar="SECONDS", help="end a streamed response after this long without a "
                                                "byte from the app, or the client not reading (default 60)")
-    serve.add_argument("--min-body-rate", type=_size, default=Limits.min_body_rate, metavar="SIZE",
+    serve.add_argument("--min-body-rate", type=_rate, default=Limits.min_body_rate, metavar="SIZE",
                        help="bytes/s a request body must keep up once started (default 1K)")
-    serve.add_argument("--max-requests", type=int, default=0, metavar="N",
+    serve.add_argument("--max-requests", type=_count("--max-requests"), default=0, metavar="N",
                        help="replace the app (without losing a request) after N requests; 0: never")
-    serve.add_argument("--max-requests-jitter", type=int, default=0, metavar="N",
+    serve.add_argument("--max-requests-jitter", type=_count("--max-requests-jitter"), default=0, metavar="N",
                        help="add 0..N at random to --max-requests, so replacements do not align")
     serve.add_argument("--max-stuck", type=_positive(int), default=5, metavar="N",
                        help="replace the app when N requests are running past --timeout (default 5)")

@@ -583,6 +583,13 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "--user", "no-such-user-here"], "no such user"),
     (["serve", "--chdir", "/nonexistent/dir"], "--chdir /nonexistent/dir"),
     (["systemd", "--service", "bad name"], "--service"), (["smf", "--bogus"], "unknown option --bogus"),
+    (["serve", "-b", "127.0.0.1:0", "--min-body-rate", "0"], "--min-body-rate"),
+    (["serve", "-b", "127.0.0.1:0", "--keep-alive", "nan"], "positive"),
+    (["serve", "-b", "127.0.0.1:0", "--timeout", "inf"], "positive"),
+    (["serve", "-b", "127.0.0.1:0", "--header-timeout", "NaN"], "positive"),
+    (["serve", "-b", "127.0.0.1:0", "--max-requests", "5", "--max-requests-jitter", "-1"], "jitter"),
+    (["serve", "-b", "127.0.0.1:0", "--max-requests", "-5"], "max-requests"),
+    (["serve", "-b", "127.0.0.1:0", "--max-headers", "1500"], "at most 1024"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, says):
     result = subprocess.run([sys.executable, DOORDOWN, *args], capture_output=True, timeout=20)
@@ -3425,3 +3432,81 @@ def test_bench_faults_counts_failures_per_event(tmp_path):
     assert rows["stop"]["failed"] == 0 and rows["stop"]["serve_exit"] == 0  # it did stop, cleanly
     assert all(row["serve_exit"] is None for event, row in rows.items() if event != "stop"), rows
     assert "| event | requests attempted | failed |" in result.stdout.decode()
+
+
+# -- review: defects found and fixed -----------------------------------------------------
+
+def _fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def test_spooled_body_of_a_request_the_app_never_sees_is_closed(started, tmp_path):
+    """A body over the inline limit is spooled to a descriptor; a request answered by the
+    front itself (a --static-map path, here 405) must close it, or a client leaks the
+    front's descriptors one request at a time."""
+    (tmp_path / "f.txt").write_bytes(b"file")
+    server = serve(started, "--static-map", "/static=%s" % tmp_path)
+    payload = b"x" * (2 << 20)
+    assert server.get("/static/f.txt", "POST", payload)[0] == 405  # warm up
+    before = _fd_count(server.proc.pid)
+    for _ in range(10):
+        assert server.get("/static/f.txt", "POST", payload)[0] == 405
+    time.sleep(0.2)
+    assert _fd_count(server.proc.pid) - before < 3
+
+
+def test_keep_alive_timeout_holds_after_a_streamed_response(started):
+    """After a streamed response the idle keep-alive connection must still be closed after
+    --keep-alive seconds, not after --stream-idle-timeout (the stream's socket timeout)."""
+    server = serve(started, "apps:streams", "--keep-alive", "1", "--stream-idle-timeout", "30")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"GET /events?n=2&every=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+        _read_events(sock)
+        begin = time.monotonic()
+        assert sock.recv(100) == b""  # the front closes the idle connection
+        assert time.monotonic() - begin < 5
+
+
+@pytest.mark.parametrize("transport", ["door", "inprocess", "proxy"])
+def test_stream_whose_first_chunk_is_over_the_inline_limit_is_sent_whole(started, transport):
+    """A first chunk too big for the door call goes down the pipe; the Content-Length
+    budget must not be charged for it twice (the body was cut off after the first chunk)."""
+    server = serve(started, "apps:big_first_chunk", "--transport", transport)
+    for query in ("", "?length=0"):
+        status, _, body = server.get("/" + query)
+        assert status == 200 and len(body) == 3 << 20, (query, len(body))
+        assert body == b"a" * (2 << 20) + b"b" * (1 << 20)
+
+
+def test_a_response_head_too_large_for_the_door_closes_its_body(started):
+    """A head over the door's bound becomes a 500; the streamed or file body the app
+    returned with it must still be closed (PEP 3333), not left among the app's streams."""
+    server = serve(started, "apps:huge_head")
+    for path in ("/stream", "/file"):
+        status, _, body = server.get(path)
+        assert status == 500 and b"x" * 100 not in body, path
+    assert json.loads(server.get("/closed")[2])["closed"] == 2
+    assert server.stats()["streams"] == 0
+    before = _fd_count(server.app_pid())
+    for _ in range(5):
+        assert server.get("/file")[0] == 500
+    assert _fd_count(server.app_pid()) - before < 3
+
+
+def test_the_head_too_large_warning_escapes_the_path(started):
+    server = serve(started, "apps:huge_head")
+    reply = server.raw(b"GET /stream%0aFORGED%1b[31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 500
+    server.wait_for(r"response head of GET .* over \d+ bytes")
+    assert "\nFORGED" not in server.log and "\x1b" not in server.log
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_iterable_may_read_the_request_body_as_it_goes(started, transport):
+    """PEP 3333 lets the iterable read wsgi.input while it yields: the input must stay open
+    until the body is done, inline or spooled, on every transport."""
+    server = serve(started, "apps:lazy_echo", "--transport", transport)
+    for size in (5000, (1 << 20) + 5000):
+        payload = os.urandom(size)
+        status, _, body = server.get("/", "POST", payload)
+        assert (status, len(body)) == (200, size) and body == payload, (transport, size, len(body))

@@ -241,3 +241,58 @@ def lean(environ, start_response):
         "heavy": sorted(name for name in sys.modules if name.split(".")[0] in heavy or name in heavy),
         "compiled": getattr(main, "_compiled_from", None), "file": getattr(main, "__file__", None),
         "argv0": sys.argv[0], "same_module": sys.modules.get("doordown") is main, "pid": os.getpid()})
+
+
+def big_first_chunk(environ, start_response):
+    """A generator whose first chunk is over the door's inline limit (2 MiB), then 1 MiB more,
+    with the Content-Length of both: ?length=0 leaves the Content-Length out."""
+    first, rest = b"a" * (2 << 20), b"b" * (1 << 20)
+    headers = [("Content-Type", "application/octet-stream")]
+    if _query(environ).get("length") != "0":
+        headers.append(("Content-Length", str(len(first) + len(rest))))
+    start_response("200 OK", headers)
+
+    def body():
+        yield first
+        yield rest
+    return body()
+
+
+_huge_head_closed = []
+
+
+def huge_head(environ, start_response):
+    """A response head over the door's 64 KiB bound: /stream with a generator body, /file
+    with wsgi.file_wrapper; /closed says how many of those bodies were closed."""
+    if environ["PATH_INFO"] == "/closed":
+        return _reply(start_response, {"closed": len(_huge_head_closed)})
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-Big", "x" * 70000)])
+    if environ["PATH_INFO"] == "/file":
+        class Closing(_io.FileIO):
+            def close(self):
+                if not self.closed:
+                    _huge_head_closed.append(1)
+                super().close()
+        return environ["wsgi.file_wrapper"](Closing(__file__), 65536)
+
+    def body():
+        try:
+            yield b"first"
+            yield b"second"
+        finally:
+            _huge_head_closed.append(1)
+    return body()
+
+
+def lazy_echo(environ, start_response):
+    """Echoes the request body as it reads it, 1000 bytes a chunk, from inside its iterable."""
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    body = environ["wsgi.input"]
+
+    def chunks():
+        while True:
+            piece = body.read(1000)
+            if not piece:
+                return
+            yield piece
+    return chunks()
