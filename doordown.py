@@ -8160,19 +8160,19 @@ def run_breakdown(args, load, server_cpus, backend):
     lines += ["",
               "- door / in-process: %.2f× the requests per second; the floor's hop / its in-process: %.2f×"
               % (rate["door"] / rate["inprocess"], rate["floor-hop"] / rate["floor"])]
-    bound = None
+    estimate = None
     if server_cpus:
         # One CPU runs every process, so the times of a request's parts add up: the floor's
         # hop adds 1/floor-hop - 1/floor seconds to each request, and a hop that does more
         # adds more.  Cells a minute apart on a machine whose speed changes: an estimate.
         floor_hop_s = 1 / rate["floor-hop"] - 1 / rate["floor"]
         if floor_hop_s > 0:
-            bound = (1 / rate["inprocess"]) / (1 / rate["inprocess"] + floor_hop_s)
+            estimate = (1 / rate["inprocess"]) / (1 / rate["inprocess"] + floor_hop_s)
             lines.append("- a door hop as cheap as the floor's (%.1f µs of a request's time here) "
                          "would have made door / in-process %.2f× in this run"
-                         % (floor_hop_s * 1e6, bound))
+                         % (floor_hop_s * 1e6, estimate))
         else:  # cells this short are at the mercy of the machine's changes of speed
-            lines.append("- the floor's hop took no time in this run: too short or noisy for a bound")
+            lines.append("- the floor's hop took no time in this run: too short or noisy for an estimate")
     lines += ["- the door hop costs %.1f µs per request (door less in-process); the floor's hop %.1f µs: "
               "what two Python processes, their thread hand-offs and a Unix socket cost here, at least"
               % (hop, floor_hop),
@@ -8188,7 +8188,7 @@ def run_breakdown(args, load, server_cpus, backend):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps_us": steps, "raw_socket_round_trip_us": raw, "whole": whole,
-                       "doors": backend.description, "door_over_inprocess_with_the_floors_hop": bound,
+                       "doors": backend.description, "door_over_inprocess_with_the_floors_hop": estimate,
                        "app_handler_us": handler_us, "app_handler_after_sleep_us": woken_us}, f, indent=1)
             f.write("\n")
     return 0

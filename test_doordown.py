@@ -3401,10 +3401,10 @@ def test_bench_breakdown_accounts_for_the_door_hop(tmp_path):
     assert len(steps) == 9 and all(value > 0 for value in steps.values()), steps
     assert figures["raw_socket_round_trip_us"] > 0
     assert figures["app_handler_us"] > 0 and figures["app_handler_after_sleep_us"] >= 0
-    # pinned, the bound the floor's hop sets: a ratio of times, so in (0, 1), unless cells this
+    # pinned, the estimate from the floor's hop: a ratio of times, so in (0, 1), unless cells this
     # short saw no hop at all; free, none
-    bound = figures["door_over_inprocess_with_the_floors_hop"]
-    assert (bound is None or 0 < bound < 1) if pinned else bound is None, bound
+    estimate = figures["door_over_inprocess_with_the_floors_hop"]
+    assert (estimate is None or 0 < estimate < 1) if pinned else estimate is None, estimate
     whole = figures["whole"]
     assert set(whole) == {"door", "inprocess", "floor", "floor-hop"}
     assert all(row["requests"] > 0 and row["errors"] == 0 for row in whole.values()), whole
