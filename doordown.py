@@ -5964,6 +5964,7 @@ class _Template:
         ours, theirs = socket.socketpair()
         self.channel = ours
         self.exits = {}  # pid -> exit code, as Popen.returncode
+        self.gone = False  # the template died: no exit of its children will be reported
         self.replies = queue.SimpleQueue()
         self.proc = subprocess.Popen([sys.executable, _SOURCE, "template",
                                       "--fd", str(theirs.fileno()), "--parent-pid", str(os.getpid())],
@@ -5979,10 +5980,13 @@ class _Template:
                 self.exits[report["exit"]] = report["code"]
             else:
                 self.replies.put(report)
+        self.gone = True
         self.replies.put({"failed": "the template process is gone"})
 
     def spawn(self, settings, cwd, env):
         """The pid of a new app role with `settings`; OSError if the template cannot make one."""
+        if self.gone:
+            raise OSError(errno.ESRCH, "the template process is gone")
         self.channel.sendall(json.dumps({"settings": settings, "cwd": cwd, "env": env}).encode() + b"\n")
         try:
             reply = self.replies.get(timeout=5)
@@ -6007,7 +6011,17 @@ class _ForkedApp:
 
     @property
     def returncode(self):
-        return self.template.exits.get(self.pid)
+        code = self.template.exits.get(self.pid)
+        if code is None and self.template.gone:
+            # Nobody will report its exit (its parent, the template, died): it is gone
+            # once its pid is (reaped by init; it stops when it sees its parent gone).
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                code = self.template.exits.setdefault(self.pid, 1)
+            except OSError:
+                pass
+        return code
 
     def poll(self):
         return self.returncode

@@ -3503,3 +3503,20 @@ def test_an_iterable_may_read_the_request_body_as_it_goes(started, transport):
         payload = os.urandom(size)
         status, _, body = server.get("/", "POST", payload)
         assert (status, len(body)) == (200, size) and body == payload, (transport, size, len(body))
+
+
+def test_site_smart_spawn_survives_its_template_dying(started, tmp_path):
+    """The template killed: its apps stop (their parent is gone) and their exits are never
+    reported.  serve must still see them gone: no request hangs on their dead doors, and
+    a SIGTERM stops serve (it waited for those exits for ever)."""
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nsmart-spawn = yes\n"
+                   "graceful-timeout = 2\nboot-timeout = 3\n\n"
+                   "[app:hello]\nwsgi = doordown:hello_app\nspawn = eager\n")
+    server = site_serve(started, config, cwd=str(tmp_path))
+    (template,) = _children(server.proc.pid)
+    hello = int(server.wait_for(r"app hello: pid (\d+) serving").group(1))
+    os.kill(template, signal.SIGKILL)
+    server.wait_for(r"app pid %d exited" % hello, timeout=10)
+    assert server.get("/")[0] in (502, 503)  # no template to fork a new app from: refused, at once
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
