@@ -1012,6 +1012,7 @@ class RequestReader:
             except _ClientGone:
                 return None
         self.started = time.monotonic()
+        self.arriving()
         deadline = self.started + limits.header_timeout
         scanned = 0
         while True:
@@ -1035,6 +1036,9 @@ class RequestReader:
         request = parse_request_head(head, limits)
         self.read_body(request)
         return request
+
+    def arriving(self):
+        """A request has begun to arrive: the connection is no longer idle."""
 
     def head_too_large(self, buf):
         first = buf.find(b"\r\n")
@@ -4360,6 +4364,11 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
                 return
             except (_ClientGone, OSError):
                 return
+
+    def arriving(self):
+        # Busy from its first byte: a stop closes idle connections, never one whose
+        # request (a body still uploading, say) is on its way.
+        self.server.busy(self.request, True)
 
     def refuse(self, error):
         """Answer a request the front will not take, then the connection closes."""

@@ -3520,3 +3520,24 @@ def test_site_smart_spawn_survives_its_template_dying(started, tmp_path):
     assert server.get("/")[0] in (502, 503)  # no template to fork a new app from: refused, at once
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(15) == 0
+
+
+def test_sigterm_answers_a_request_whose_body_is_still_arriving(started):
+    """A stop closes idle keep-alive connections after a second; a connection whose request
+    is still arriving (its body uploading) is not idle: it must get its answer."""
+    server = serve(started, "apps:echo")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for(r"SIGTERM: finishing")
+        time.sleep(2)  # past the second after which idle connections are closed
+        sock.sendall(b"world")
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert status_of(reply) == 200 and b'"body_head": "helloworld"' in reply, reply
+    assert server.proc.wait(15) == 0
