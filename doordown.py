@@ -6488,8 +6488,8 @@ class Supervisor:
         """The control door (0600): `status`, `reload|stop|start APP` from the front's user."""
         path = self.args.control
         try:
-            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # left by a serve that was killed
+            # A door left by a serve that was killed is replaced (by the backend, which
+            # probes it first); one a running serve answers on is not.
             self.control = self.backend.serve(path, self.control_call)
             os.chmod(path, 0o600)
         except OSError as exc:

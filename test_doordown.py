@@ -3541,3 +3541,22 @@ def test_sigterm_answers_a_request_whose_body_is_still_arriving(started):
             reply += chunk
     assert status_of(reply) == 200 and b'"body_head": "helloworld"' in reply, reply
     assert server.proc.wait(15) == 0
+
+
+def test_a_second_serve_does_not_take_a_live_control_door(started, tmp_path):
+    """A control door left by a killed serve is replaced; one a running serve answers on is
+    not: the second serve stops with one line, the first keeps its control door."""
+    control = str(tmp_path / "control")
+    text = ("[serve]\nbind = 127.0.0.1:0\naccess-log = off\ncontrol = %s\n\n"
+            "[app:hello]\nwsgi = doordown:hello_app\n" % control)
+    if DOORS == "emulated":  # a stale socket there, as a killed serve leaves it: replaced
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(control)
+        stale.close()
+    first = site_serve(started, _site(tmp_path, text, "first.ini"))
+    second = site_serve(started, _site(tmp_path, text, "second.ini"), ready=None)
+    assert second.proc.wait(20) == 1
+    assert "cannot make the control door" in second.log
+    result = doordown_command("status", "--control", control, "--doors", DOORS, "--json")
+    assert result.returncode == 0 and first.proc.poll() is None, result.stderr
+    assert json.loads(result.stdout)[0]["app"] == "hello"
