@@ -4268,7 +4268,8 @@ def run_app(args):
     release_free_memory()  # what loading doordown and the application left behind
     _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
     if args.reload and args.parent_pid:
-        threading.Thread(target=watch_sources, args=(args.parent_pid,), name="reload", daemon=True).start()
+        front_pid = getattr(args, "front_pid", None) or args.parent_pid  # forked: the template's parent
+        threading.Thread(target=watch_sources, args=(front_pid,), name="reload", daemon=True).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -5953,6 +5954,7 @@ def run_template(args):
                         os.chdir(order["cwd"])
                     os.environ.update(order["env"])
                     settings = order["settings"]
+                    settings["front_pid"] = settings["parent_pid"]  # --reload asks the front
                     settings["parent_pid"] = os.getppid()  # its parent: the template
                     code = _run_child("app", settings) or 0
                 except SystemExit as exc:
@@ -6666,6 +6668,10 @@ class Supervisor:
                         self.replace(slot, "SIGHUP")
                 else:
                     self.reload_site()
+                    if args.reload:  # an app's source changed (which, SIGHUP does not say)
+                        for slot in self.slots:
+                            if not slot.removed and slot.process is not None:
+                                self.replace(slot, "SIGHUP (--reload)")
                 if front is not None and front.tls is not None and front.tls.reload():
                     _log("front", "SIGHUP: TLS certificate reloaded for new connections")
             elif event == signal.SIGUSR1:

@@ -3560,3 +3560,30 @@ def test_a_second_serve_does_not_take_a_live_control_door(started, tmp_path):
     result = doordown_command("status", "--control", control, "--doors", DOORS, "--json")
     assert result.returncode == 0 and first.proc.poll() is None, result.stderr
     assert json.loads(result.stdout)[0]["app"] == "hello"
+
+
+@pytest.mark.parametrize("smart", [False, True])
+def test_reload_restarts_a_site_app_when_its_source_changes(started, tmp_path, smart):
+    """--reload with --config: the app whose source changed is replaced (the site file did
+    not change, so re-reading it replaced nothing; a forked app signalled its template,
+    which died of it)."""
+    source = tmp_path / "changing.py"
+    source.write_text("def application(environ, start_response):\n"
+                      "    start_response('200 OK', [])\n"
+                      "    return [b'one']\n")
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nsmart-spawn = %s\n\n"
+                   "[app:changing]\nwsgi = changing\nspawn = eager\ndirectory = %s\n"
+                   % ("yes" if smart else "no", tmp_path))
+    server = site_serve(started, config, "--reload", cwd=str(tmp_path))
+    server.wait_for(r"app changing: pid (\d+) serving")
+    assert server.get("/")[2] == b"one"
+    source.write_text(source.read_text().replace("b'one'", "b'two'"))
+    later = time.time() + 5
+    os.utime(str(source), (later, later))
+    server.wait_for(r"changing\.py changed")
+    deadline = time.monotonic() + 20
+    while server.get("/")[2] != b"two":
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.2)
+    if smart:
+        (template,) = _children(server.proc.pid)  # still there, never signalled
