@@ -5391,9 +5391,15 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 return plain_response(404)
             mount.enter()
             try:
-                return self.forward(request, client_address, listener, mount)
-            finally:
+                response = self.forward(request, client_address, listener, mount)
+            except BaseException:
                 mount.leave()
+                raise
+            if response.stream is None:
+                mount.leave()
+            else:  # still in progress while it streams: the app is not idle under it
+                response.stream = _MountedStream(response.stream, mount)
+            return response
         finally:
             if request.body_fd is not None:  # a spooled body, also of a request no app saw
                 os.close(request.body_fd)
@@ -5498,6 +5504,36 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     @property
     def open_connections(self):
         return len(self._connections)
+
+
+class _MountedStream:
+    """A body source (see _PipeStream) that keeps its mount active until it is closed."""
+
+    __slots__ = ("stream", "mount")
+
+    def __init__(self, stream, mount):
+        self.stream, self.mount = stream, mount
+
+    @property
+    def done(self):
+        return self.stream.done
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def ready(self):
+        return self.stream.ready()
+
+    def read(self):
+        return self.stream.read()
+
+    def close(self):
+        mount, self.mount = self.mount, None
+        try:
+            self.stream.close()
+        finally:
+            if mount is not None:
+                mount.leave()
 
 
 def _is_ip(text):

@@ -3587,3 +3587,18 @@ def test_reload_restarts_a_site_app_when_its_source_changes(started, tmp_path, s
         time.sleep(0.2)
     if smart:
         (template,) = _children(server.proc.pid)  # still there, never signalled
+
+
+def test_a_site_app_streaming_a_response_is_not_idle(started, tmp_path):
+    """idle-timeout counts a request in progress: a response still streaming is one, so the
+    app is not stopped under it (its stream was cut after idle-timeout and the grace)."""
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\ngraceful-timeout = 1\n\n"
+                   "[app:streams]\nwsgi = apps:streams\nspawn = eager\nidle-timeout = 1\n"
+                   "directory = %s\n" % SUPPORT)
+    server = site_serve(started, config, cwd=str(tmp_path))
+    server.wait_for(r"app streams: pid (\d+) serving")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"GET /events?n=10&every=0.4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        arrivals, data = _read_events(sock)
+    assert len(arrivals) == 10 and data.endswith(b"0\r\n\r\n"), (len(arrivals), server.log)
+    server.wait_for(r"app streams: stopping app pid \d+: idle for 1s")  # and once it ended, it is idle
