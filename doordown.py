@@ -3731,10 +3731,12 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
             if request is None:
                 continue  # aborted before it ran
             server.busy(self.request, True)
+            passed = None
             try:
                 records, passed = self.run(request)
                 self.request.sendall(records)
-                if passed is not None and not self.send_passed(request.request_id, passed):
+                body, passed = passed, None  # send_passed() closes it, whatever happens
+                if body is not None and not self.send_passed(request.request_id, body):
                     return
             except OSError:
                 return
@@ -3742,6 +3744,10 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
                 server.busy(self.request, False)
                 if request.body_fd is not None:
                     os.close(request.body_fd)
+                if type(passed) is _FileBody:  # the client left before the reply began
+                    os.close(passed.fd)
+                elif passed is not None:
+                    passed.close()
             if not request.keep_conn:
                 return
 

@@ -3602,3 +3602,18 @@ def test_a_site_app_streaming_a_response_is_not_idle(started, tmp_path):
         arrivals, data = _read_events(sock)
     assert len(arrivals) == 10 and data.endswith(b"0\r\n\r\n"), (len(arrivals), server.log)
     server.wait_for(r"app streams: stopping app pid \d+: idle for 1s")  # and once it ended, it is idle
+
+
+def test_fastcgi_responder_closes_a_stream_whose_client_left(started, tmp_path):
+    """The FastCGI client gone before the reply's first records are sent: the stream the
+    application returned must still be closed (its iterable's close(), PEP 3333)."""
+    path, mark = str(tmp_path / "app.sock"), str(tmp_path / "closed")
+    started("app", "apps:slow_stream", "--transport", "fastcgi", "--socket", path,
+            ready=r"serving apps:slow_stream")
+    params = doordown.fcgi_pairs([(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/"),
+                                  (b"QUERY_STRING", b"mark=" + mark.encode())])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.sendall(doordown.fcgi_record(1, 1, doordown._FCGI_BEGIN.pack(1, 0))
+                     + doordown.fcgi_stream(4, 1, params) + doordown.fcgi_stream(5, 1, b""))
+    assert _wait_for_file(mark, 10)
