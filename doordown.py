@@ -6449,7 +6449,13 @@ class Supervisor:
         process = slot.process
         if process is not None and process.exited():
             slot.process = None
+            upstream = slot.mount.upstream
             slot.mount.replace(None)  # requests wait for the replacement
+            if upstream is not None:
+                upstream.close()  # its connections (its door descriptor) close as their calls return
+            if slot.health is not None:
+                slot.health.close()
+                slot.health = None
             slot.score.add(2)
             slot.last_exit = _describe_exit(process.proc.returncode)
             _log("front", "%sapp pid %d exited (%s); starting a new one"

@@ -3617,3 +3617,26 @@ def test_fastcgi_responder_closes_a_stream_whose_client_left(started, tmp_path):
         sock.sendall(doordown.fcgi_record(1, 1, doordown._FCGI_BEGIN.pack(1, 0))
                      + doordown.fcgi_stream(4, 1, params) + doordown.fcgi_stream(5, 1, b""))
     assert _wait_for_file(mark, 10)
+
+
+def _door_fds(pid):
+    """The front's descriptors open on an app's door file (native doors)."""
+    found = 0
+    for entry in os.listdir("/proc/%d/fd" % pid):
+        try:
+            found += bool(re.search(r"/app-\d+\.door", os.readlink("/proc/%d/fd/%s" % (pid, entry))))
+        except OSError:
+            pass
+    return found
+
+
+def test_an_app_that_exits_leaves_no_door_descriptor_in_the_front(started, native):
+    """Each exit of the app (here, at every request) replaces its upstream; the old one must
+    be closed, or the front keeps a descriptor of every dead app's door."""
+    server = started("serve", "apps:exiter", "--bind", "127.0.0.1:0", "--doors", "native",
+                     "--access-log", "off", **native)
+    for generation in range(2, 6):
+        assert server.get("/")[0] == 502
+        server.wait_for(r"on door \S+/app-%d\.door" % generation, timeout=30)
+    time.sleep(0.5)
+    assert _door_fds(server.proc.pid) <= 2, os.listdir("/proc/%d/fd" % server.proc.pid)
