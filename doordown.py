@@ -5647,7 +5647,9 @@ def read_site(path, command_line):
     parser = _serve_parser()
     serve_argv = []
     for section in config.sections():
-        if section != "serve" and not re.fullmatch(r"app:[A-Za-z0-9_.-]+", section):
+        # An app's name names its doors' directory: "." or ".." would put them outside.
+        if section != "serve" and (not re.fullmatch(r"app:[A-Za-z0-9_.-]+", section)
+                                   or section in ("app:.", "app:..")):
             raise ConfigError("%s: [%s]: unknown section (expected [serve] or [app:NAME])" % (path, section))
     if config.has_section("serve"):
         for key, value in config.items("serve"):

@@ -3226,6 +3226,7 @@ def test_site_smart_spawn_forks_apps_from_a_template(started, tmp_path):
     ("[serve]\nworkers = 4\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] workers: "),
     ("[serve]\nbind = 127.0.0.1:0\n", r"no \[app:NAME\] section"),
     ("[wrong]\n", r"\[wrong\]: unknown section"),
+    ("[serve]\nbind = 127.0.0.1:0\n[app:..]\nwsgi = apps:echo\n", r"\[app:\.\.\]: unknown section"),
     ("not ini at all\n", r"line 1: a line before any \[section\]"),
     ("[app:a]\nwsgi = apps:echo\nwsgi = apps:echo\n", r"\[app:a\] wsgi: given twice"),
 ])
