@@ -3061,7 +3061,9 @@ class DoorUpstream:
     def forward(self, request, env):
         fields = request_fields(request, env)
         body_fd, spooled = request.body_fd, None
-        if body_fd is None and len(request.body) > self.inline_max:
+        if body_fd is None and request.body and (
+                len(request.body) > self.inline_max
+                or sum(map(len, fields)) + 4 * len(fields) + _MESSAGE_HEAD.size > DOOR_CALL_MAX):
             body_fd = spooled = spool_body(request.body)  # off the server thread's stack
             fields[9] = b""
         flags = FLAG_BODY_IN_FD if body_fd is not None else 0

@@ -3641,3 +3641,15 @@ def test_an_app_that_exits_leaves_no_door_descriptor_in_the_front(started, nativ
         server.wait_for(r"on door \S+/app-%d\.door" % generation, timeout=30)
     time.sleep(0.5)
     assert _door_fds(server.proc.pid) <= 2, os.listdir("/proc/%d/fd" % server.proc.pid)
+
+
+def test_a_large_head_with_an_inline_body_still_fits_the_door_call(started):
+    """A head near --max-header-size and a body just under the inline bound make a call
+    over the door's limit: the body goes by descriptor instead (it was a 502)."""
+    server = serve(started, "apps:echo", "--max-header-size", "1M", "--max-line", "1000000")
+    body = os.urandom(1 << 20)
+    reply = server.raw(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 900000
+                       + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body, timeout=20)
+    assert status_of(reply) == 200, reply[:200]
+    seen = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
