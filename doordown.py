@@ -5754,7 +5754,7 @@ def read_site(path, command_line):
     if (args.user or args.group) and any(app.credentials is not None for app in apps):
         raise ConfigError("%s: [serve] user: the front must stay root to start apps as their own "
                           "users (give the apps user and group, not [serve])" % path)
-    args.site = path
+    args.site = os.path.abspath(path)  # SIGHUP reads it again, after --chdir
     return args, apps
 
 
@@ -9021,12 +9021,11 @@ def _counts(text):
 
 
 def _static_map(text):
-    """/URL=DIR, DIR an existing directory -> (url prefix, directory)."""
+    """/URL=DIR -> (url prefix, directory); that DIR is a directory is checked once --chdir
+    has been done (prepare_serve), since a relative DIR is read from there."""
     prefix, equals, root = text.partition("=")
     if not equals or not prefix.startswith("/") or not root:
         raise _invalid("expected /URL=DIR, got %r" % text)
-    if not os.path.isdir(root):
-        raise _invalid("%r is not a directory" % root)
     return prefix, root
 
 
@@ -9312,6 +9311,9 @@ def prepare_serve(args):
             os.chdir(args.chdir)
     except OSError as exc:
         return fail(EXIT_USAGE, "--chdir %s: %s" % (args.chdir, exc.strerror))
+    for prefix, root in args.static_map or ():
+        if not os.path.isdir(root):
+            return fail(EXIT_USAGE, "--static-map %s=%s: %r is not a directory" % (prefix, root, root))
     for name, value in args.env or ():
         os.environ[name] = value  # the app role inherits them
     try:

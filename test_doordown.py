@@ -590,6 +590,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "5", "--max-requests-jitter", "-1"], "jitter"),
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "-5"], "max-requests"),
     (["serve", "-b", "127.0.0.1:0", "--max-headers", "1500"], "at most 1024"),
+    (["serve", "-b", "127.0.0.1:0", "--static-map", "/s=/nonexistent/dir"], "is not a directory"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, says):
     result = subprocess.run([sys.executable, DOORDOWN, *args], capture_output=True, timeout=20)
@@ -3653,3 +3654,23 @@ def test_a_large_head_with_an_inline_body_still_fits_the_door_call(started):
     assert status_of(reply) == 200, reply[:200]
     seen = json.loads(reply.split(b"\r\n\r\n", 1)[1])
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_chdir_comes_first_for_static_map_and_the_site_file(started, tmp_path):
+    """--chdir DIR: relative paths are read from DIR.  --static-map's directory was looked
+    for where serve was started (refused, or another one); a relative --config was read
+    there at start and from DIR at every SIGHUP (which then failed)."""
+    site = tmp_path / "site"
+    (site / "static").mkdir(parents=True)
+    (site / "static" / "f.txt").write_bytes(b"static file")
+    server = serve(started, "--chdir", str(site), "--static-map", "/s=static", cwd=str(tmp_path))
+    assert server.get("/s/f.txt")[::2] == (200, b"static file")
+    config = tmp_path / "site.ini"
+    config.write_text("[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n[app:a]\nwsgi = doordown:hello_app\n"
+                      "mount = /a\n")
+    server = site_serve(started, "site.ini", "--chdir", str(site), cwd=str(tmp_path))
+    assert server.get("/a/")[0] == 200
+    config.write_text(config.read_text() + "\n[app:b]\nwsgi = doordown:hello_app\nmount = /b\n")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(r"app b: added at /b")
+    assert server.get("/b/")[0] == 200
