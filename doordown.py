@@ -1012,6 +1012,7 @@ class RequestReader:
             except _ClientGone:
                 return None
         self.started = time.monotonic()
+        self.arriving()
         deadline = self.started + limits.header_timeout
         scanned = 0
         while True:
@@ -1035,6 +1036,9 @@ class RequestReader:
         request = parse_request_head(head, limits)
         self.read_body(request)
         return request
+
+    def arriving(self):
+        """A request has begun to arrive: the connection is no longer idle."""
 
     def head_too_large(self, buf):
         first = buf.find(b"\r\n")
@@ -3057,7 +3061,9 @@ class DoorUpstream:
     def forward(self, request, env):
         fields = request_fields(request, env)
         body_fd, spooled = request.body_fd, None
-        if body_fd is None and len(request.body) > self.inline_max:
+        if body_fd is None and request.body and (
+                len(request.body) > self.inline_max
+                or sum(map(len, fields)) + 4 * len(fields) + _MESSAGE_HEAD.size > DOOR_CALL_MAX):
             body_fd = spooled = spool_body(request.body)  # off the server thread's stack
             fields[9] = b""
         flags = FLAG_BODY_IN_FD if body_fd is not None else 0
@@ -3726,10 +3732,12 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
             if request is None:
                 continue  # aborted before it ran
             server.busy(self.request, True)
+            passed = None
             try:
                 records, passed = self.run(request)
                 self.request.sendall(records)
-                if passed is not None and not self.send_passed(request.request_id, passed):
+                body, passed = passed, None  # send_passed() closes it, whatever happens
+                if body is not None and not self.send_passed(request.request_id, body):
                     return
             except OSError:
                 return
@@ -3737,6 +3745,10 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
                 server.busy(self.request, False)
                 if request.body_fd is not None:
                     os.close(request.body_fd)
+                if type(passed) is _FileBody:  # the client left before the reply began
+                    os.close(passed.fd)
+                elif passed is not None:
+                    passed.close()
             if not request.keep_conn:
                 return
 
@@ -4261,7 +4273,8 @@ def run_app(args):
     release_free_memory()  # what loading doordown and the application left behind
     _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
     if args.reload and args.parent_pid:
-        threading.Thread(target=watch_sources, args=(args.parent_pid,), name="reload", daemon=True).start()
+        front_pid = getattr(args, "front_pid", None) or args.parent_pid  # forked: the template's parent
+        threading.Thread(target=watch_sources, args=(front_pid,), name="reload", daemon=True).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -4357,6 +4370,11 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
                 return
             except (_ClientGone, OSError):
                 return
+
+    def arriving(self):
+        # Busy from its first byte: a stop closes idle connections, never one whose
+        # request (a body still uploading, say) is on its way.
+        self.server.busy(self.request, True)
 
     def refuse(self, error):
         """Answer a request the front will not take, then the connection closes."""
@@ -5378,9 +5396,15 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 return plain_response(404)
             mount.enter()
             try:
-                return self.forward(request, client_address, listener, mount)
-            finally:
+                response = self.forward(request, client_address, listener, mount)
+            except BaseException:
                 mount.leave()
+                raise
+            if response.stream is None:
+                mount.leave()
+            else:  # still in progress while it streams: the app is not idle under it
+                response.stream = _MountedStream(response.stream, mount)
+            return response
         finally:
             if request.body_fd is not None:  # a spooled body, also of a request no app saw
                 os.close(request.body_fd)
@@ -5485,6 +5509,36 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     @property
     def open_connections(self):
         return len(self._connections)
+
+
+class _MountedStream:
+    """A body source (see _PipeStream) that keeps its mount active until it is closed."""
+
+    __slots__ = ("stream", "mount")
+
+    def __init__(self, stream, mount):
+        self.stream, self.mount = stream, mount
+
+    @property
+    def done(self):
+        return self.stream.done
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def ready(self):
+        return self.stream.ready()
+
+    def read(self):
+        return self.stream.read()
+
+    def close(self):
+        mount, self.mount = self.mount, None
+        try:
+            self.stream.close()
+        finally:
+            if mount is not None:
+                mount.leave()
 
 
 def _is_ip(text):
@@ -5592,7 +5646,9 @@ def read_site(path, command_line):
     parser = _serve_parser()
     serve_argv = []
     for section in config.sections():
-        if section != "serve" and not re.fullmatch(r"app:[A-Za-z0-9_.-]+", section):
+        # An app's name names its doors' directory: "." or ".." would put them outside.
+        if section != "serve" and (not re.fullmatch(r"app:[A-Za-z0-9_.-]+", section)
+                                   or section in ("app:.", "app:..")):
             raise ConfigError("%s: [%s]: unknown section (expected [serve] or [app:NAME])" % (path, section))
     if config.has_section("serve"):
         for key, value in config.items("serve"):
@@ -5695,7 +5751,7 @@ def read_site(path, command_line):
     if (args.user or args.group) and any(app.credentials is not None for app in apps):
         raise ConfigError("%s: [serve] user: the front must stay root to start apps as their own "
                           "users (give the apps user and group, not [serve])" % path)
-    args.site = path
+    args.site = os.path.abspath(path)  # SIGHUP reads it again, after --chdir
     return args, apps
 
 
@@ -5941,6 +5997,7 @@ def run_template(args):
                         os.chdir(order["cwd"])
                     os.environ.update(order["env"])
                     settings = order["settings"]
+                    settings["front_pid"] = settings["parent_pid"]  # --reload asks the front
                     settings["parent_pid"] = os.getppid()  # its parent: the template
                     code = _run_child("app", settings) or 0
                 except SystemExit as exc:
@@ -5961,6 +6018,7 @@ class _Template:
         ours, theirs = socket.socketpair()
         self.channel = ours
         self.exits = {}  # pid -> exit code, as Popen.returncode
+        self.gone = False  # the template died: no exit of its children will be reported
         self.replies = queue.SimpleQueue()
         self.proc = subprocess.Popen([sys.executable, _SOURCE, "template",
                                       "--fd", str(theirs.fileno()), "--parent-pid", str(os.getpid())],
@@ -5976,10 +6034,13 @@ class _Template:
                 self.exits[report["exit"]] = report["code"]
             else:
                 self.replies.put(report)
+        self.gone = True
         self.replies.put({"failed": "the template process is gone"})
 
     def spawn(self, settings, cwd, env):
         """The pid of a new app role with `settings`; OSError if the template cannot make one."""
+        if self.gone:
+            raise OSError(errno.ESRCH, "the template process is gone")
         self.channel.sendall(json.dumps({"settings": settings, "cwd": cwd, "env": env}).encode() + b"\n")
         try:
             reply = self.replies.get(timeout=5)
@@ -6004,7 +6065,17 @@ class _ForkedApp:
 
     @property
     def returncode(self):
-        return self.template.exits.get(self.pid)
+        code = self.template.exits.get(self.pid)
+        if code is None and self.template.gone:
+            # Nobody will report its exit (its parent, the template, died): it is gone
+            # once its pid is (reaped by init; it stops when it sees its parent gone).
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                code = self.template.exits.setdefault(self.pid, 1)
+            except OSError:
+                pass
+        return code
 
     def poll(self):
         return self.returncode
@@ -6379,7 +6450,13 @@ class Supervisor:
         process = slot.process
         if process is not None and process.exited():
             slot.process = None
+            upstream = slot.mount.upstream
             slot.mount.replace(None)  # requests wait for the replacement
+            if upstream is not None:
+                upstream.close()  # its connections (its door descriptor) close as their calls return
+            if slot.health is not None:
+                slot.health.close()
+                slot.health = None
             slot.score.add(2)
             slot.last_exit = _describe_exit(process.proc.returncode)
             _log("front", "%sapp pid %d exited (%s); starting a new one"
@@ -6462,8 +6539,8 @@ class Supervisor:
         """The control door (0600): `status`, `reload|stop|start APP` from the front's user."""
         path = self.args.control
         try:
-            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # left by a serve that was killed
+            # A door left by a serve that was killed is replaced (by the backend, which
+            # probes it first); one a running serve answers on is not.
             self.control = self.backend.serve(path, self.control_call)
             os.chmod(path, 0o600)
         except OSError as exc:
@@ -6640,6 +6717,10 @@ class Supervisor:
                         self.replace(slot, "SIGHUP")
                 else:
                     self.reload_site()
+                    if args.reload:  # an app's source changed (which, SIGHUP does not say)
+                        for slot in self.slots:
+                            if not slot.removed and slot.process is not None:
+                                self.replace(slot, "SIGHUP (--reload)")
                 if front is not None and front.tls is not None and front.tls.reload():
                     _log("front", "SIGHUP: TLS certificate reloaded for new connections")
             elif event == signal.SIGUSR1:
@@ -8967,12 +9048,11 @@ def _counts(text):
 
 
 def _static_map(text):
-    """/URL=DIR, DIR an existing directory -> (url prefix, directory)."""
+    """/URL=DIR -> (url prefix, directory); that DIR is a directory is checked once --chdir
+    has been done (prepare_serve), since a relative DIR is read from there."""
     prefix, equals, root = text.partition("=")
     if not equals or not prefix.startswith("/") or not root:
         raise _invalid("expected /URL=DIR, got %r" % text)
-    if not os.path.isdir(root):
-        raise _invalid("%r is not a directory" % root)
     return prefix, root
 
 
@@ -9258,6 +9338,9 @@ def prepare_serve(args):
             os.chdir(args.chdir)
     except OSError as exc:
         return fail(EXIT_USAGE, "--chdir %s: %s" % (args.chdir, exc.strerror))
+    for prefix, root in args.static_map or ():
+        if not os.path.isdir(root):
+            return fail(EXIT_USAGE, "--static-map %s=%s: %r is not a directory" % (prefix, root, root))
     for name, value in args.env or ():
         os.environ[name] = value  # the app role inherits them
     try:

@@ -590,6 +590,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "5", "--max-requests-jitter", "-1"], "jitter"),
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "-5"], "max-requests"),
     (["serve", "-b", "127.0.0.1:0", "--max-headers", "1500"], "at most 1024"),
+    (["serve", "-b", "127.0.0.1:0", "--static-map", "/s=/nonexistent/dir"], "is not a directory"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, says):
     result = subprocess.run([sys.executable, DOORDOWN, *args], capture_output=True, timeout=20)
@@ -3227,6 +3228,7 @@ def test_site_smart_spawn_forks_apps_from_a_template(started, tmp_path):
     ("[serve]\nworkers = 4\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] workers: "),
     ("[serve]\nbind = 127.0.0.1:0\n", r"no \[app:NAME\] section"),
     ("[wrong]\n", r"\[wrong\]: unknown section"),
+    ("[serve]\nbind = 127.0.0.1:0\n[app:..]\nwsgi = apps:echo\n", r"\[app:\.\.\]: unknown section"),
     ("not ini at all\n", r"line 1: a line before any \[section\]"),
     ("[app:a]\nwsgi = apps:echo\nwsgi = apps:echo\n", r"\[app:a\] wsgi: given twice"),
 ])
@@ -3510,3 +3512,172 @@ def test_an_iterable_may_read_the_request_body_as_it_goes(started, transport):
         payload = os.urandom(size)
         status, _, body = server.get("/", "POST", payload)
         assert (status, len(body)) == (200, size) and body == payload, (transport, size, len(body))
+
+
+def test_site_smart_spawn_survives_its_template_dying(started, tmp_path):
+    """The template killed: its apps stop (their parent is gone) and their exits are never
+    reported.  serve must still see them gone: no request hangs on their dead doors, and
+    a SIGTERM stops serve (it waited for those exits for ever)."""
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nsmart-spawn = yes\n"
+                   "graceful-timeout = 2\nboot-timeout = 3\n\n"
+                   "[app:hello]\nwsgi = doordown:hello_app\nspawn = eager\n")
+    server = site_serve(started, config, cwd=str(tmp_path))
+    (template,) = _children(server.proc.pid)
+    hello = int(server.wait_for(r"app hello: pid (\d+) serving").group(1))
+    os.kill(template, signal.SIGKILL)
+    server.wait_for(r"app pid %d exited" % hello, timeout=10)
+    assert server.get("/")[0] in (502, 503)  # no template to fork a new app from: refused, at once
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+
+
+def test_sigterm_answers_a_request_whose_body_is_still_arriving(started):
+    """A stop closes idle keep-alive connections after a second; a connection whose request
+    is still arriving (its body uploading) is not idle: it must get its answer."""
+    server = serve(started, "apps:echo")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for(r"SIGTERM: finishing")
+        time.sleep(2)  # past the second after which idle connections are closed
+        sock.sendall(b"world")
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert status_of(reply) == 200 and b'"body_head": "helloworld"' in reply, reply
+    assert server.proc.wait(15) == 0
+
+
+def test_a_second_serve_does_not_take_a_live_control_door(started, tmp_path):
+    """A control door left by a killed serve is replaced; one a running serve answers on is
+    not: the second serve stops with one line, the first keeps its control door."""
+    control = str(tmp_path / "control")
+    text = ("[serve]\nbind = 127.0.0.1:0\naccess-log = off\ncontrol = %s\n\n"
+            "[app:hello]\nwsgi = doordown:hello_app\n" % control)
+    if DOORS == "emulated":  # a stale socket there, as a killed serve leaves it: replaced
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(control)
+        stale.close()
+    first = site_serve(started, _site(tmp_path, text, "first.ini"))
+    second = site_serve(started, _site(tmp_path, text, "second.ini"), ready=None)
+    assert second.proc.wait(20) == 1
+    assert "cannot make the control door" in second.log
+    result = doordown_command("status", "--control", control, "--doors", DOORS, "--json")
+    assert result.returncode == 0 and first.proc.poll() is None, result.stderr
+    assert json.loads(result.stdout)[0]["app"] == "hello"
+
+
+@pytest.mark.parametrize("smart", [False, True])
+def test_reload_restarts_a_site_app_when_its_source_changes(started, tmp_path, smart):
+    """--reload with --config: the app whose source changed is replaced (the site file did
+    not change, so re-reading it replaced nothing; a forked app signalled its template,
+    which died of it)."""
+    source = tmp_path / "changing.py"
+    source.write_text("def application(environ, start_response):\n"
+                      "    start_response('200 OK', [])\n"
+                      "    return [b'one']\n")
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nsmart-spawn = %s\n\n"
+                   "[app:changing]\nwsgi = changing\nspawn = eager\ndirectory = %s\n"
+                   % ("yes" if smart else "no", tmp_path))
+    server = site_serve(started, config, "--reload", cwd=str(tmp_path))
+    server.wait_for(r"app changing: pid (\d+) serving")
+    assert server.get("/")[2] == b"one"
+    source.write_text(source.read_text().replace("b'one'", "b'two'"))
+    later = time.time() + 5
+    os.utime(str(source), (later, later))
+    server.wait_for(r"changing\.py changed")
+    deadline = time.monotonic() + 20
+    while server.get("/")[2] != b"two":
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.2)
+    if smart:
+        (template,) = _children(server.proc.pid)  # still there, never signalled
+
+
+def test_a_site_app_streaming_a_response_is_not_idle(started, tmp_path):
+    """idle-timeout counts a request in progress: a response still streaming is one, so the
+    app is not stopped under it (its stream was cut after idle-timeout and the grace)."""
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\ngraceful-timeout = 1\n\n"
+                   "[app:streams]\nwsgi = apps:streams\nspawn = eager\nidle-timeout = 1\n"
+                   "directory = %s\n" % SUPPORT)
+    server = site_serve(started, config, cwd=str(tmp_path))
+    server.wait_for(r"app streams: pid (\d+) serving")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"GET /events?n=10&every=0.4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        arrivals, data = _read_events(sock)
+    assert len(arrivals) == 10 and data.endswith(b"0\r\n\r\n"), (len(arrivals), server.log)
+    server.wait_for(r"app streams: stopping app pid \d+: idle for 1s")  # and once it ended, it is idle
+
+
+def test_fastcgi_responder_closes_a_stream_whose_client_left(started, tmp_path):
+    """The FastCGI client gone before the reply's first records are sent: the stream the
+    application returned must still be closed (its iterable's close(), PEP 3333)."""
+    path, mark = str(tmp_path / "app.sock"), str(tmp_path / "closed")
+    started("app", "apps:slow_stream", "--transport", "fastcgi", "--socket", path,
+            ready=r"serving apps:slow_stream")
+    params = doordown.fcgi_pairs([(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/"),
+                                  (b"QUERY_STRING", b"mark=" + mark.encode())])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.sendall(doordown.fcgi_record(1, 1, doordown._FCGI_BEGIN.pack(1, 0))
+                     + doordown.fcgi_stream(4, 1, params) + doordown.fcgi_stream(5, 1, b""))
+    assert _wait_for_file(mark, 10)
+
+
+def _door_fds(pid):
+    """The front's descriptors open on an app's door file (native doors)."""
+    found = 0
+    for entry in os.listdir("/proc/%d/fd" % pid):
+        try:
+            found += bool(re.search(r"/app-\d+\.door", os.readlink("/proc/%d/fd/%s" % (pid, entry))))
+        except OSError:
+            pass
+    return found
+
+
+def test_an_app_that_exits_leaves_no_door_descriptor_in_the_front(started, native):
+    """Each exit of the app (here, at every request) replaces its upstream; the old one must
+    be closed, or the front keeps a descriptor of every dead app's door."""
+    server = started("serve", "apps:exiter", "--bind", "127.0.0.1:0", "--doors", "native",
+                     "--access-log", "off", **native)
+    for generation in range(2, 6):
+        assert server.get("/")[0] == 502
+        server.wait_for(r"on door \S+/app-%d\.door" % generation, timeout=30)
+    time.sleep(0.5)
+    assert _door_fds(server.proc.pid) <= 2, os.listdir("/proc/%d/fd" % server.proc.pid)
+
+
+def test_a_large_head_with_an_inline_body_still_fits_the_door_call(started):
+    """A head near --max-header-size and a body just under the inline bound make a call
+    over the door's limit: the body goes by descriptor instead (it was a 502)."""
+    server = serve(started, "apps:echo", "--max-header-size", "1M", "--max-line", "1000000")
+    body = os.urandom(1 << 20)
+    reply = server.raw(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 900000
+                       + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body, timeout=20)
+    assert status_of(reply) == 200, reply[:200]
+    seen = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_chdir_comes_first_for_static_map_and_the_site_file(started, tmp_path):
+    """--chdir DIR: relative paths are read from DIR.  --static-map's directory was looked
+    for where serve was started (refused, or another one); a relative --config was read
+    there at start and from DIR at every SIGHUP (which then failed)."""
+    site = tmp_path / "site"
+    (site / "static").mkdir(parents=True)
+    (site / "static" / "f.txt").write_bytes(b"static file")
+    server = serve(started, "--chdir", str(site), "--static-map", "/s=static", cwd=str(tmp_path))
+    assert server.get("/s/f.txt")[::2] == (200, b"static file")
+    config = tmp_path / "site.ini"
+    config.write_text("[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n[app:a]\nwsgi = doordown:hello_app\n"
+                      "mount = /a\n")
+    server = site_serve(started, "site.ini", "--chdir", str(site), cwd=str(tmp_path))
+    assert server.get("/a/")[0] == 200
+    config.write_text(config.read_text() + "\n[app:b]\nwsgi = doordown:hello_app\nmount = /b\n")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(r"app b: added at /b")
+    assert server.get("/b/")[0] == 200

@@ -296,3 +296,20 @@ def lazy_echo(environ, start_response):
                 return
             yield piece
     return chunks()
+
+
+def slow_stream(environ, start_response):
+    """A stream whose first chunk takes ?s seconds (default 0.5); close() writes ?mark."""
+    query = _query(environ)
+
+    def body():
+        try:
+            time.sleep(float(query.get("s", 0.5)))
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"first"
+            yield b"second"
+        finally:
+            if query.get("mark"):
+                with open(query["mark"], "w") as f:
+                    f.write("closed")
+    return body()
