@@ -8078,6 +8078,9 @@ class _NoServer:
 
     stopping = False
 
+    def busy(self, *_):
+        pass
+
     def log_access(self, *_):
         pass
 
