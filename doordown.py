@@ -6614,6 +6614,10 @@ class Supervisor:
             self.what = args.app or "the built-in hello app"
             self.start_boot(self.add_slot(AppConfig("app", args.app, args)))
         else:
+            if args.control:  # before any app or the front starts: a failure stops serve here
+                self.start_control()
+                if self.exit_code is not None:
+                    return self.exit_code
             if args.smart_spawn:
                 self.template = _Template()
             for config in self.apps:
@@ -6622,8 +6626,6 @@ class Supervisor:
                     self.start_boot(slot)
             self.what = "%d applications of %s (%s)" % (len(self.apps), args.site,
                                                        ", ".join(config.name for config in self.apps))
-            if args.control:
-                self.start_control()
         if not self.single or not self.slots:
             self.start_front()
         while self.exit_code is None:

@@ -3238,6 +3238,16 @@ def test_site_config_errors_are_one_line_naming_file_section_and_key(tmp_path, t
     assert doordown_command("serve", "--config", str(tmp_path / "missing.ini")).returncode == 2
 
 
+def test_site_control_door_that_cannot_be_made_stops_serve_before_any_app(tmp_path):
+    control = tmp_path / "no" / "such" / "dir" / "control"
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\ncontrol = %s\n\n"
+                             "[app:a]\nwsgi = apps:echo\nspawn = eager\n" % control)
+    result = doordown_command("serve", "--config", config, "--doors", DOORS)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines  # no "serving ...", no app started
+    assert "cannot make the control door %s: No such file or directory" % control in lines[0]
+
+
 def test_site_app_runs_its_own_python_virtualenv(started, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
