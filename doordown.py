@@ -8718,7 +8718,7 @@ def smf_manifest(args):
 """.format(file=name, name=name, access=escape(access), cwd=escape(os.getcwd(), {'"': "&quot;"}),
            start_timeout=int(args.boot_timeout) + 30, start=" ".join(quote(w) for w in command),
            stop_timeout=stop_timeout, stop=signal_front("TERM"), refresh=signal_front("HUP"),
-           title=escape("doordown: %s" % (args.app or "the built-in hello app")))
+           title=escape("doordown: %s" % _service_title(args)))
 
 
 def systemd_unit(args):
@@ -8745,7 +8745,7 @@ RestartPreventExitStatus={usage} {load}
 
 [Install]
 WantedBy=multi-user.target
-""".format(name=_service_name(args), title=args.app or "the built-in hello app",
+""".format(name=_service_name(args), title=_service_title(args),
            start=" ".join(_systemd_quote(word) for word in _service_command(args)), kill=kill,
            stop_timeout=int(args.graceful_timeout) + 15, cwd=os.getcwd().replace("%", "%%"),
            usage=EXIT_USAGE, load=EXIT_APP_LOAD)
@@ -8765,8 +8765,22 @@ def _systemd_quote(word):
 
 
 def print_service_file(args):
+    if args.config:  # the site's [serve] sets the timeouts and the pid file the service must know
+        try:
+            site_args, _ = read_site(args.config, args.serve_argv)
+        except ConfigError as exc:
+            sys.stderr.write("doordown: error: %s\n" % exc)
+            return EXIT_USAGE
+        for name in ("graceful_timeout", "boot_timeout", "pid", "access_log"):
+            setattr(args, name, getattr(site_args, name))
     sys.stdout.write(smf_manifest(args) if args.command == "smf" else systemd_unit(args))
     return 0
+
+
+def _service_title(args):
+    if args.config:
+        return "the applications of %s" % args.config
+    return args.app or "the built-in hello app"
 
 
 def sd_notify(path, state):

@@ -1042,6 +1042,26 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
            "/var/log/a.log\n" % (sys.executable, DOORDOWN) in result.stdout
 
 
+def test_service_files_of_a_site_take_its_timeouts_and_name_it(tmp_path):
+    # `doordown systemd|smf --config FILE`: the stop timeout is the site's graceful timeout
+    # plus 15 s (not the default's 45 s, which would SIGKILL requests still in their grace),
+    # the title names the site (not "the built-in hello app"), and a bad file is one line.
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\ngraceful-timeout = 100\nboot-timeout = 90\n\n"
+                             "[app:a]\nwsgi = apps:echo\n")
+    unit = doordown_command("systemd", "--config", config)
+    assert unit.returncode == 0, unit.stderr
+    assert "TimeoutStopSec=115\n" in unit.stdout.decode()
+    assert "Description=doordown: the applications of %s\n" % config in unit.stdout.decode()
+    manifest = doordown_command("smf", "--service", "site", "--config", config).stdout.decode()
+    assert re.search(r'name="start" timeout_seconds="120"', manifest)
+    assert re.search(r'name="stop" timeout_seconds="115"', manifest)
+    assert '<loctext xml:lang="C">doordown: the applications of %s</loctext>' % config in manifest
+    bad = doordown_command("systemd", "--config", _site(tmp_path, "[app:a]\nwsgi = apps:echo\nbogus = 1\n"))
+    lines = bad.stderr.decode().strip().splitlines()
+    assert bad.returncode == 2 and bad.stdout == b"" and len(lines) == 1, lines
+    assert re.search(r"^doordown: error: \S*site.ini: \[app:a\] bogus: unknown key", lines[0]), lines[0]
+
+
 # -- the door layer and the wire format on their own ------------------------------------------
 
 def test_wire_format_round_trip_and_rejects_damage():
