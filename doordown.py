@@ -9360,6 +9360,17 @@ def _parse_service_command(parser, argv):
     return args
 
 
+def _printing(run, args):
+    """run(args), which prints to stdout: a reader that left (`| head`) ends it quietly, exit 1."""
+    try:
+        code = run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
+
+
 def main(argv=None):
     # serve and app run as a script re-execute themselves from a compiled copy (see
     # relaunch_compiled), once their command line is known to be good.
@@ -9391,9 +9402,9 @@ def main(argv=None):
             args.argv = argv[1:]
             return run_bench(args)
         if args.command in ("smf", "systemd"):
-            return print_service_file(args)
+            return _printing(print_service_file, args)
         if args.command in ("status", "reload", "stop", "start"):
-            return run_control(args)
+            return _printing(run_control, args)
         if args.command == "template":
             return run_template(args)
         apps = None

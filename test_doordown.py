@@ -3268,6 +3268,22 @@ def test_site_control_door_that_cannot_be_made_stops_serve_before_any_app(tmp_pa
     assert "cannot make the control door %s: No such file or directory" % control in lines[0]
 
 
+def test_control_status_into_a_pipe_its_reader_closed_is_no_traceback(started, tmp_path):
+    # `doordown status --json | head -1`: the reader goes away; the command stops quietly.
+    control = str(tmp_path / "control")
+    server = site_serve(started, _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n"
+                                                 "control = %s\n\n[app:a]\nwsgi = apps:echo\n" % control))
+    assert server.port
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, DOORDOWN, "status", "--json", "--control", control,
+                                 "--doors", DOORS], stdout=write_end, stderr=subprocess.PIPE, timeout=30)
+    finally:
+        os.close(write_end)
+    assert result.returncode != 0 and b"Traceback" not in result.stderr, result.stderr.decode()
+
+
 def test_site_app_runs_its_own_python_virtualenv(started, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
