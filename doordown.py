@@ -6691,6 +6691,10 @@ class Supervisor:
             self.what = args.app or "the built-in hello app"
             self.start_boot(self.add_slot(AppConfig("app", args.app, args)))
         else:
+            if args.control:  # before any app or the front starts: a failure stops serve here
+                self.start_control()
+                if self.exit_code is not None:
+                    return self.exit_code
             if args.smart_spawn:
                 self.template = _Template()
             for config in self.apps:
@@ -6699,8 +6703,6 @@ class Supervisor:
                     self.start_boot(slot)
             self.what = "%d applications of %s (%s)" % (len(self.apps), args.site,
                                                        ", ".join(config.name for config in self.apps))
-            if args.control:
-                self.start_control()
         if not self.single or not self.slots:
             self.start_front()
         while self.exit_code is None:
@@ -8800,7 +8802,7 @@ def smf_manifest(args):
 """.format(file=name, name=name, access=escape(access), cwd=escape(os.getcwd(), {'"': "&quot;"}),
            start_timeout=int(args.boot_timeout) + 30, start=" ".join(quote(w) for w in command),
            stop_timeout=stop_timeout, stop=signal_front("TERM"), refresh=signal_front("HUP"),
-           title=escape("doordown: %s" % (args.app or "the built-in hello app")))
+           title=escape("doordown: %s" % _service_title(args)))
 
 
 def systemd_unit(args):
@@ -8827,7 +8829,7 @@ RestartPreventExitStatus={usage} {load}
 
 [Install]
 WantedBy=multi-user.target
-""".format(name=_service_name(args), title=args.app or "the built-in hello app",
+""".format(name=_service_name(args), title=_service_title(args),
            start=" ".join(_systemd_quote(word) for word in _service_command(args)), kill=kill,
            stop_timeout=int(args.graceful_timeout) + 15, cwd=os.getcwd().replace("%", "%%"),
            usage=EXIT_USAGE, load=EXIT_APP_LOAD)
@@ -8847,8 +8849,22 @@ def _systemd_quote(word):
 
 
 def print_service_file(args):
+    if args.config:  # the site's [serve] sets the timeouts and the pid file the service must know
+        try:
+            site_args, _ = read_site(args.config, args.serve_argv)
+        except ConfigError as exc:
+            sys.stderr.write("doordown: error: %s\n" % exc)
+            return EXIT_USAGE
+        for name in ("graceful_timeout", "boot_timeout", "pid", "access_log"):
+            setattr(args, name, getattr(site_args, name))
     sys.stdout.write(smf_manifest(args) if args.command == "smf" else systemd_unit(args))
     return 0
+
+
+def _service_title(args):
+    if args.config:
+        return "the applications of %s" % args.config
+    return args.app or "the built-in hello app"
 
 
 def sd_notify(path, state):
@@ -9430,6 +9446,17 @@ def _parse_service_command(parser, argv):
     return args
 
 
+def _printing(run, args):
+    """run(args), which prints to stdout: a reader that left (`| head`) ends it quietly, exit 1."""
+    try:
+        code = run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
+
+
 def main(argv=None):
     # serve and app run as a script re-execute themselves from a compiled copy (see
     # relaunch_compiled), once their command line is known to be good.
@@ -9461,9 +9488,9 @@ def main(argv=None):
             args.argv = argv[1:]
             return run_bench(args)
         if args.command in ("smf", "systemd"):
-            return print_service_file(args)
+            return _printing(print_service_file, args)
         if args.command in ("status", "reload", "stop", "start"):
-            return run_control(args)
+            return _printing(run_control, args)
         if args.command == "template":
             return run_template(args)
         apps = None

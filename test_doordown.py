@@ -1043,6 +1043,26 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
            "/var/log/a.log\n" % (sys.executable, DOORDOWN) in result.stdout
 
 
+def test_service_files_of_a_site_take_its_timeouts_and_name_it(tmp_path):
+    # `doordown systemd|smf --config FILE`: the stop timeout is the site's graceful timeout
+    # plus 15 s (not the default's 45 s, which would SIGKILL requests still in their grace),
+    # the title names the site (not "the built-in hello app"), and a bad file is one line.
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\ngraceful-timeout = 100\nboot-timeout = 90\n\n"
+                             "[app:a]\nwsgi = apps:echo\n")
+    unit = doordown_command("systemd", "--config", config)
+    assert unit.returncode == 0, unit.stderr
+    assert "TimeoutStopSec=115\n" in unit.stdout.decode()
+    assert "Description=doordown: the applications of %s\n" % config in unit.stdout.decode()
+    manifest = doordown_command("smf", "--service", "site", "--config", config).stdout.decode()
+    assert re.search(r'name="start" timeout_seconds="120"', manifest)
+    assert re.search(r'name="stop" timeout_seconds="115"', manifest)
+    assert '<loctext xml:lang="C">doordown: the applications of %s</loctext>' % config in manifest
+    bad = doordown_command("systemd", "--config", _site(tmp_path, "[app:a]\nwsgi = apps:echo\nbogus = 1\n"))
+    lines = bad.stderr.decode().strip().splitlines()
+    assert bad.returncode == 2 and bad.stdout == b"" and len(lines) == 1, lines
+    assert re.search(r"^doordown: error: \S*site.ini: \[app:a\] bogus: unknown key", lines[0]), lines[0]
+
+
 # -- the door layer and the wire format on their own ------------------------------------------
 
 def test_wire_format_round_trip_and_rejects_damage():
@@ -3238,6 +3258,32 @@ def test_site_config_errors_are_one_line_naming_file_section_and_key(tmp_path, t
     assert result.returncode == 2 and len(lines) == 1, lines
     assert re.search(r"^doordown: error: \S*site.ini: " + message, lines[0]), lines[0]
     assert doordown_command("serve", "--config", str(tmp_path / "missing.ini")).returncode == 2
+
+
+def test_site_control_door_that_cannot_be_made_stops_serve_before_any_app(tmp_path):
+    control = tmp_path / "no" / "such" / "dir" / "control"
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\ncontrol = %s\n\n"
+                             "[app:a]\nwsgi = apps:echo\nspawn = eager\n" % control)
+    result = doordown_command("serve", "--config", config, "--doors", DOORS)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines  # no "serving ...", no app started
+    assert "cannot make the control door %s: No such file or directory" % control in lines[0]
+
+
+def test_control_status_into_a_pipe_its_reader_closed_is_no_traceback(started, tmp_path):
+    # `doordown status --json | head -1`: the reader goes away; the command stops quietly.
+    control = str(tmp_path / "control")
+    server = site_serve(started, _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n"
+                                                 "control = %s\n\n[app:a]\nwsgi = apps:echo\n" % control))
+    assert server.port
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, DOORDOWN, "status", "--json", "--control", control,
+                                 "--doors", DOORS], stdout=write_end, stderr=subprocess.PIPE, timeout=30)
+    finally:
+        os.close(write_end)
+    assert result.returncode != 0 and b"Traceback" not in result.stderr, result.stderr.decode()
 
 
 def test_site_app_runs_its_own_python_virtualenv(started, tmp_path):
