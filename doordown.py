@@ -4983,19 +4983,46 @@ def _static_type(path):
     return content_type.encode("latin-1")
 
 
+_HTTP_MONTHS = {name: number for number, name in enumerate(
+    (b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"), 1)}
+_HTTP_DATES = (  # RFC 9110 5.6.7: IMF-fixdate, the obsolete RFC 850 form, asctime's
+    re.compile(rb"[A-Za-z]{3}, ([0-9]{2}) ([A-Za-z]{3}) ([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"),
+    re.compile(rb"[A-Za-z]{6,9}, ([0-9]{2})-([A-Za-z]{3})-([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"),
+    re.compile(rb"[A-Za-z]{3} ([A-Za-z]{3}) ([ 0-9][0-9]) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([0-9]{4})"))
+
+
 def _parse_http_date(value):
-    """Seconds since the epoch of an HTTP date (RFC 9110 5.6.7, all three forms), or None."""
-    import email.utils
-    try:
-        parsed = email.utils.parsedate_tz(value.decode("latin-1"))
-    except (TypeError, ValueError):
+    """Seconds since the epoch of an HTTP date (RFC 9110 5.6.7, all three forms), or None.
+
+    Parsed here, not by email.utils: the front never loads the email package (its memory),
+    nor asks the locale for month names."""
+    value = value.strip(b" \t")
+    for form, pattern in enumerate(_HTTP_DATES):
+        match = pattern.fullmatch(value)
+        if match is not None:
+            break
+    else:
         return None
-    if parsed is None:
+    if form == 2:
+        month, day, hour, minute, second, year = match.groups()
+    else:
+        day, month, year, hour, minute, second = match.groups()
+    month = _HTTP_MONTHS.get(month.lower())
+    day, year, hour, minute, second = int(day), int(year), int(hour), int(minute), int(second)
+    if month is None or not 1 <= day <= 31 or hour > 23 or minute > 59 or second > 60:
         return None
-    try:
-        return int(email.utils.mktime_tz(parsed))
-    except (OverflowError, ValueError):
-        return None
+    if form == 1:  # a two-digit year more than 50 years ahead is of the last century (5.6.7)
+        now = time.gmtime().tm_year
+        year += now - now % 100
+        if year > now + 50:
+            year -= 100
+    # Days since 1970-01-01 of a proleptic Gregorian date (without the calendar module).
+    y = year - (month <= 2)
+    era = y // 400
+    of_era = y - era * 400
+    of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    days = era * 146097 + of_era * 365 + of_era // 4 - of_era // 100 + of_year - 719468
+    return days * 86400 + hour * 3600 + minute * 60 + min(second, 59)
 
 
 # -- listening sockets -------------------------------------------------------------

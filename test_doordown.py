@@ -3727,3 +3727,23 @@ def test_chdir_comes_first_for_static_map_and_the_site_file(started, tmp_path):
     server.proc.send_signal(signal.SIGHUP)
     server.wait_for(r"app b: added at /b")
     assert server.get("/b/")[0] == 200
+
+
+def test_if_modified_since_in_all_three_date_forms_without_the_email_package(started, tmp_path):
+    """RFC 9110 5.6.7: IMF-fixdate, RFC 850 and asctime dates are all understood, and the
+    front (its app in process shows its modules) never loads the email package for them."""
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "a.txt").write_text("a\n")
+    os.utime(root / "a.txt", (784111777, 784111777))  # Sun, 06 Nov 1994 08:49:37 GMT
+    server = serve(started, "apps:lean", "--transport", "inprocess", "--static-map", "/s=%s" % root)
+    for since in ("Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
+                  "Sun Nov  6 08:49:37 1994", "Mon, 07 Nov 1994 00:00:00 GMT"):
+        status, _, _ = server.get("/s/a.txt", headers={"If-Modified-Since": since})
+        assert status == 304, since
+    for since in ("Sat, 05 Nov 1994 08:49:37 GMT", "Saturday, 05-Nov-94 08:49:37 GMT",
+                  "Sat Nov  5 08:49:37 1994", "not a date", "Sun, 06 Foo 1994 08:49:37 GMT"):
+        status, _, _ = server.get("/s/a.txt", headers={"If-Modified-Since": since})
+        assert status == 200, since
+    front = json.loads(server.get("/")[2])
+    assert not [name for name in front["heavy"] if name.split(".")[0] == "email"], front
