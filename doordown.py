@@ -482,6 +482,29 @@ _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"t
 _NOT_FORWARDED = _HOP_BY_HOP | {b"date", b"server"}
 
 
+def target_path(target):
+    """The path of a request target, percent-decoded: the one rule by which the front routes
+    a request and by which its SCRIPT_NAME + PATH_INFO are split (cgi_variables).  Of an
+    absolute-form target (RFC 9112 3.2.2, "http://host/x") it is the path after the authority."""
+    path = target.partition(b"?")[0]
+    if path[:1] != b"/" and b"://" in path:  # absolute-form
+        path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
+    return unquote_to_bytes(path) if b"%" in path else path
+
+
+def target_authority(target):
+    """The host of an absolute-form target, lower-case, without port or userinfo; None for
+    any other form (RFC 9112 3.2.2: that authority is the request's host, not Host's)."""
+    if target[:1] == b"/" or b"://" not in target:
+        return None
+    authority = target.split(b"/", 3)[2].partition(b"?")[0].rpartition(b"@")[2]
+    return _without_port(authority).lower()
+
+
+def _without_port(host):
+    return host.rpartition(b":")[0] if host.rsplit(b":", 1)[-1].isdigit() else host
+
+
 class Request:
     """One parsed request, as the front hands it to an upstream, with its framing."""
 
@@ -493,7 +516,7 @@ class Request:
         self.headers = headers  # [(name, value)] as received, bytes
         self.keep_alive = keep_alive
         self.body, self.body_fd = b"", None
-        self.path = target.partition(b"?")[0]
+        self.path = target_path(target)  # decoded: what routing and SCRIPT_NAME + PATH_INFO see
         self.line = line
         self.proxy_headers = None  # {lower name: value} of X-Forwarded-* and Forwarded
         self.length = None  # Content-Length, if the body is framed by one
@@ -2363,10 +2386,8 @@ def cgi_variables(fields, headers, body_length):
     """
     (method, target, version, _scheme, remote_addr, remote_port, server_name, server_port,
      script_name) = fields[:9]
-    path, _, query = target.partition(b"?")
-    if not path.startswith(b"/") and b"://" in path:  # absolute-form
-        path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
-    path = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+    query = target.partition(b"?")[2]
+    path = target_path(target).decode("latin-1")  # as the front routed it
     script = script_name.decode("latin-1")
     if script and path.startswith(script):
         path = path[len(script):]
@@ -4813,9 +4834,10 @@ def compile_log_format(log_format):
 # -- static files, served by the front itself ------------------------------------------------
 #
 # `--static-map /URL=DIR` (uWSGI's option): requests under /URL are answered from DIR by the
-# front, with sendfile, and never reach the application.  What a path may name is decided
-# on the raw request path before anything is opened: an encoded slash or backslash (%2f,
-# %5c), a NUL, a backslash, or a "." or ".." segment (also when percent-encoded) is a 404;
+# front, with sendfile, and never reach the application.  /URL is matched on the decoded
+# path, as mounts are (target_path).  What a path may name is decided before anything is
+# opened: an encoded slash or backslash (%2f, %5c) or NUL in the raw target, a NUL, a
+# backslash, or a "." or ".." segment (also when percent-encoded) is a 404;
 # the file found must, once every symlink is resolved, still lie under DIR.  Directories
 # are never listed; with `--static-index NAME` (uWSGI's too) a directory's NAME is served,
 # after a redirect that adds the trailing slash.  Conditional requests and ranges follow
@@ -4842,10 +4864,10 @@ class StaticFiles:
             response = plain_response(405)
             response.headers += (b"Allow", b"GET, HEAD")
             return response
-        raw = request.path[len(self.prefix):]  # "" or "/...": matches() saw to it
-        if _STATIC_REFUSED.search(raw):
-            return plain_response(404)
-        segments = unquote_to_bytes(raw).split(b"/")
+        if _STATIC_REFUSED.search(request.target.partition(b"?")[0]):
+            return plain_response(404)  # so no slash in `rest` was not one in the target
+        rest = request.path[len(self.prefix):]  # decoded; "" or "/...": matches() saw to it
+        segments = rest.split(b"/")
         if any(segment in (b".", b"..") for segment in segments):
             return plain_response(404)
         path = os.path.join(self.root, *[segment for segment in segments if segment])
@@ -4861,11 +4883,11 @@ class StaticFiles:
                 if opened is not None:
                     os.close(opened[0])
                     opened = None
-            if opened is not None and not raw.endswith(b"/"):  # relative links in it need the slash
+            if opened is not None and not rest.endswith(b"/"):  # relative links in it need the slash
                 os.close(opened[0])
                 response = plain_response(301)
-                query = request.target.partition(b"?")[2]
-                response.headers += (b"Location", request.path + b"/" + (b"?" + query if query else b""))
+                raw, _, query = request.target.partition(b"?")
+                response.headers += (b"Location", raw + b"/" + (b"?" + query if query else b""))
                 return response
         if opened is None or not stat.S_ISREG(opened[1].st_mode):
             if opened is not None:
@@ -5398,11 +5420,12 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """The mount that claims the request, or None."""
         path, host = request.path, None
         if self.host_routing:
-            for name, value in request.headers:
-                if name.lower() == b"host":
-                    host = value.rpartition(b":")[0] if value.rsplit(b":", 1)[-1].isdigit() else value
-                    host = host.lower()
-                    break
+            host = target_authority(request.target)
+            if host is None:
+                for name, value in request.headers:
+                    if name.lower() == b"host":
+                        host = _without_port(value).lower()
+                        break
         for mount in self.mounts:
             prefix = mount.prefix
             if (mount.host is None or mount.host == host) and (

@@ -3747,3 +3747,54 @@ def test_if_modified_since_in_all_three_date_forms_without_the_email_package(sta
         assert status == 200, since
     front = json.loads(server.get("/")[2])
     assert not [name for name in front["heavy"] if name.split(".")[0] == "email"], front
+
+
+def _raw_json(server, target, host="127.0.0.1"):
+    reply = server.raw(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, host.encode()))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert status_of(reply) == 200, reply[:300]
+    return json.loads(body)
+
+
+def test_routing_uses_the_decoded_path_and_the_absolute_forms_authority(started, tmp_path):
+    """A mount matches the percent-decoded path (the one SCRIPT_NAME + PATH_INFO split), and
+    an absolute-form target (RFC 9112 3.2.2) routes on its path, and on its authority as
+    the host, whatever its Host field says."""
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
+                             "[app:admin]\nwsgi = apps:echo\nmount = /admin\n\n"
+                             "[app:root]\nwsgi = apps:echo\nmount = /\n\n"
+                             "[app:other]\nwsgi = apps:echo\nhost = other.test\nmount = /\n")
+    server = site_serve(started, config)
+
+    def seen(target, host="127.0.0.1"):
+        env = _raw_json(server, target, host)
+        return env["SCRIPT_NAME"], env["PATH_INFO"], env["pid"]
+    script, info, admin = seen(b"/admin/x")
+    assert (script, info) == ("/admin", "/x") and _app_pids(server, "admin") == [admin]
+    assert seen(b"/%61dmin/x")[:2] == ("/admin", "/x")
+    assert seen(b"/%61dmin")[:2] == ("/admin", "")
+    assert seen(b"/%61dmin%2fx")[:2] == ("/admin", "/x")  # as PATH_INFO decodes it
+    assert seen(b"/adminx")[:2] == ("", "/adminx")
+    assert seen(b"http://127.0.0.1/admin/y?q=1") == ("/admin", "/y", admin)
+    assert seen(b"HTTP://127.0.0.1:8080/%61dmin") == ("/admin", "", admin)
+    script, info, other = seen(b"http://Other.Test:80/admin/z")  # its authority, not Host
+    assert (script, info) == ("", "/admin/z") and _app_pids(server, "other") == [other]
+    assert seen(b"/admin/z", host="other.test")[2] == other
+    assert seen(b"http://127.0.0.1/admin/z", host="other.test") == ("/admin", "/z", admin)
+
+
+def test_static_map_matches_the_decoded_path_and_never_escapes(started, tmp_path):
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"static a")
+    (tmp_path / "secret").write_bytes(b"secret")
+    server = serve(started, "apps:echo", "--static-map", "/s=%s" % root)
+    for target in (b"/s/a.txt", b"/%73/a.txt", b"/s/%61.txt", b"http://127.0.0.1/s/a.txt",
+                   b"http://127.0.0.1/%73/a.txt"):
+        reply = server.raw(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+        assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\nstatic a"), (target, reply[:300])
+    for target in (b"/s/../secret", b"/s/%2e%2e/secret", b"/%73/%2e%2e/secret", b"/%73/%2E%2E/secret",
+                   b"/s/%2e%2e%2fsecret", b"/%73%2f..%2fsecret", b"http://127.0.0.1/s/../secret",
+                   b"/s/.%2e/secret"):
+        reply = server.raw(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+        assert b"secret" not in reply.partition(b"\r\n\r\n")[2], (target, reply[:300])
