@@ -2447,6 +2447,7 @@ class WSGIGateway:
         self.door_threads = lambda: 0
         self._running = {}  # thread ident -> when its current request started
         self.streams = set()  # _StreamBody still being relayed: not running, not stuck
+        self.changed = None  # --reload: a changed source the front is to hear of by stats
 
     # -- the door handler -------------------------------------------------------
     def __call__(self, data, fds, caller):
@@ -2468,9 +2469,12 @@ class WSGIGateway:
     def stats(self):
         now = time.monotonic()
         stuck = sum(1 for started in list(self._running.values()) if now - started > self.stuck_after)
-        return {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.served.value,
-                "running": len(self._running), "stuck": stuck, "streams": len(self.streams),
-                "python_threads": threading.active_count()}
+        stats = {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.served.value,
+                 "running": len(self._running), "stuck": stuck, "streams": len(self.streams),
+                 "python_threads": threading.active_count()}
+        if self.changed is not None:
+            stats["changed"] = self.changed
+        return stats
 
     def stats_message(self):
         return pack_message(KIND_STATS, 0, [json.dumps(self.stats()).encode()])
@@ -4295,7 +4299,7 @@ def run_app(args):
     _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
     if args.reload and args.parent_pid:
         front_pid = getattr(args, "front_pid", None) or args.parent_pid  # forked: the template's parent
-        threading.Thread(target=watch_sources, args=(front_pid,), name="reload", daemon=True).start()
+        threading.Thread(target=watch_sources, args=(front_pid, gateway), name="reload", daemon=True).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -4319,10 +4323,13 @@ def run_app(args):
     return 0
 
 
-def watch_sources(front_pid, interval=1.0):
+def watch_sources(front_pid, gateway, interval=1.0):
     """--reload: poll the files of every loaded module; when one changes, ask the front
-    for a new app process (SIGHUP: the zero-loss replacement, new code loaded)."""
+    for a new app process (SIGHUP: the zero-loss replacement, new code loaded).  An app
+    that may not signal the front (a site app with its own `user =`) says so in its door's
+    stats instead, which the front reads at its next health check (within a second)."""
     seen = {}
+    told = False
     while True:
         for module in list(sys.modules.values()):
             path = getattr(module, "__file__", None)
@@ -4333,7 +4340,14 @@ def watch_sources(front_pid, interval=1.0):
             if seen.setdefault(path, mtime) != mtime:
                 _log("app", "%s changed: asking the front for a new app process (--reload)" % path)
                 seen[path] = mtime
-                os.kill(front_pid, signal.SIGHUP)
+                try:
+                    os.kill(front_pid, signal.SIGHUP)
+                except OSError as exc:
+                    if not told:
+                        _log("app", "cannot signal the front (pid %d: %s): it replaces this app at "
+                                    "its next health check instead" % (front_pid, exc.strerror))
+                        told = True
+                    gateway.changed = path
         time.sleep(interval)
 
 
@@ -6450,6 +6464,8 @@ class Supervisor:
             self.replace(slot, "it does not answer its door within %ss" % self.health_timeout)
         elif outcome == "stats" and (detail.get("stuck") or 0) >= args.max_stuck:
             self.replace(slot, "%d requests ran past --timeout %ss" % (detail["stuck"], args.timeout))
+        elif outcome == "stats" and detail.get("changed"):  # an app that may not signal us
+            self.replace(slot, "%s changed (--reload)" % _log_text(str(detail["changed"])))
         elif slot.failed_checks >= 3:
             self.replace(slot, "its door keeps failing: %s" % detail)
 

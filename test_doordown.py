@@ -3298,8 +3298,8 @@ def test_site_app_runs_its_own_python_virtualenv(started, tmp_path):
     assert inside["cwd"] == SUPPORT
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
-def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, tmp_path, request):
+def _python_for_nobody(request):
+    """(a Python that user nobody may run, the environment for it: its door library too)."""
     env = dict(os.environ)
     if env.get("DOORDOWN_LIBDOOR"):  # the door model, where user nobody may load it
         library = os.path.join(RUN_TMP, "libdoormodel-%d.so" % os.getpid())
@@ -3317,6 +3317,12 @@ def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, t
             continue
     else:
         pytest.skip("no Python here that user nobody may run (with the door library)")
+    return python, env
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
+def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, tmp_path, request):
+    python, env = _python_for_nobody(request)
     config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
                    "[app:nobody]\nwsgi = apps:interpreter\nmount = /nobody\nuser = nobody\nspawn = eager\n"
                    "directory = %s\npython = %s\n\n"
@@ -3798,3 +3804,46 @@ def test_static_map_matches_the_decoded_path_and_never_escapes(started, tmp_path
                    b"/s/.%2e/secret"):
         reply = server.raw(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
         assert b"secret" not in reply.partition(b"\r\n\r\n")[2], (target, reply[:300])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
+def test_reload_replaces_a_site_app_that_runs_as_another_user(started, tmp_path, request):
+    """--reload: an app with its own `user =` may not signal the front (root); its watcher
+    died of the PermissionError with a traceback, and reload silently stopped.  It now
+    tells the front through its door's stats, which the front reads at every health check."""
+    python, env = _python_for_nobody(request)
+    directory = tempfile.mkdtemp(dir=RUN_TMP)  # RUN_TMP is 0711: nobody may pass through it
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    os.chmod(directory, 0o755)
+    reachable = directory
+    while reachable != os.path.dirname(reachable):  # the app as nobody must reach its source
+        reachable = os.path.dirname(reachable)
+        if not os.stat(reachable).st_mode & 0o001:
+            pytest.skip("%s is not searchable by user nobody" % reachable)
+    source = os.path.join(directory, "changing_nobody.py")
+    with open(source, "w") as f:
+        f.write("def application(environ, start_response):\n"
+                "    start_response('200 OK', [])\n"
+                "    return [b'one']\n")
+    os.chmod(source, 0o644)
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
+                   "[app:changing]\nwsgi = changing_nobody\nuser = nobody\nspawn = eager\n"
+                   "directory = %s\npython = %s\n" % (directory, python))
+    server = site_serve(started, config, "--reload", env=env)
+    first = int(server.wait_for(r"app changing: pid (\d+) serving").group(1))
+    assert server.get("/")[2] == b"one"
+    with open(source, "w") as f:
+        f.write("def application(environ, start_response):\n"
+                "    start_response('200 OK', [])\n"
+                "    return [b'two']\n")
+    later = time.time() + 5
+    os.utime(source, (later, later))
+    server.wait_for(r"changing_nobody\.py changed")
+    deadline = time.monotonic() + 20
+    while server.get("/")[2] != b"two":
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.2)
+    assert _app_pids(server, "changing")[-1] != first
+    server.wait_for(r"cannot signal the front \(pid %d: Operation not permitted\)" % server.proc.pid)
+    server.wait_for(r"replacing app pid %d: \S+changing_nobody\.py changed \(--reload\)" % first)
+    assert "Traceback" not in server.log, server.log
