@@ -482,6 +482,29 @@ _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"t
 _NOT_FORWARDED = _HOP_BY_HOP | {b"date", b"server"}
 
 
+def target_path(target):
+    """The path of a request target, percent-decoded: the one rule by which the front routes
+    a request and by which its SCRIPT_NAME + PATH_INFO are split (cgi_variables).  Of an
+    absolute-form target (RFC 9112 3.2.2, "http://host/x") it is the path after the authority."""
+    path = target.partition(b"?")[0]
+    if path[:1] != b"/" and b"://" in path:  # absolute-form
+        path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
+    return unquote_to_bytes(path) if b"%" in path else path
+
+
+def target_authority(target):
+    """The host of an absolute-form target, lower-case, without port or userinfo; None for
+    any other form (RFC 9112 3.2.2: that authority is the request's host, not Host's)."""
+    if target[:1] == b"/" or b"://" not in target:
+        return None
+    authority = target.split(b"/", 3)[2].partition(b"?")[0].rpartition(b"@")[2]
+    return _without_port(authority).lower()
+
+
+def _without_port(host):
+    return host.rpartition(b":")[0] if host.rsplit(b":", 1)[-1].isdigit() else host
+
+
 class Request:
     """One parsed request, as the front hands it to an upstream, with its framing."""
 
@@ -493,7 +516,7 @@ class Request:
         self.headers = headers  # [(name, value)] as received, bytes
         self.keep_alive = keep_alive
         self.body, self.body_fd = b"", None
-        self.path = target.partition(b"?")[0]
+        self.path = target_path(target)  # decoded: what routing and SCRIPT_NAME + PATH_INFO see
         self.line = line
         self.proxy_headers = None  # {lower name: value} of X-Forwarded-* and Forwarded
         self.length = None  # Content-Length, if the body is framed by one
@@ -2363,10 +2386,8 @@ def cgi_variables(fields, headers, body_length):
     """
     (method, target, version, _scheme, remote_addr, remote_port, server_name, server_port,
      script_name) = fields[:9]
-    path, _, query = target.partition(b"?")
-    if not path.startswith(b"/") and b"://" in path:  # absolute-form
-        path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
-    path = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+    query = target.partition(b"?")[2]
+    path = target_path(target).decode("latin-1")  # as the front routed it
     script = script_name.decode("latin-1")
     if script and path.startswith(script):
         path = path[len(script):]
@@ -2426,6 +2447,7 @@ class WSGIGateway:
         self.door_threads = lambda: 0
         self._running = {}  # thread ident -> when its current request started
         self.streams = set()  # _StreamBody still being relayed: not running, not stuck
+        self.changed = None  # --reload: a changed source the front is to hear of by stats
 
     # -- the door handler -------------------------------------------------------
     def __call__(self, data, fds, caller):
@@ -2447,9 +2469,12 @@ class WSGIGateway:
     def stats(self):
         now = time.monotonic()
         stuck = sum(1 for started in list(self._running.values()) if now - started > self.stuck_after)
-        return {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.served.value,
-                "running": len(self._running), "stuck": stuck, "streams": len(self.streams),
-                "python_threads": threading.active_count()}
+        stats = {"pid": os.getpid(), "threads": self.door_threads(), "requests": self.served.value,
+                 "running": len(self._running), "stuck": stuck, "streams": len(self.streams),
+                 "python_threads": threading.active_count()}
+        if self.changed is not None:
+            stats["changed"] = self.changed
+        return stats
 
     def stats_message(self):
         return pack_message(KIND_STATS, 0, [json.dumps(self.stats()).encode()])
@@ -4274,7 +4299,7 @@ def run_app(args):
     _log("app", "serving %s on %s" % (args.app or "the built-in hello app", where))
     if args.reload and args.parent_pid:
         front_pid = getattr(args, "front_pid", None) or args.parent_pid  # forked: the template's parent
-        threading.Thread(target=watch_sources, args=(front_pid,), name="reload", daemon=True).start()
+        threading.Thread(target=watch_sources, args=(front_pid, gateway), name="reload", daemon=True).start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -4298,10 +4323,13 @@ def run_app(args):
     return 0
 
 
-def watch_sources(front_pid, interval=1.0):
+def watch_sources(front_pid, gateway, interval=1.0):
     """--reload: poll the files of every loaded module; when one changes, ask the front
-    for a new app process (SIGHUP: the zero-loss replacement, new code loaded)."""
+    for a new app process (SIGHUP: the zero-loss replacement, new code loaded).  An app
+    that may not signal the front (a site app with its own `user =`) says so in its door's
+    stats instead, which the front reads at its next health check (within a second)."""
     seen = {}
+    told = False
     while True:
         for module in list(sys.modules.values()):
             path = getattr(module, "__file__", None)
@@ -4312,7 +4340,14 @@ def watch_sources(front_pid, interval=1.0):
             if seen.setdefault(path, mtime) != mtime:
                 _log("app", "%s changed: asking the front for a new app process (--reload)" % path)
                 seen[path] = mtime
-                os.kill(front_pid, signal.SIGHUP)
+                try:
+                    os.kill(front_pid, signal.SIGHUP)
+                except OSError as exc:
+                    if not told:
+                        _log("app", "cannot signal the front (pid %d: %s): it replaces this app at "
+                                    "its next health check instead" % (front_pid, exc.strerror))
+                        told = True
+                    gateway.changed = path
         time.sleep(interval)
 
 
@@ -4813,9 +4848,10 @@ def compile_log_format(log_format):
 # -- static files, served by the front itself ------------------------------------------------
 #
 # `--static-map /URL=DIR` (uWSGI's option): requests under /URL are answered from DIR by the
-# front, with sendfile, and never reach the application.  What a path may name is decided
-# on the raw request path before anything is opened: an encoded slash or backslash (%2f,
-# %5c), a NUL, a backslash, or a "." or ".." segment (also when percent-encoded) is a 404;
+# front, with sendfile, and never reach the application.  /URL is matched on the decoded
+# path, as mounts are (target_path).  What a path may name is decided before anything is
+# opened: an encoded slash or backslash (%2f, %5c) or NUL in the raw target, a NUL, a
+# backslash, or a "." or ".." segment (also when percent-encoded) is a 404;
 # the file found must, once every symlink is resolved, still lie under DIR.  Directories
 # are never listed; with `--static-index NAME` (uWSGI's too) a directory's NAME is served,
 # after a redirect that adds the trailing slash.  Conditional requests and ranges follow
@@ -4842,10 +4878,10 @@ class StaticFiles:
             response = plain_response(405)
             response.headers += (b"Allow", b"GET, HEAD")
             return response
-        raw = request.path[len(self.prefix):]  # "" or "/...": matches() saw to it
-        if _STATIC_REFUSED.search(raw):
-            return plain_response(404)
-        segments = unquote_to_bytes(raw).split(b"/")
+        if _STATIC_REFUSED.search(request.target.partition(b"?")[0]):
+            return plain_response(404)  # so no slash in `rest` was not one in the target
+        rest = request.path[len(self.prefix):]  # decoded; "" or "/...": matches() saw to it
+        segments = rest.split(b"/")
         if any(segment in (b".", b"..") for segment in segments):
             return plain_response(404)
         path = os.path.join(self.root, *[segment for segment in segments if segment])
@@ -4861,11 +4897,11 @@ class StaticFiles:
                 if opened is not None:
                     os.close(opened[0])
                     opened = None
-            if opened is not None and not raw.endswith(b"/"):  # relative links in it need the slash
+            if opened is not None and not rest.endswith(b"/"):  # relative links in it need the slash
                 os.close(opened[0])
                 response = plain_response(301)
-                query = request.target.partition(b"?")[2]
-                response.headers += (b"Location", request.path + b"/" + (b"?" + query if query else b""))
+                raw, _, query = request.target.partition(b"?")
+                response.headers += (b"Location", raw + b"/" + (b"?" + query if query else b""))
                 return response
         if opened is None or not stat.S_ISREG(opened[1].st_mode):
             if opened is not None:
@@ -4983,19 +5019,46 @@ def _static_type(path):
     return content_type.encode("latin-1")
 
 
+_HTTP_MONTHS = {name: number for number, name in enumerate(
+    (b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec"), 1)}
+_HTTP_DATES = (  # RFC 9110 5.6.7: IMF-fixdate, the obsolete RFC 850 form, asctime's
+    re.compile(rb"[A-Za-z]{3}, ([0-9]{2}) ([A-Za-z]{3}) ([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"),
+    re.compile(rb"[A-Za-z]{6,9}, ([0-9]{2})-([A-Za-z]{3})-([0-9]{2}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"),
+    re.compile(rb"[A-Za-z]{3} ([A-Za-z]{3}) ([ 0-9][0-9]) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([0-9]{4})"))
+
+
 def _parse_http_date(value):
-    """Seconds since the epoch of an HTTP date (RFC 9110 5.6.7, all three forms), or None."""
-    import email.utils
-    try:
-        parsed = email.utils.parsedate_tz(value.decode("latin-1"))
-    except (TypeError, ValueError):
+    """Seconds since the epoch of an HTTP date (RFC 9110 5.6.7, all three forms), or None.
+
+    Parsed here, not by email.utils: the front never loads the email package (its memory),
+    nor asks the locale for month names."""
+    value = value.strip(b" \t")
+    for form, pattern in enumerate(_HTTP_DATES):
+        match = pattern.fullmatch(value)
+        if match is not None:
+            break
+    else:
         return None
-    if parsed is None:
+    if form == 2:
+        month, day, hour, minute, second, year = match.groups()
+    else:
+        day, month, year, hour, minute, second = match.groups()
+    month = _HTTP_MONTHS.get(month.lower())
+    day, year, hour, minute, second = int(day), int(year), int(hour), int(minute), int(second)
+    if month is None or not 1 <= day <= 31 or hour > 23 or minute > 59 or second > 60:
         return None
-    try:
-        return int(email.utils.mktime_tz(parsed))
-    except (OverflowError, ValueError):
-        return None
+    if form == 1:  # a two-digit year more than 50 years ahead is of the last century (5.6.7)
+        now = time.gmtime().tm_year
+        year += now - now % 100
+        if year > now + 50:
+            year -= 100
+    # Days since 1970-01-01 of a proleptic Gregorian date (without the calendar module).
+    y = year - (month <= 2)
+    era = y // 400
+    of_era = y - era * 400
+    of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    days = era * 146097 + of_era * 365 + of_era // 4 - of_era // 100 + of_year - 719468
+    return days * 86400 + hour * 3600 + minute * 60 + min(second, 59)
 
 
 # -- listening sockets -------------------------------------------------------------
@@ -5371,11 +5434,12 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """The mount that claims the request, or None."""
         path, host = request.path, None
         if self.host_routing:
-            for name, value in request.headers:
-                if name.lower() == b"host":
-                    host = value.rpartition(b":")[0] if value.rsplit(b":", 1)[-1].isdigit() else value
-                    host = host.lower()
-                    break
+            host = target_authority(request.target)
+            if host is None:
+                for name, value in request.headers:
+                    if name.lower() == b"host":
+                        host = _without_port(value).lower()
+                        break
         for mount in self.mounts:
             prefix = mount.prefix
             if (mount.host is None or mount.host == host) and (
@@ -6400,6 +6464,8 @@ class Supervisor:
             self.replace(slot, "it does not answer its door within %ss" % self.health_timeout)
         elif outcome == "stats" and (detail.get("stuck") or 0) >= args.max_stuck:
             self.replace(slot, "%d requests ran past --timeout %ss" % (detail["stuck"], args.timeout))
+        elif outcome == "stats" and detail.get("changed"):  # an app that may not signal us
+            self.replace(slot, "%s changed (--reload)" % _log_text(str(detail["changed"])))
         elif slot.failed_checks >= 3:
             self.replace(slot, "its door keeps failing: %s" % detail)
 

@@ -3298,8 +3298,8 @@ def test_site_app_runs_its_own_python_virtualenv(started, tmp_path):
     assert inside["cwd"] == SUPPORT
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
-def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, tmp_path, request):
+def _python_for_nobody(request):
+    """(a Python that user nobody may run, the environment for it: its door library too)."""
     env = dict(os.environ)
     if env.get("DOORDOWN_LIBDOOR"):  # the door model, where user nobody may load it
         library = os.path.join(RUN_TMP, "libdoormodel-%d.so" % os.getpid())
@@ -3317,6 +3317,12 @@ def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, t
             continue
     else:
         pytest.skip("no Python here that user nobody may run (with the door library)")
+    return python, env
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
+def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, tmp_path, request):
+    python, env = _python_for_nobody(request)
     config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
                    "[app:nobody]\nwsgi = apps:interpreter\nmount = /nobody\nuser = nobody\nspawn = eager\n"
                    "directory = %s\npython = %s\n\n"
@@ -3727,3 +3733,117 @@ def test_chdir_comes_first_for_static_map_and_the_site_file(started, tmp_path):
     server.proc.send_signal(signal.SIGHUP)
     server.wait_for(r"app b: added at /b")
     assert server.get("/b/")[0] == 200
+
+
+def test_if_modified_since_in_all_three_date_forms_without_the_email_package(started, tmp_path):
+    """RFC 9110 5.6.7: IMF-fixdate, RFC 850 and asctime dates are all understood, and the
+    front (its app in process shows its modules) never loads the email package for them."""
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "a.txt").write_text("a\n")
+    os.utime(root / "a.txt", (784111777, 784111777))  # Sun, 06 Nov 1994 08:49:37 GMT
+    server = serve(started, "apps:lean", "--transport", "inprocess", "--static-map", "/s=%s" % root)
+    for since in ("Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
+                  "Sun Nov  6 08:49:37 1994", "Mon, 07 Nov 1994 00:00:00 GMT"):
+        status, _, _ = server.get("/s/a.txt", headers={"If-Modified-Since": since})
+        assert status == 304, since
+    for since in ("Sat, 05 Nov 1994 08:49:37 GMT", "Saturday, 05-Nov-94 08:49:37 GMT",
+                  "Sat Nov  5 08:49:37 1994", "not a date", "Sun, 06 Foo 1994 08:49:37 GMT"):
+        status, _, _ = server.get("/s/a.txt", headers={"If-Modified-Since": since})
+        assert status == 200, since
+    front = json.loads(server.get("/")[2])
+    assert not [name for name in front["heavy"] if name.split(".")[0] == "email"], front
+
+
+def _raw_json(server, target, host="127.0.0.1"):
+    reply = server.raw(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, host.encode()))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert status_of(reply) == 200, reply[:300]
+    return json.loads(body)
+
+
+def test_routing_uses_the_decoded_path_and_the_absolute_forms_authority(started, tmp_path):
+    """A mount matches the percent-decoded path (the one SCRIPT_NAME + PATH_INFO split), and
+    an absolute-form target (RFC 9112 3.2.2) routes on its path, and on its authority as
+    the host, whatever its Host field says."""
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
+                             "[app:admin]\nwsgi = apps:echo\nmount = /admin\n\n"
+                             "[app:root]\nwsgi = apps:echo\nmount = /\n\n"
+                             "[app:other]\nwsgi = apps:echo\nhost = other.test\nmount = /\n")
+    server = site_serve(started, config)
+
+    def seen(target, host="127.0.0.1"):
+        env = _raw_json(server, target, host)
+        return env["SCRIPT_NAME"], env["PATH_INFO"], env["pid"]
+    script, info, admin = seen(b"/admin/x")
+    assert (script, info) == ("/admin", "/x") and _app_pids(server, "admin") == [admin]
+    assert seen(b"/%61dmin/x")[:2] == ("/admin", "/x")
+    assert seen(b"/%61dmin")[:2] == ("/admin", "")
+    assert seen(b"/%61dmin%2fx")[:2] == ("/admin", "/x")  # as PATH_INFO decodes it
+    assert seen(b"/adminx")[:2] == ("", "/adminx")
+    assert seen(b"http://127.0.0.1/admin/y?q=1") == ("/admin", "/y", admin)
+    assert seen(b"HTTP://127.0.0.1:8080/%61dmin") == ("/admin", "", admin)
+    script, info, other = seen(b"http://Other.Test:80/admin/z")  # its authority, not Host
+    assert (script, info) == ("", "/admin/z") and _app_pids(server, "other") == [other]
+    assert seen(b"/admin/z", host="other.test")[2] == other
+    assert seen(b"http://127.0.0.1/admin/z", host="other.test") == ("/admin", "/z", admin)
+
+
+def test_static_map_matches_the_decoded_path_and_never_escapes(started, tmp_path):
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"static a")
+    (tmp_path / "secret").write_bytes(b"secret")
+    server = serve(started, "apps:echo", "--static-map", "/s=%s" % root)
+    for target in (b"/s/a.txt", b"/%73/a.txt", b"/s/%61.txt", b"http://127.0.0.1/s/a.txt",
+                   b"http://127.0.0.1/%73/a.txt"):
+        reply = server.raw(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+        assert status_of(reply) == 200 and reply.endswith(b"\r\n\r\nstatic a"), (target, reply[:300])
+    for target in (b"/s/../secret", b"/s/%2e%2e/secret", b"/%73/%2e%2e/secret", b"/%73/%2E%2E/secret",
+                   b"/s/%2e%2e%2fsecret", b"/%73%2f..%2fsecret", b"http://127.0.0.1/s/../secret",
+                   b"/s/.%2e/secret"):
+        reply = server.raw(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+        assert b"secret" not in reply.partition(b"\r\n\r\n")[2], (target, reply[:300])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
+def test_reload_replaces_a_site_app_that_runs_as_another_user(started, tmp_path, request):
+    """--reload: an app with its own `user =` may not signal the front (root); its watcher
+    died of the PermissionError with a traceback, and reload silently stopped.  It now
+    tells the front through its door's stats, which the front reads at every health check."""
+    python, env = _python_for_nobody(request)
+    directory = tempfile.mkdtemp(dir=RUN_TMP)  # RUN_TMP is 0711: nobody may pass through it
+    request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
+    os.chmod(directory, 0o755)
+    reachable = directory
+    while reachable != os.path.dirname(reachable):  # the app as nobody must reach its source
+        reachable = os.path.dirname(reachable)
+        if not os.stat(reachable).st_mode & 0o001:
+            pytest.skip("%s is not searchable by user nobody" % reachable)
+    source = os.path.join(directory, "changing_nobody.py")
+    with open(source, "w") as f:
+        f.write("def application(environ, start_response):\n"
+                "    start_response('200 OK', [])\n"
+                "    return [b'one']\n")
+    os.chmod(source, 0o644)
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
+                   "[app:changing]\nwsgi = changing_nobody\nuser = nobody\nspawn = eager\n"
+                   "directory = %s\npython = %s\n" % (directory, python))
+    server = site_serve(started, config, "--reload", env=env)
+    first = int(server.wait_for(r"app changing: pid (\d+) serving").group(1))
+    assert server.get("/")[2] == b"one"
+    with open(source, "w") as f:
+        f.write("def application(environ, start_response):\n"
+                "    start_response('200 OK', [])\n"
+                "    return [b'two']\n")
+    later = time.time() + 5
+    os.utime(source, (later, later))
+    server.wait_for(r"changing_nobody\.py changed")
+    deadline = time.monotonic() + 20
+    while server.get("/")[2] != b"two":
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.2)
+    assert _app_pids(server, "changing")[-1] != first
+    server.wait_for(r"cannot signal the front \(pid %d: Operation not permitted\)" % server.proc.pid)
+    server.wait_for(r"replacing app pid %d: \S+changing_nobody\.py changed \(--reload\)" % first)
+    assert "Traceback" not in server.log, server.log
