@@ -4059,8 +4059,15 @@ class CGIUpstream:
                     child.stdin.close()
                 except BrokenPipeError:
                     pass  # it answered without reading the body
-            output, ended = self._read_head(child)
-            if ended and child.wait() != 0:
+            output, ended, deadline = self._read_head(child)
+            # Its stdout is closed, but it may still run: that wait is bounded too.
+            if ended:
+                try:
+                    child.wait(None if deadline is None else max(0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise TimeoutError("the CGI program closed its output but did not exit within %ss"
+                                       % self.timeout) from None
+            if ended and child.returncode != 0:
                 raise TransportError("the CGI program stopped without answering (%s)"
                                      % _describe_exit(child.returncode))
             response = parse_cgi_response(output)
@@ -4077,7 +4084,8 @@ class CGIUpstream:
         return response
 
     def _read_head(self, child):
-        """(output so far, whether the program ended it) once it holds the response head."""
+        """(output so far, whether the program ended it, the deadline) once it holds the
+        response head."""
         fd = child.stdout.fileno()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         output = bytearray()
@@ -4088,7 +4096,7 @@ class CGIUpstream:
                 raise TimeoutError("the CGI program did not answer within %ss" % self.timeout)
             data = os.read(fd, 262144)
             if not data:
-                return bytes(output), True
+                return bytes(output), True, deadline
             output += data
             head_in = head_in or cgi_head_end(output, searched)[0] >= 0
             if head_in:
@@ -4096,7 +4104,7 @@ class CGIUpstream:
                 # piece, but at most _GATHER_MAX bytes of it: a program that writes faster
                 # than this loop reads would otherwise be buffered whole.
                 if len(output) > _GATHER_MAX or not _poll_one(fd, select.POLLIN, 0):
-                    return bytes(output), False
+                    return bytes(output), False, deadline
             searched = max(0, len(output) - 3)
 
     def stats(self):

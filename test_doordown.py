@@ -2645,6 +2645,29 @@ def test_cgi_child_killed_gives_502_next_request_served(started):
     assert status == 200 and json.loads(body)["pid"] not in (server.proc.pid, os.getpid())
 
 
+def test_cgi_program_that_closes_stdout_and_keeps_running_gets_504(started, tmp_path):
+    # Its answer ends (stdout closed) but the program does not: the wait for it is bounded
+    # by --timeout, and it is killed and reaped.
+    (tmp_path / "lingers.py").write_text(
+        "import os, time\n"
+        "def application(environ, start_response):\n"
+        "    if environ.get('QUERY_STRING') == 'linger':\n"
+        "        os.close(1)\n"
+        "        time.sleep(60)\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'ok']\n")
+    server = started("serve", "lingers", "--transport", "cgi", "--timeout", "1", "--bind", "127.0.0.1:0",
+                     "--doors", DOORS, "--access-log", "off", cwd=str(tmp_path))
+    asked = time.monotonic()
+    assert server.get("/?linger")[0] in (502, 504)
+    assert time.monotonic() - asked < 8
+    deadline = time.monotonic() + 5
+    while _children(server.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _children(server.proc.pid)
+    assert server.get("/")[:3:2] == (200, b"ok")
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_transport_sigterm_lets_slow_request_finish(started, transport):
     server = serve(started, "apps:slow", "--transport", transport)
