@@ -9035,6 +9035,21 @@ def _max_headers(text):
     return value
 
 
+# The largest --max-header-size: a head within it must fit in one door call with the rest of
+# the request message (a length word for each field, and the fixed fields: at most a few KiB
+# with --max-headers at its most), else such a request, within the limit, would be a 502.
+MAX_HEADER_SIZE_MOST = DOOR_CALL_MAX - 64 * 1024
+
+
+def _max_header_size(text):
+    """--max-header-size: a size, and no more than a door call carries."""
+    value = _size(text)
+    if value > MAX_HEADER_SIZE_MOST:
+        raise _invalid("--max-header-size: at most %dK (a request head must fit in a door call), got %r"
+                       % (MAX_HEADER_SIZE_MOST >> 10, text))
+    return value
+
+
 def _rate(text):
     """--min-body-rate: a size of at least one byte (a second per byte at worst)."""
     rate = _size(text)
@@ -9191,7 +9206,7 @@ def build_parser():
                        help="longest request line (414) or header field (431) (default 8190)")
     serve.add_argument("--max-headers", type=_max_headers, default=Limits.max_headers, metavar="N",
                        help="most header fields in a request (default 100); more: 431")
-    serve.add_argument("--max-header-size", type=_size, default=Limits.max_header_size, metavar="SIZE",
+    serve.add_argument("--max-header-size", type=_max_header_size, default=Limits.max_header_size, metavar="SIZE",
                        help="largest request head (default 64K); larger: 431")
     serve.add_argument("--access-log", "--access-logfile", default="-", metavar="-|FILE|off",
                        help="access log: - for stderr (default), a file (reopened on SIGUSR1), or off")

@@ -590,6 +590,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "5", "--max-requests-jitter", "-1"], "jitter"),
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "-5"], "max-requests"),
     (["serve", "-b", "127.0.0.1:0", "--max-headers", "1500"], "at most 1024"),
+    (["serve", "-b", "127.0.0.1:0", "--max-header-size", "2M"], "--max-header-size: at most"),
     (["serve", "-b", "127.0.0.1:0", "--static-map", "/s=/nonexistent/dir"], "is not a directory"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, says):
@@ -597,6 +598,19 @@ def test_bad_command_line_exits_2_with_one_line(args, says):
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("doordown") and says in lines[0], lines
+
+
+def test_largest_max_header_size_allowed_fits_a_door_call(started):
+    # The most --max-header-size allows, filled by the most header fields: still one door call.
+    most = doordown.MAX_HEADER_SIZE_MOST
+    server = serve(started, "apps:echo", "--max-header-size", str(most), "--max-headers", "1024",
+                   "--max-line", str(most))
+    start = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    count = 1024 - 2
+    value = b"v" * ((most - len(start) - 2) // count - len(b"X-0000:\r\n"))
+    head = start + b"".join(b"X-%04d:%s\r\n" % (i, value) for i in range(count)) + b"\r\n"
+    assert most - 20000 < len(head) <= most
+    assert status_of(server.raw(head, timeout=20)) == 200
 
 
 @pytest.mark.parametrize("command", ["serve", "app", "cgi", "bench", "check", "smf", "systemd"])
@@ -3269,6 +3283,7 @@ def test_site_smart_spawn_forks_apps_from_a_template(started, tmp_path):
     ("[app:a]\nwsgi = apps:echo\n[app:b]\nwsgi = apps:echo\n", r"\[app:b\] mount: / is \[app:a\]'s already"),
     ("[serve]\nbind = nonsense:port\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] bind: "),
     ("[serve]\nworkers = 4\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] workers: "),
+    ("[serve]\nmax-header-size = 2M\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] max-header-size: .*at most"),
     ("[serve]\nbind = 127.0.0.1:0\n", r"no \[app:NAME\] section"),
     ("[wrong]\n", r"\[wrong\]: unknown section"),
     ("[serve]\nbind = 127.0.0.1:0\n[app:..]\nwsgi = apps:echo\n", r"\[app:\.\.\]: unknown section"),
