@@ -5703,6 +5703,13 @@ def read_site(path, command_line):
                 raise ValueError("expected a URL path prefix starting with /, got %r" % text)
             return text.rstrip("/")
 
+        def host_name(text):
+            # As nginx's server_name: a name only.  A request's Host is matched without its
+            # port, so a host with one would never match: refused, not silently never routed.
+            if ":" in text.rpartition("]")[2]:
+                raise ValueError("a host name without a port (a request's port is ignored), got %r" % text)
+            return text.lower().encode("ascii") or None
+
         def seconds(text):
             value = float(text)
             if not value >= 0:
@@ -5742,7 +5749,7 @@ def read_site(path, command_line):
             if os.geteuid() != 0 and credentials[:2] != (os.geteuid(), os.getegid()):
                 raise ConfigError("%s user: serve must run as root to run an app as another user" % where)
         app = AppConfig(name, spec, app_args, settings, prefix=value_of("mount", mount, ""),
-                        host=value_of("host", lambda text: text.lower().encode("ascii") or None),
+                        host=value_of("host", host_name),
                         directory=value_of("directory", directory), python=value_of("python", python),
                         env=value_of("env", environment, {}), credentials=credentials,
                         spawn=value_of("spawn", spawn, "lazy"),

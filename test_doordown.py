@@ -3277,6 +3277,8 @@ def test_site_smart_spawn_forks_apps_from_a_template(started, tmp_path):
     ("[app:a]\nwsgi = apps:echo\nbogus = 1\n", r"\[app:a\] bogus: unknown key"),
     ("[app:a]\nwsgi = apps:echo\ntimeout = -1\n", r"\[app:a\] timeout: .*positive number"),
     ("[app:a]\nwsgi = apps:echo\nspawn = sometimes\n", r"\[app:a\] spawn: expected lazy or eager"),
+    ("[app:a]\nwsgi = apps:echo\nhost = Blog.example.org:8000\n", r"\[app:a\] host: .*without a port"),
+    ("[app:a]\nwsgi = apps:echo\nhost = [::1]:8000\n", r"\[app:a\] host: .*without a port"),
     ("[app:a]\nwsgi = apps:echo\ndirectory = /no/such/dir\n", r"\[app:a\] directory: no such directory"),
     ("[app:a]\nwsgi = apps:echo\npython = /no/python\n", r"\[app:a\] python: not an executable"),
     ("[app:a]\nwsgi = apps:echo\nuser = no-such-user-here\n", r"\[app:a\] user no-such-user-here: no such user"),
