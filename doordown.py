@@ -9418,6 +9418,9 @@ def prepare_serve(args):
         import tempfile
         args.private_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
         if credentials is not None:
+            # What serve imports only later is imported now: the user dropped to may not be
+            # allowed to read this interpreter's library (a pyenv under /root, mode 0700).
+            _import_before_the_drop()
             uid, gid, user = credentials
             os.chown(args.private_dir, uid, gid)
             for listener in args.listeners:
@@ -9430,6 +9433,19 @@ def prepare_serve(args):
     except OSError as exc:
         return fail(1, "%s: %s" % (exc.filename or "--user", exc.strerror))
     return None
+
+
+# The modules serve's front and supervisor import lazily (function by function), and so
+# after a drop to --user/--group: spawning and reaping apps and CGI programs, the private
+# directory's removal, static files, passed bodies, the access log's %(u)s, the event loop.
+_LAZY_SERVE_MODULES = ("subprocess", "selectors", "shutil", "random", "fcntl", "mmap", "binascii",
+                       "http", "mimetypes", "email.utils", "encodings.idna")
+
+
+def _import_before_the_drop():
+    import importlib
+    for name in _LAZY_SERVE_MODULES:
+        importlib.import_module(name)
 
 
 def _credentials(user, group):

@@ -1008,6 +1008,22 @@ def test_user_and_group_dropped_after_binding_a_privileged_port(started, tmp_pat
     assert os.stat(private).st_uid == nobody.pw_uid
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs a Python every user may run")
+@pytest.mark.skipif(DOORS == "native", reason="the door model is built where only root may read it")
+def test_user_dropped_to_need_not_read_the_front_interpreters_library(started, tmp_path):
+    # The front runs this suite's interpreter (where it is a pyenv under /root, mode 0700,
+    # user nobody can read none of its library); the app, an interpreter everyone may run.
+    # What the front imports after the drop (subprocess, to start the app) it imported before.
+    # The test above runs the front itself on /usr/bin/python3, whose library nobody reads.
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nuser = nobody\n\n"
+                   "[app:a]\nwsgi = apps:interpreter\npython = /usr/bin/python3\nspawn = eager\n")
+    server = site_serve(started, config)
+    status, _, body = server.get("/")
+    assert status == 200 and json.loads(body)["prefix"] != sys.prefix, server.log
+    assert "Traceback" not in server.log, server.log
+
+
 def test_readiness_is_notified_to_systemd(started, tmp_path):
     path = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
