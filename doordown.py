@@ -4084,8 +4084,15 @@ class CGIUpstream:
                     child.stdin.close()
                 except BrokenPipeError:
                     pass  # it answered without reading the body
-            output, ended = self._read_head(child)
-            if ended and child.wait() != 0:
+            output, ended, deadline = self._read_head(child)
+            # Its stdout is closed, but it may still run: that wait is bounded too.
+            if ended:
+                try:
+                    child.wait(None if deadline is None else max(0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise TimeoutError("the CGI program closed its output but did not exit within %ss"
+                                       % self.timeout) from None
+            if ended and child.returncode != 0:
                 raise TransportError("the CGI program stopped without answering (%s)"
                                      % _describe_exit(child.returncode))
             response = parse_cgi_response(output)
@@ -4102,7 +4109,8 @@ class CGIUpstream:
         return response
 
     def _read_head(self, child):
-        """(output so far, whether the program ended it) once it holds the response head."""
+        """(output so far, whether the program ended it, the deadline) once it holds the
+        response head."""
         fd = child.stdout.fileno()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         output = bytearray()
@@ -4113,7 +4121,7 @@ class CGIUpstream:
                 raise TimeoutError("the CGI program did not answer within %ss" % self.timeout)
             data = os.read(fd, 262144)
             if not data:
-                return bytes(output), True
+                return bytes(output), True, deadline
             output += data
             head_in = head_in or cgi_head_end(output, searched)[0] >= 0
             if head_in:
@@ -4121,7 +4129,7 @@ class CGIUpstream:
                 # piece, but at most _GATHER_MAX bytes of it: a program that writes faster
                 # than this loop reads would otherwise be buffered whole.
                 if len(output) > _GATHER_MAX or not _poll_one(fd, select.POLLIN, 0):
-                    return bytes(output), False
+                    return bytes(output), False, deadline
             searched = max(0, len(output) - 3)
 
     def stats(self):
@@ -5759,6 +5767,13 @@ def read_site(path, command_line):
                 raise ValueError("expected a URL path prefix starting with /, got %r" % text)
             return text.rstrip("/")
 
+        def host_name(text):
+            # As nginx's server_name: a name only.  A request's Host is matched without its
+            # port, so a host with one would never match: refused, not silently never routed.
+            if ":" in text.rpartition("]")[2]:
+                raise ValueError("a host name without a port (a request's port is ignored), got %r" % text)
+            return text.lower().encode("ascii") or None
+
         def seconds(text):
             value = float(text)
             if not value >= 0:
@@ -5798,7 +5813,7 @@ def read_site(path, command_line):
             if os.geteuid() != 0 and credentials[:2] != (os.geteuid(), os.getegid()):
                 raise ConfigError("%s user: serve must run as root to run an app as another user" % where)
         app = AppConfig(name, spec, app_args, settings, prefix=value_of("mount", mount, ""),
-                        host=value_of("host", lambda text: text.lower().encode("ascii") or None),
+                        host=value_of("host", host_name),
                         directory=value_of("directory", directory), python=value_of("python", python),
                         env=value_of("env", environment, {}), credentials=credentials,
                         spawn=value_of("spawn", spawn, "lazy"),
@@ -9093,6 +9108,21 @@ def _max_headers(text):
     return value
 
 
+# The largest --max-header-size: a head within it must fit in one door call with the rest of
+# the request message (a length word for each field, and the fixed fields: at most a few KiB
+# with --max-headers at its most), else such a request, within the limit, would be a 502.
+MAX_HEADER_SIZE_MOST = DOOR_CALL_MAX - 64 * 1024
+
+
+def _max_header_size(text):
+    """--max-header-size: a size, and no more than a door call carries."""
+    value = _size(text)
+    if value > MAX_HEADER_SIZE_MOST:
+        raise _invalid("--max-header-size: at most %dK (a request head must fit in a door call), got %r"
+                       % (MAX_HEADER_SIZE_MOST >> 10, text))
+    return value
+
+
 def _rate(text):
     """--min-body-rate: a size of at least one byte (a second per byte at worst)."""
     rate = _size(text)
@@ -9249,7 +9279,7 @@ def build_parser():
                        help="longest request line (414) or header field (431) (default 8190)")
     serve.add_argument("--max-headers", type=_max_headers, default=Limits.max_headers, metavar="N",
                        help="most header fields in a request (default 100); more: 431")
-    serve.add_argument("--max-header-size", type=_size, default=Limits.max_header_size, metavar="SIZE",
+    serve.add_argument("--max-header-size", type=_max_header_size, default=Limits.max_header_size, metavar="SIZE",
                        help="largest request head (default 64K); larger: 431")
     serve.add_argument("--access-log", "--access-logfile", default="-", metavar="-|FILE|off",
                        help="access log: - for stderr (default), a file (reopened on SIGUSR1), or off")
@@ -9454,6 +9484,9 @@ def prepare_serve(args):
         import tempfile
         args.private_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
         if credentials is not None:
+            # What serve imports only later is imported now: the user dropped to may not be
+            # allowed to read this interpreter's library (a pyenv under /root, mode 0700).
+            _import_before_the_drop()
             uid, gid, user = credentials
             os.chown(args.private_dir, uid, gid)
             for listener in args.listeners:
@@ -9466,6 +9499,19 @@ def prepare_serve(args):
     except OSError as exc:
         return fail(1, "%s: %s" % (exc.filename or "--user", exc.strerror))
     return None
+
+
+# The modules serve's front and supervisor import lazily (function by function), and so
+# after a drop to --user/--group: spawning and reaping apps and CGI programs, the private
+# directory's removal, static files, passed bodies, the access log's %(u)s, the event loop.
+_LAZY_SERVE_MODULES = ("subprocess", "selectors", "shutil", "random", "fcntl", "mmap", "binascii",
+                       "http", "mimetypes", "email.utils", "encodings.idna")
+
+
+def _import_before_the_drop():
+    import importlib
+    for name in _LAZY_SERVE_MODULES:
+        importlib.import_module(name)
 
 
 def _credentials(user, group):

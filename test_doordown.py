@@ -590,6 +590,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "5", "--max-requests-jitter", "-1"], "jitter"),
     (["serve", "-b", "127.0.0.1:0", "--max-requests", "-5"], "max-requests"),
     (["serve", "-b", "127.0.0.1:0", "--max-headers", "1500"], "at most 1024"),
+    (["serve", "-b", "127.0.0.1:0", "--max-header-size", "2M"], "--max-header-size: at most"),
     (["serve", "-b", "127.0.0.1:0", "--static-map", "/s=/nonexistent/dir"], "is not a directory"),
 ])
 def test_bad_command_line_exits_2_with_one_line(args, says):
@@ -597,6 +598,19 @@ def test_bad_command_line_exits_2_with_one_line(args, says):
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("doordown") and says in lines[0], lines
+
+
+def test_largest_max_header_size_allowed_fits_a_door_call(started):
+    # The most --max-header-size allows, filled by the most header fields: still one door call.
+    most = doordown.MAX_HEADER_SIZE_MOST
+    server = serve(started, "apps:echo", "--max-header-size", str(most), "--max-headers", "1024",
+                   "--max-line", str(most))
+    start = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    count = 1024 - 2
+    value = b"v" * ((most - len(start) - 2) // count - len(b"X-0000:\r\n"))
+    head = start + b"".join(b"X-%04d:%s\r\n" % (i, value) for i in range(count)) + b"\r\n"
+    assert most - 20000 < len(head) <= most
+    assert status_of(server.raw(head, timeout=20)) == 200
 
 
 @pytest.mark.parametrize("command", ["serve", "app", "cgi", "bench", "check", "smf", "systemd"])
@@ -992,6 +1006,22 @@ def test_user_and_group_dropped_after_binding_a_privileged_port(started, tmp_pat
     # write), not in /tmp where a SIGKILL would leave it
     [private] = glob.glob(os.path.join(server.tmp, "doordown-*"))
     assert os.stat(private).st_uid == nobody.pw_uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs a Python every user may run")
+@pytest.mark.skipif(DOORS == "native", reason="the door model is built where only root may read it")
+def test_user_dropped_to_need_not_read_the_front_interpreters_library(started, tmp_path):
+    # The front runs this suite's interpreter (where it is a pyenv under /root, mode 0700,
+    # user nobody can read none of its library); the app, an interpreter everyone may run.
+    # What the front imports after the drop (subprocess, to start the app) it imported before.
+    # The test above runs the front itself on /usr/bin/python3, whose library nobody reads.
+    config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nuser = nobody\n\n"
+                   "[app:a]\nwsgi = apps:interpreter\npython = /usr/bin/python3\nspawn = eager\n")
+    server = site_serve(started, config)
+    status, _, body = server.get("/")
+    assert status == 200 and json.loads(body)["prefix"] != sys.prefix, server.log
+    assert "Traceback" not in server.log, server.log
 
 
 def test_readiness_is_notified_to_systemd(started, tmp_path):
@@ -2645,6 +2675,29 @@ def test_cgi_child_killed_gives_502_next_request_served(started):
     assert status == 200 and json.loads(body)["pid"] not in (server.proc.pid, os.getpid())
 
 
+def test_cgi_program_that_closes_stdout_and_keeps_running_gets_504(started, tmp_path):
+    # Its answer ends (stdout closed) but the program does not: the wait for it is bounded
+    # by --timeout, and it is killed and reaped.
+    (tmp_path / "lingers.py").write_text(
+        "import os, time\n"
+        "def application(environ, start_response):\n"
+        "    if environ.get('QUERY_STRING') == 'linger':\n"
+        "        os.close(1)\n"
+        "        time.sleep(60)\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'ok']\n")
+    server = started("serve", "lingers", "--transport", "cgi", "--timeout", "1", "--bind", "127.0.0.1:0",
+                     "--doors", DOORS, "--access-log", "off", cwd=str(tmp_path))
+    asked = time.monotonic()
+    assert server.get("/?linger")[0] in (502, 504)
+    assert time.monotonic() - asked < 8
+    deadline = time.monotonic() + 5
+    while _children(server.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _children(server.proc.pid)
+    assert server.get("/")[:3:2] == (200, b"ok")
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_transport_sigterm_lets_slow_request_finish(started, transport):
     server = serve(started, "apps:slow", "--transport", transport)
@@ -3240,12 +3293,15 @@ def test_site_smart_spawn_forks_apps_from_a_template(started, tmp_path):
     ("[app:a]\nwsgi = apps:echo\nbogus = 1\n", r"\[app:a\] bogus: unknown key"),
     ("[app:a]\nwsgi = apps:echo\ntimeout = -1\n", r"\[app:a\] timeout: .*positive number"),
     ("[app:a]\nwsgi = apps:echo\nspawn = sometimes\n", r"\[app:a\] spawn: expected lazy or eager"),
+    ("[app:a]\nwsgi = apps:echo\nhost = Blog.example.org:8000\n", r"\[app:a\] host: .*without a port"),
+    ("[app:a]\nwsgi = apps:echo\nhost = [::1]:8000\n", r"\[app:a\] host: .*without a port"),
     ("[app:a]\nwsgi = apps:echo\ndirectory = /no/such/dir\n", r"\[app:a\] directory: no such directory"),
     ("[app:a]\nwsgi = apps:echo\npython = /no/python\n", r"\[app:a\] python: not an executable"),
     ("[app:a]\nwsgi = apps:echo\nuser = no-such-user-here\n", r"\[app:a\] user no-such-user-here: no such user"),
     ("[app:a]\nwsgi = apps:echo\n[app:b]\nwsgi = apps:echo\n", r"\[app:b\] mount: / is \[app:a\]'s already"),
     ("[serve]\nbind = nonsense:port\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] bind: "),
     ("[serve]\nworkers = 4\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] workers: "),
+    ("[serve]\nmax-header-size = 2M\n[app:a]\nwsgi = apps:echo\n", r"\[serve\] max-header-size: .*at most"),
     ("[serve]\nbind = 127.0.0.1:0\n", r"no \[app:NAME\] section"),
     ("[wrong]\n", r"\[wrong\]: unknown section"),
     ("[serve]\nbind = 127.0.0.1:0\n[app:..]\nwsgi = apps:echo\n", r"\[app:\.\.\]: unknown section"),
