@@ -9505,7 +9505,7 @@ def prepare_serve(args):
 # after a drop to --user/--group: spawning and reaping apps and CGI programs, the private
 # directory's removal, static files, passed bodies, the access log's %(u)s, the event loop.
 _LAZY_SERVE_MODULES = ("subprocess", "selectors", "shutil", "random", "fcntl", "mmap", "binascii",
-                       "http", "mimetypes", "email.utils", "encodings.idna")
+                       "http", "mimetypes", "encodings.idna")
 
 
 def _import_before_the_drop():
