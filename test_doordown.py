@@ -1016,6 +1016,7 @@ def test_user_dropped_to_need_not_read_the_front_interpreters_library(started, t
     # user nobody can read none of its library); the app, an interpreter everyone may run.
     # What the front imports after the drop (subprocess, to start the app) it imported before.
     # The test above runs the front itself on /usr/bin/python3, whose library nobody reads.
+    _skip_unless_nobody_reads(DOORDOWN, os.path.join(SUPPORT, "apps.py"))  # the app as nobody runs them
     config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nuser = nobody\n\n"
                    "[app:a]\nwsgi = apps:interpreter\npython = /usr/bin/python3\nspawn = eager\n")
     server = site_serve(started, config)
@@ -3354,6 +3355,20 @@ def test_site_app_runs_its_own_python_virtualenv(started, tmp_path):
     assert inside["cwd"] == SUPPORT
 
 
+def _skip_unless_nobody_reads(*paths):
+    """Skip unless user nobody may read each of `paths`: every directory above it searchable
+    by others, and the path itself readable (a checkout in a 0700 directory is not)."""
+    for path in paths:
+        path = os.path.abspath(path)
+        if not os.stat(path).st_mode & 0o004:
+            pytest.skip("%s is not readable by user nobody" % path)
+        reachable = path
+        while reachable != os.path.dirname(reachable):
+            reachable = os.path.dirname(reachable)
+            if not os.stat(reachable).st_mode & 0o001:
+                pytest.skip("%s is not searchable by user nobody" % reachable)
+
+
 def _python_for_nobody(request):
     """(a Python that user nobody may run, the environment for it: its door library too)."""
     env = dict(os.environ)
@@ -3379,6 +3394,7 @@ def _python_for_nobody(request):
 @pytest.mark.skipif(os.geteuid() != 0, reason="running apps as other users needs root")
 def test_site_apps_run_as_their_own_users_and_cannot_reach_each_other(started, tmp_path, request):
     python, env = _python_for_nobody(request)
+    _skip_unless_nobody_reads(DOORDOWN, os.path.join(SUPPORT, "apps.py"))  # the nobody app runs them
     config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\n\n"
                    "[app:nobody]\nwsgi = apps:interpreter\nmount = /nobody\nuser = nobody\nspawn = eager\n"
                    "directory = %s\npython = %s\n\n"
@@ -3871,11 +3887,7 @@ def test_reload_replaces_a_site_app_that_runs_as_another_user(started, tmp_path,
     directory = tempfile.mkdtemp(dir=RUN_TMP)  # RUN_TMP is 0711: nobody may pass through it
     request.addfinalizer(lambda: shutil.rmtree(directory, ignore_errors=True))
     os.chmod(directory, 0o755)
-    reachable = directory
-    while reachable != os.path.dirname(reachable):  # the app as nobody must reach its source
-        reachable = os.path.dirname(reachable)
-        if not os.stat(reachable).st_mode & 0o001:
-            pytest.skip("%s is not searchable by user nobody" % reachable)
+    _skip_unless_nobody_reads(directory, DOORDOWN)  # the app as nobody runs both
     source = os.path.join(directory, "changing_nobody.py")
     with open(source, "w") as f:
         f.write("def application(environ, start_response):\n"
