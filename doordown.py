@@ -4397,10 +4397,9 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
         server = self.server
         while True:  # even while stopping: a request already sent still gets its answer
             try:
-                request = self.read_request()
+                request = self.read_request()  # busy from its first byte: see arriving()
                 if request is None:
                     return
-                server.busy(self.request, True)
                 try:
                     response = server.dispatch(request, self.client_address, self.listener)
                     self.send_response(request, response)

@@ -3666,12 +3666,7 @@ def test_sigterm_answers_a_request_whose_body_is_still_arriving(started):
         server.wait_for(r"SIGTERM: finishing")
         time.sleep(2)  # past the second after which idle connections are closed
         sock.sendall(b"world")
-        reply = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
     assert status_of(reply) == 200 and b'"body_head": "helloworld"' in reply, reply
     assert server.proc.wait(15) == 0
 
