@@ -311,16 +311,21 @@ class LifoPool:
             return self.connect()
 
     def put(self, connection):
-        if self._closed:
-            connection.close()
-        else:
-            self._idle.append(connection)
+        self._idle.append(connection)
+        if self._closed:  # looked at after the append: a close() in between drained it or not
+            self._close_idle()
 
     def close(self):
         """Close the idle connections now; busy ones are closed when they come back."""
         self._closed = True
-        while self._idle:
-            self._idle.pop().close()
+        self._close_idle()
+
+    def _close_idle(self):
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:  # another thread took the last one
+                return
 
 
 def bind_unix_socket(sock, path, backlog, perms=0o600):
@@ -1225,6 +1230,14 @@ def _recv_message(sock, limit, buffer):
             fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
     if flags & _MSG_CTRUNC:
         _close_fds(fds)
+        # The control buffer has room for as many descriptors as a message may carry, so a
+        # message within the limit was cut short because this process could not take them
+        # (Linux's scm_detach_fds stops at a full descriptor table and sets MSG_CTRUNC): the
+        # EMFILE a door call gets for a reply its caller cannot take.
+        announced = _FRAME.unpack_from(buffer)[1] if got >= _FRAME.size else 0
+        if announced <= _MAX_FDS:
+            raise DoorError(errno.EMFILE, "the caller's descriptor table is full: the "
+                            "descriptors the message carried were lost")
         raise DoorError(errno.EMSGSIZE, "too many descriptors in one door message")
     if not got:
         _close_fds(fds)
@@ -1848,6 +1861,7 @@ class _NativeDoorServer:
             with self._lock:
                 self.threads += 1
         local.reply_fds = ()
+        answer_fds = ()
         try:
             if argp == DOOR_UNREF_DATA:
                 return  # an unreferenced notification: nothing to answer
@@ -1865,8 +1879,16 @@ class _NativeDoorServer:
             data = ctypes.string_at(argp, arg_size) if arg_size else b""
             answer, answer_fds = self._handler(data, fds, caller)
             self._leave_reply(reply.contents, answer, answer_fds)
-        except BaseException:  # the reply stays empty; the caller sees an empty answer
+        except BaseException:  # the caller sees an empty answer
             _log("door", "door handler raised:\n" + traceback.format_exc(), "error")
+            try:  # a reply _leave_reply could not finish (MemoryError): its descriptors
+                if answer_fds and not local.reply_fds:  # are still ours, and nobody else's
+                    _close_fds(answer_fds)
+                local.reply_fds = ()
+                reply.contents.data, reply.contents.size = None, 0
+                reply.contents.desc, reply.contents.ndesc = None, 0
+            except BaseException:
+                pass
 
     def _refused(self, reply):
         """door_return refused the reply: close its descriptors, leave an explanation."""

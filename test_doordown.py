@@ -1923,6 +1923,16 @@ def test_reply_descriptors_the_caller_cannot_take(probe_server, door_model):
     assert client.call(b"fds")[0] == before  # no descriptor left behind in the server
 
 
+def test_reply_the_server_cannot_copy_out_closes_its_descriptors(probe_server):
+    """The handler answered with a descriptor, and copying the answer out failed (a
+    MemoryError): the caller gets an empty answer and the descriptor is closed, not leaked."""
+    child, client = probe_server("failures")
+    before = client.call(b"fds")[0]
+    for _ in range(3):
+        assert client.call(b"nomemory") == (b"", [])
+    assert client.call(b"fds")[0] == before
+
+
 def test_reply_to_a_caller_that_wants_no_results(probe_server):
     """door_call(d, NULL) takes no results: door_return fails (E2BIG) back to the server,
     which closes the reply's descriptors instead of leaking one per call."""
@@ -2624,6 +2634,62 @@ def _failing_door(data, fds, caller):
     if path == b"/bad-status":
         return doordown.pack_message(doordown.KIND_RESPONSE, 0, [b"abc", b"ok"]), []
     return doordown.pack_message(doordown.KIND_FAIL, 0, []), []  # a failure without its fields
+
+
+class _Connection:
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_connection_put_back_while_its_pool_closes_is_closed():
+    """close() can run between put()'s look at the pool and its append: the connection
+    must still be closed, not left in a closed pool for the garbage collector."""
+    pool = doordown.LifoPool(_Connection)
+
+    class ClosingAsItAppends(list):
+        def append(self, connection):
+            pool.close()  # another thread's close(), just before this append
+            super().append(connection)
+
+    pool._idle = ClosingAsItAppends()
+    connection = pool.get()
+    pool.put(connection)
+    assert connection.closed and not pool._idle
+
+
+_EMULATED_FULL_TABLE_CLIENT = """
+import os, resource, sys
+import doordown
+client = doordown.EmulatedDoors().open(sys.argv[1])
+for fd in client.call(b"warm")[1]:  # the connection is made while descriptors are free
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    while True:
+        os.open(os.devnull, os.O_RDONLY)
+except OSError:
+    pass
+try:
+    client.call(b"fd")
+except doordown.DoorError as exc:
+    print(exc.errno)
+"""
+
+
+def test_emulated_reply_descriptors_the_caller_cannot_take_are_emfile(tmp_path):
+    """As on illumos, a caller whose descriptor table is full is told EMFILE (the kernel
+    cut the message's descriptors short), not that the message was malformed."""
+    read, write = os.pipe()
+    door = doordown.EmulatedDoors().serve(str(tmp_path / "fd.door"), lambda data, fds, caller: (b"x", [os.dup(read)]))
+    try:
+        result = subprocess.run([sys.executable, "-c", _EMULATED_FULL_TABLE_CLIENT, door.path],
+                                cwd=HERE, capture_output=True, timeout=60)
+        assert result.stdout.decode().split() == [str(errno.EMFILE)], result.stdout + result.stderr
+    finally:
+        door.close(0)
+        _close_all([read, write])
 
 
 @pytest.mark.skipif(DOORS != "emulated", reason="the broken door is served by the test's own process")

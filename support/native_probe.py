@@ -9,7 +9,8 @@ paths: sleep:S (a slow call), hold:S (a thread holds the GIL for S seconds, as a
 extension may), fd (a reply carrying a descriptor; so is the answer to an empty call,
 which is what door_call(d, NULL) sends), fds (the open descriptor count), calls (how
 many calls reached the handler), big:N (an N-byte reply), bigfd:N (an N-byte reply
-carrying a descriptor), pid (the server's process id).
+carrying a descriptor), nomemory (a reply carrying a descriptor that the server runs out
+of memory copying out), pid (the server's process id).
 All print READY once the door is attached, and serve until stdin closes.
 """
 
@@ -70,6 +71,17 @@ class Failures:
             read, write = os.pipe()
             os.close(write)
             return (b"b" * int(argument) if argument else b"with a descriptor"), [read]
+        elif command == b"nomemory":
+            server = self.server
+
+            def out_of_memory(*args):
+                del server._leave_reply  # once
+                raise MemoryError
+
+            server._leave_reply = out_of_memory
+            read, write = os.pipe()
+            os.close(write)
+            return b"with a descriptor", [read]
         elif command == b"pid":
             return b"%d" % os.getpid(), []
         elif command == b"fds":
@@ -108,6 +120,8 @@ if __name__ == "__main__":
     mode, path = sys.argv[1], sys.argv[2]
     handler = Failures() if mode == "failures" else probe
     keep = serve_naive(path) if mode == "naive" else doordown.NativeDoors().serve(path, handler)
+    if mode == "failures":
+        handler.server = keep
     print("READY", flush=True)
     sys.stdin.read()
     os._exit(0)  # parked door threads own Python thread states: no interpreter finalization
