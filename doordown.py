@@ -174,6 +174,12 @@ class TransportError(ConnectionError):
     """A peer went away in the middle of a message or broke its protocol."""
 
 
+class NotDelivered(ConnectionError):
+    """The request never reached an application that would run it: no app at the address
+    any more, or one that was stopping and closed the connection with the request unread.
+    Nothing ran, so the front may send the same request to the app's replacement."""
+
+
 def _poll_one(fd, events, timeout):
     """Wait up to `timeout` seconds (None: no limit) for `events` on `fd`; the events seen."""
     poller = select.poll()
@@ -281,6 +287,16 @@ class BufferedSocket:
             self.sock.sendall(data)
         except BlockingIOError:  # see _io_timeout
             raise TimeoutError("the peer did not read in time")
+
+    def await_reply(self):
+        """Wait for the first bytes of the peer's answer to what was sent.  Unlike fill(), a
+        reset is raised (ConnectionResetError): on a Unix socket it says the peer closed the
+        connection with bytes of ours unread (Linux's unix_release_sock)."""
+        if not self.buf:
+            try:
+                self.buf += self.sock.recv(self.chunk)
+            except BlockingIOError:  # see _io_timeout
+                raise TimeoutError("the peer did not answer in time")
 
     def send_file(self, fd):
         """The whole file open on `fd` (which the caller keeps), from its start."""
@@ -1147,7 +1163,7 @@ class DoorGone(DoorError):
     """No server behind the door any more: it died, possibly during this very call."""
 
 
-class DoorRevoked(DoorGone):
+class DoorRevoked(DoorGone, NotDelivered):
     """The call never reached a server (no door, or a revoked one: EBADF on illumos).
 
     Unlike a server that died during the call, nothing ran, so the caller may safely
@@ -3274,7 +3290,12 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         with self._lock:
             idle = [sock for sock, busy in self._connections.items() if not busy]
         for sock in idle:
-            _shutdown(sock)
+            # For reading only: the front's next write there fails, so it knows that request
+            # did not run here; one already sent is still read, run and answered.
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
         deadline = time.monotonic() + grace
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -3287,12 +3308,29 @@ def unix_pool(path, timeout=None):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:  # the app has stopped listening
+            sock.close()
+            raise NotDelivered(exc.errno, "no application at %s (%s)" % (path, exc.strerror))
         except OSError:
             sock.close()
             raise
         _io_timeout(sock, timeout)
         return BufferedSocket(sock, 262144)
     return LifoPool(connect)
+
+
+def deliver(connection, send):
+    """Call `send()`, which writes a whole request on `connection` to an app, and wait for
+    the first bytes of the answer.  An app reads a request whole before it runs it, so a
+    write it refused (it had shut the connection, or closed it) or a reset before any
+    answer (it closed the connection with the request unread) means the request did not
+    run there: NotDelivered.  An end-of-file instead may follow a request that ran and
+    crashed its app: that stays the caller's TransportError."""
+    try:
+        send()
+        connection.await_reply()
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise NotDelivered(exc.errno, "the application closed the connection unread (%s)" % exc.strerror)
 
 
 def _put_back(pool, connection):
@@ -3521,14 +3559,17 @@ class ProxyUpstream:
         return self._exchange(head, request.body, fd, request.method == b"HEAD")
 
     def _exchange(self, head, body, body_fd, head_only):
-        connection = self.pool.get()
-        try:
+        def send():
             if body_fd is None:
                 head.append(body)
                 connection.send(b"".join(head))
             else:
                 connection.send(b"".join(head))
                 connection.send_file(body_fd)
+
+        connection = self.pool.get()
+        try:
+            deliver(connection, send)
             response, reusable = self._read_response(connection, head_only)
         except BaseException:
             connection.close()
@@ -3945,8 +3986,7 @@ class FastCGIUpstream:
             params.append((b"HTTPS", b"on"))
         message = [fcgi_record(_FCGI_BEGIN_REQUEST, 1, _FCGI_BEGIN.pack(_FCGI_RESPONDER, _FCGI_KEEP_CONN)),
                    fcgi_stream(_FCGI_PARAMS, 1, fcgi_pairs(params))]
-        connection = self.pool.get()
-        try:
+        def send():
             if fd is None:
                 message.append(fcgi_stream(_FCGI_STDIN, 1, request.body))
                 connection.send(b"".join(message))
@@ -3956,6 +3996,10 @@ class FastCGIUpstream:
                     for piece in iter(lambda: body_file.read(_FCGI_PIECE), b""):
                         connection.send(fcgi_record(_FCGI_STDIN, 1, piece))
                 connection.send(fcgi_record(_FCGI_STDIN, 1))
+
+        connection = self.pool.get()
+        try:
+            deliver(connection, send)
             output, complete = self._read_reply(connection)
             response = parse_cgi_response(output)
         except BaseException:
@@ -5523,9 +5567,9 @@ class FrontServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                     response = upstream.forward(request, env)
                     mount.count_request()
                     return response
-                except DoorRevoked:
-                    # Never delivered: the app is being replaced or has died.  Nothing ran,
-                    # so the request goes to the replacement as soon as there is one.
+                except NotDelivered:
+                    # The app is being replaced or has died, and nothing ran: the request
+                    # goes to the replacement as soon as there is one.
                     if not mount.supervised:
                         raise
                     upstream = mount.next_upstream(upstream, self.upstream_wait)
@@ -6479,7 +6523,7 @@ class Supervisor:
             except _CALL_TIMEOUTS:
                 outcome, detail = "timeout", None
                 break
-            except (DoorRevoked, WireError) as exc:
+            except (NotDelivered, WireError) as exc:
                 outcome, detail = "revoked", exc  # exiting: the loop reaps it
                 break
             except Exception as exc:  # DoorGone, a reset socket, a reply that makes no sense

@@ -1555,8 +1555,74 @@ def test_crash_loop_is_braked_by_the_spawn_score(started):
     assert server.proc.poll() is None  # serve itself keeps running
 
 
-def test_max_requests_replaces_the_app_without_losing_one(started):
-    server = serve(started, "apps:counter", "--max-requests", "40", "--max-requests-jitter", "10")
+def _which_app(name):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [name.encode()]
+    return app
+
+
+_APP_SERVERS = {"proxy": (doordown.ProxyAppServer, doordown.ProxyUpstream),
+                "fastcgi": (doordown.FastCGIAppServer, doordown.FastCGIUpstream)}
+
+
+@pytest.mark.parametrize("how", ["closed-unread", "pooled-connection", "new-connection"])
+@pytest.mark.parametrize("transport", sorted(_APP_SERVERS))
+def test_a_request_to_a_stopped_socket_app_goes_to_its_replacement(tmp_path, transport, how):
+    """The app stopped between the front's choice of it and the request's arrival: its
+    socket refuses the connection, the pooled connection the write, or the app closes the
+    connection with the request unread (a stand-in app here).  Nothing ran there,
+    so the front waits for the replacement, as it does for a revoked door (not a 502)."""
+    app_server, upstream = _APP_SERVERS[transport]
+    if how == "closed-unread":
+        old = socket.socket(socket.AF_UNIX)
+        old.bind(str(tmp_path / "old.sock"))
+        old.listen()
+
+        def close_unread():
+            with old, old.accept()[0] as connection:
+                select.select([connection], [], [], 10)
+        threading.Thread(target=close_unread, daemon=True).start()
+    else:
+        old = app_server(str(tmp_path / "old.sock"), doordown.WSGIGateway(_which_app("old")))
+    mount = doordown.Mount("", upstream(str(tmp_path / "old.sock"), timeout=10))
+    listeners = doordown.open_listeners([("tcp", "127.0.0.1", 0)])
+    front = doordown.FrontServer(listeners, [mount], upstream_wait=10)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    new = None
+
+    def get():
+        connection = http.client.HTTPConnection("127.0.0.1", listeners[0].sock.getsockname()[1], timeout=10)
+        try:
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+    try:
+        if how != "closed-unread":
+            assert get() == (200, b"old")  # a connection in the pool
+            old.close(0)
+            if how == "new-connection":
+                mount.upstream.pool.close()
+            time.sleep(0.2)  # the old app's connection thread has seen its end
+        replacement = threading.Timer(0.5, lambda: mount.replace(upstream(str(tmp_path / "new.sock"), timeout=10)))
+        new = app_server(str(tmp_path / "new.sock"), doordown.WSGIGateway(_which_app("new")))
+        replacement.start()
+        assert get() == (200, b"new")
+    finally:
+        front.stop_accepting()
+        mount.upstream.close()
+        if new is not None:
+            new.close(0)
+
+
+@pytest.mark.parametrize("transport", ["door", "proxy", "fastcgi"])
+def test_max_requests_replaces_the_app_without_losing_one(started, transport):
+    """Replacements under load lose no request, on every transport whose app process
+    lives on between requests."""
+    server = serve(started, "apps:counter", "--max-requests", "40", "--max-requests-jitter", "10",
+                   "--transport", transport)
     load = Load(server, threads=4)
     deadline = time.monotonic() + 30
     pids = set()
