@@ -4140,6 +4140,12 @@ class CGIUpstream:
         try:
             child = spawn_unmasked(self.command, stdin=subprocess.PIPE if fd is None else fd,
                                    stdout=subprocess.PIPE, env=variables, start_new_session=True)
+        except OSError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+            # The kernel's bound on one environment string (128 KiB on Linux) or on them all:
+            # a header within --max-header-size can still be too large to pass to a program.
+            return plain_response(431, "a request header is too large for a CGI environment", close=True)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -2808,6 +2808,16 @@ def test_cgi_child_killed_gives_502_next_request_served(started):
     assert status == 200 and json.loads(body)["pid"] not in (server.proc.pid, os.getpid())
 
 
+def test_cgi_header_too_large_for_an_environment_is_a_431(started):
+    """Linux refuses an environment string over 128 KiB (E2BIG): a header the front takes
+    can still be too large for the CGI program's environment.  That is the client's 431."""
+    server = serve(started, "apps:counter", "--transport", "cgi", "--max-header-size", "512K",
+                   "--max-line", "262144")
+    reply = server.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n" % (b"a" * (140 << 10)))
+    assert status_of(reply) == 431 and not reply.endswith(b"<timeout>"), reply[:200]
+    assert server.get("/")[0] == 200
+
+
 def test_cgi_program_that_closes_stdout_and_keeps_running_gets_504(started, tmp_path):
     # Its answer ends (stdout closed) but the program does not: the wait for it is bounded
     # by --timeout, and it is killed and reaped.
