@@ -3986,6 +3986,7 @@ class FastCGIUpstream:
             params.append((b"HTTPS", b"on"))
         message = [fcgi_record(_FCGI_BEGIN_REQUEST, 1, _FCGI_BEGIN.pack(_FCGI_RESPONDER, _FCGI_KEEP_CONN)),
                    fcgi_stream(_FCGI_PARAMS, 1, fcgi_pairs(params))]
+
         def send():
             if fd is None:
                 message.append(fcgi_stream(_FCGI_STDIN, 1, request.body))
