@@ -9611,8 +9611,9 @@ def main(argv=None):
             except ConfigError as exc:
                 sys.stderr.write("doordown: error: %s\n" % exc)
                 return EXIT_USAGE
-        elif args.control:
-            sys.stderr.write("doordown: error: --control needs --config\n")
+        elif args.control or args.smart_spawn:  # a site's options: one app has no other to share with
+            option = "--control" if args.control else "--smart-spawn"
+            sys.stderr.write("doordown: error: %s needs --config\n" % option)
             return EXIT_USAGE
         if args.app_door and args.transport in ("cgi", "inprocess"):
             sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")

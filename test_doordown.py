@@ -581,6 +581,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "--keyfile", "key.pem"], "need --certfile"),
     (["serve", "--certfile", "/nonexistent/cert.pem"], "TLS: cannot load /nonexistent/cert.pem"),
     (["serve", "--user", "no-such-user-here"], "no such user"),
+    (["serve", "-b", "127.0.0.1:0", "--smart-spawn"], "--smart-spawn needs --config"),
     (["serve", "--chdir", "/nonexistent/dir"], "--chdir /nonexistent/dir"),
     (["systemd", "--service", "bad name"], "--service"), (["smf", "--bogus"], "unknown option --bogus"),
     (["serve", "-b", "127.0.0.1:0", "--min-body-rate", "0"], "--min-body-rate"),
