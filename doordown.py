@@ -6365,6 +6365,12 @@ class Supervisor:
             process = AppProcess(config, path, self.backend, template).start()
         except OSError as exc:  # no process to be had (EAGAIN, EMFILE): the score paces retries
             _log("front", "%scannot start the app: %s" % (slot.label, exc), "error")
+            if self.single and self.front is None:  # the first boot: a boot failure stops serve
+                # An interpreter this user may not run (or that is not there) never will be:
+                # the app cannot load.  A shortage of processes or descriptors may pass.
+                transient = exc.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+                self.exit_code = 1 if transient else EXIT_APP_LOAD
+                return
             slot.score.add(2)
             slot.last_exit = "could not start: %s" % (exc.strerror or exc)
             if not self.single and slot.process is None:  # 503 at once, not at --boot-timeout
@@ -6444,6 +6450,8 @@ class Supervisor:
             slot.mount.replace(None, refused=why)
         elif self.front is None:  # the first boot: a boot failure stops serve, with its own code
             self.exit_code = code if code in (EXIT_APP_LOAD, EXIT_DOOR_FAILED) else 1
+            if boot.outcome == "exited" and self.exit_code == 1:  # the others have said why
+                _log("front", "the app exited before its door was ready (%s)" % _describe_exit(code), "error")
         elif code == EXIT_APP_LOAD:  # it loaded before and no longer does: no respawn loop
             self.exit_code = EXIT_APP_LOAD
 

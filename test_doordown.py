@@ -654,6 +654,15 @@ def test_import_error_inside_app_shows_traceback(tmp_path):
     assert "Traceback" in result.stderr.decode() and "missing dependency xyz" in result.stderr.decode()
 
 
+def test_app_that_dies_before_its_door_is_ready_stops_serve_saying_so(tmp_path):
+    (tmp_path / "dies.py").write_text("import os\nos._exit(3)\n")
+    result = subprocess.run([sys.executable, DOORDOWN, "serve", "dies", "--bind", "127.0.0.1:0",
+                             "--doors", DOORS], cwd=str(tmp_path), capture_output=True, timeout=30)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert "the app exited before its door was ready (exit code 3)" in lines[0], lines
+
+
 # -- the operator's front: binds, TLS, signals, access log, options, service files --------------
 
 def _wait_for_lines(path, count, timeout=10):
@@ -1024,6 +1033,34 @@ def test_user_dropped_to_need_not_read_the_front_interpreters_library(started, t
     status, _, body = server.get("/")
     assert status == 200 and json.loads(body)["prefix"] != sys.prefix, server.log
     assert "Traceback" not in server.log, server.log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.skipif(DOORS == "native", reason="the door model is built where only root may read it")
+def test_user_who_may_not_run_the_interpreter_stops_serve(tmp_path):
+    # The front runs its interpreter through a 0700 directory: root may, user nobody, who
+    # must then start the app with it, may not.  That app cannot boot even once: serve
+    # stops with one line and the code of an app that cannot load (gunicorn's arbiter
+    # stops on a worker that fails to boot), not retrying it for ever.
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    os.chmod(hidden, 0o700)
+    python = hidden / "python3"
+    python.symlink_to(sys.executable)
+    tmp = tempfile.mkdtemp(dir=RUN_TMP)
+    os.chmod(tmp, 0o1777)  # a TMPDIR nobody may write, as /tmp
+    try:
+        result = subprocess.run([str(python), DOORDOWN, "serve", "--user", "nobody", "--bind", "127.0.0.1:0",
+                                 "--doors", DOORS, "--access-log", "off"], cwd=SUPPORT, capture_output=True,
+                                timeout=30, env=dict(os.environ, TMPDIR=tmp))
+        left = os.listdir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == doordown.EXIT_APP_LOAD, lines
+    assert len(lines) == 1 and "cannot start the app" in lines[0], lines
+    assert "Permission denied: '%s'" % python in lines[0], lines
+    assert left == []
 
 
 def test_readiness_is_notified_to_systemd(started, tmp_path):
