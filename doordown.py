@@ -9450,6 +9450,8 @@ def prepare_serve(args):
             listener.close()
         if args.private_dir is not None:
             os.rmdir(args.private_dir)
+        if args.pid:
+            _remove_pid_file(args.pid)  # if it is ours: written before what failed
         return code
     args.listeners, args.tls, args.access_logger, args.private_dir = [], None, None, None
     args.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)  # the front's, not the app's
@@ -9486,10 +9488,21 @@ def prepare_serve(args):
         if args.pid:
             with open(args.pid, "w") as pid_file:
                 pid_file.write("%d\n" % os.getpid())
-        # The private directory is made before the drop: where TMPDIR says, which the
-        # user dropped to may not be allowed to write, and owned by that user.
+        # The private directory is made where TMPDIR says, owned by the user dropped to,
+        # who removes it at stop: so root makes it as that user (taking its effective ids
+        # for the moment), and a TMPDIR that user may not write is refused now, not found
+        # out at stop, when the directory could not be removed.  (TMPDIR is looked up as
+        # root: tempfile, as that user, would pass over it for another without a word.)
         import tempfile
-        args.private_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
+        if credentials is not None and credentials[2] is not None and os.geteuid() == 0 and credentials[0] != 0:
+            where = tempfile.gettempdir()
+            try:
+                args.private_dir = _as_user(credentials, tempfile.mkdtemp, prefix="doordown-", dir=where)
+            except PermissionError:
+                return fail(1, "--user %s may not write TMPDIR %s, where serve keeps its private "
+                               "directory: give one that user may write" % (args.user, where))
+        else:
+            args.private_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
         if credentials is not None:
             # What serve imports only later is imported now: the user dropped to may not be
             # allowed to read this interpreter's library (a pyenv under /root, mode 0700).
@@ -9519,6 +9532,21 @@ def _import_before_the_drop():
     import importlib
     for name in _LAZY_SERVE_MODULES:
         importlib.import_module(name)
+
+
+def _as_user(credentials, call, *args, **kwargs):
+    """call(...) with the effective user, group and groups of `credentials`, then root's again."""
+    uid, gid, user = credentials
+    euid, egid, groups = os.geteuid(), os.getegid(), os.getgroups()
+    try:
+        os.setgroups(os.getgrouplist(user, gid))
+        os.setegid(gid)
+        os.seteuid(uid)
+        return call(*args, **kwargs)
+    finally:
+        os.seteuid(euid)
+        os.setegid(egid)
+        os.setgroups(groups)
 
 
 def _credentials(user, group):
