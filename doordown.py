@@ -6438,6 +6438,12 @@ class Supervisor:
             process = AppProcess(config, path, self.backend, template).start()
         except OSError as exc:  # no process to be had (EAGAIN, EMFILE): the score paces retries
             _log("front", "%scannot start the app: %s" % (slot.label, exc), "error")
+            if self.single and self.front is None:  # the first boot: a boot failure stops serve
+                # An interpreter this user may not run (or that is not there) never will be:
+                # the app cannot load.  A shortage of processes or descriptors may pass.
+                transient = exc.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+                self.exit_code = 1 if transient else EXIT_APP_LOAD
+                return
             slot.score.add(2)
             slot.last_exit = "could not start: %s" % (exc.strerror or exc)
             if not self.single and slot.process is None:  # 503 at once, not at --boot-timeout
@@ -6517,6 +6523,8 @@ class Supervisor:
             slot.mount.replace(None, refused=why)
         elif self.front is None:  # the first boot: a boot failure stops serve, with its own code
             self.exit_code = code if code in (EXIT_APP_LOAD, EXIT_DOOR_FAILED) else 1
+            if boot.outcome == "exited" and self.exit_code == 1:  # the others have said why
+                _log("front", "the app exited before its door was ready (%s)" % _describe_exit(code), "error")
         elif code == EXIT_APP_LOAD:  # it loaded before and no longer does: no respawn loop
             self.exit_code = EXIT_APP_LOAD
 
@@ -9515,6 +9523,8 @@ def prepare_serve(args):
             listener.close()
         if args.private_dir is not None:
             os.rmdir(args.private_dir)
+        if args.pid:
+            _remove_pid_file(args.pid)  # if it is ours: written before what failed
         return code
     args.listeners, args.tls, args.access_logger, args.private_dir = [], None, None, None
     args.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)  # the front's, not the app's
@@ -9551,10 +9561,21 @@ def prepare_serve(args):
         if args.pid:
             with open(args.pid, "w") as pid_file:
                 pid_file.write("%d\n" % os.getpid())
-        # The private directory is made before the drop: where TMPDIR says, which the
-        # user dropped to may not be allowed to write, and owned by that user.
+        # The private directory is made where TMPDIR says, owned by the user dropped to,
+        # who removes it at stop: so root makes it as that user (taking its effective ids
+        # for the moment), and a TMPDIR that user may not write is refused now, not found
+        # out at stop, when the directory could not be removed.  (TMPDIR is looked up as
+        # root: tempfile, as that user, would pass over it for another without a word.)
         import tempfile
-        args.private_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
+        if credentials is not None and credentials[2] is not None and os.geteuid() == 0 and credentials[0] != 0:
+            where = tempfile.gettempdir()
+            try:
+                args.private_dir = _as_user(credentials, tempfile.mkdtemp, prefix="doordown-", dir=where)
+            except PermissionError:
+                return fail(1, "--user %s may not write TMPDIR %s, where serve keeps its private "
+                               "directory: give one that user may write" % (args.user, where))
+        else:
+            args.private_dir = tempfile.mkdtemp(prefix="doordown-")  # 0700: the doors stay private
         if credentials is not None:
             # What serve imports only later is imported now: the user dropped to may not be
             # allowed to read this interpreter's library (a pyenv under /root, mode 0700).
@@ -9584,6 +9605,21 @@ def _import_before_the_drop():
     import importlib
     for name in _LAZY_SERVE_MODULES:
         importlib.import_module(name)
+
+
+def _as_user(credentials, call, *args, **kwargs):
+    """call(...) with the effective user, group and groups of `credentials`, then root's again."""
+    uid, gid, user = credentials
+    euid, egid, groups = os.geteuid(), os.getegid(), os.getgroups()
+    try:
+        os.setgroups(os.getgrouplist(user, gid))
+        os.setegid(gid)
+        os.seteuid(uid)
+        return call(*args, **kwargs)
+    finally:
+        os.seteuid(euid)
+        os.setegid(egid)
+        os.setgroups(groups)
 
 
 def _credentials(user, group):
@@ -9684,8 +9720,9 @@ def main(argv=None):
             except ConfigError as exc:
                 sys.stderr.write("doordown: error: %s\n" % exc)
                 return EXIT_USAGE
-        elif args.control:
-            sys.stderr.write("doordown: error: --control needs --config\n")
+        elif args.control or args.smart_spawn:  # a site's options: one app has no other to share with
+            option = "--control" if args.control else "--smart-spawn"
+            sys.stderr.write("doordown: error: %s needs --config\n" % option)
             return EXIT_USAGE
         if args.app_door and args.transport in ("cgi", "inprocess"):
             sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")

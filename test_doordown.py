@@ -130,13 +130,14 @@ class Process:
     """A doordown process started for a test; its stderr is collected line by line."""
 
     def __init__(self, *args, cwd=SUPPORT, env=None, ready=r"serving .* at http://[^ ]+:(\d+)/",
-                 pass_fds=(), python=sys.executable, script=True):
-        """`args` for doordown.py (for the interpreter itself with script=False)."""
+                 pass_fds=(), python=sys.executable, script=True, tmp_mode=0o711):
+        """`args` for doordown.py (for the interpreter itself with script=False); `tmp_mode`
+        the mode of its TMPDIR (0o1777, as /tmp, for a serve --user to write in it)."""
         self.lines = []
         self.changed = threading.Condition()
         # Its own temporary directory and mark: what it leaves when killed can be found.
         self.tmp = tempfile.mkdtemp(dir=RUN_TMP)
-        os.chmod(self.tmp, 0o711)
+        os.chmod(self.tmp, tmp_mode)
         self.mark = "DOORDOWN_TEST_PROCESS=%s" % self.tmp
         env = dict(env or os.environ, TMPDIR=self.tmp, DOORDOWN_TEST_PROCESS=self.tmp)
         self.proc = subprocess.Popen([python, DOORDOWN, *args] if script else [python, *args], cwd=cwd,
@@ -581,6 +582,7 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "--keyfile", "key.pem"], "need --certfile"),
     (["serve", "--certfile", "/nonexistent/cert.pem"], "TLS: cannot load /nonexistent/cert.pem"),
     (["serve", "--user", "no-such-user-here"], "no such user"),
+    (["serve", "-b", "127.0.0.1:0", "--smart-spawn"], "--smart-spawn needs --config"),
     (["serve", "--chdir", "/nonexistent/dir"], "--chdir /nonexistent/dir"),
     (["systemd", "--service", "bad name"], "--service"), (["smf", "--bogus"], "unknown option --bogus"),
     (["serve", "-b", "127.0.0.1:0", "--min-body-rate", "0"], "--min-body-rate"),
@@ -651,6 +653,15 @@ def test_import_error_inside_app_shows_traceback(tmp_path):
                              "--doors", DOORS], cwd=str(tmp_path), capture_output=True, timeout=30)
     assert result.returncode == doordown.EXIT_APP_LOAD
     assert "Traceback" in result.stderr.decode() and "missing dependency xyz" in result.stderr.decode()
+
+
+def test_app_that_dies_before_its_door_is_ready_stops_serve_saying_so(tmp_path):
+    (tmp_path / "dies.py").write_text("import os\nos._exit(3)\n")
+    result = subprocess.run([sys.executable, DOORDOWN, "serve", "dies", "--bind", "127.0.0.1:0",
+                             "--doors", DOORS], cwd=str(tmp_path), capture_output=True, timeout=30)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert "the app exited before its door was ready (exit code 3)" in lines[0], lines
 
 
 # -- the operator's front: binds, TLS, signals, access log, options, service files --------------
@@ -995,17 +1006,36 @@ def test_user_and_group_dropped_after_binding_a_privileged_port(started, tmp_pat
             except OSError:
                 continue
     server = started("serve", "--user", "nobody", "--bind", "127.0.0.1:%d" % port, "--doors", DOORS,
-                     "--access-log", "off", python="/usr/bin/python3")
+                     "--access-log", "off", python="/usr/bin/python3", tmp_mode=0o1777)
     assert server.port == port and server.get("/")[0] == 200
 
     def ids(pid):
         status = _read("/proc/%d/status" % pid)
         return [int(re.search(r"^%s:\s+(\d+)" % key, status, re.M).group(1)) for key in ("Uid", "Gid")]
     assert ids(server.proc.pid) == ids(server.app_pid()) == [nobody.pw_uid, nobody.pw_gid]
-    # its private directory is made before the drop, in its TMPDIR (which nobody may not
-    # write), not in /tmp where a SIGKILL would leave it
+    # its private directory is made in its TMPDIR, not in /tmp where a SIGKILL would leave it
     [private] = glob.glob(os.path.join(server.tmp, "doordown-*"))
     assert os.stat(private).st_uid == nobody.pw_uid
+    # and a clean stop removes it
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    assert os.listdir(server.tmp) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs a Python every user may run")
+@pytest.mark.skipif(DOORS == "native", reason="the door model is built where only root may read it")
+def test_user_who_may_not_write_tmpdir_is_refused_in_one_line(started, tmp_path):
+    # serve's private directory goes in TMPDIR, owned by --user: one that user may not write
+    # (the harness's own, root's and 0711) is one from which it could not remove it at
+    # stop.  It is refused at start, and nothing is left in it (not even the pid file).
+    pid_file = str(tmp_path / "serve.pid")  # written before the drop, as root
+    server = started("serve", "--user", "nobody", "--bind", "127.0.0.1:0", "--doors", DOORS,
+                     "--access-log", "off", "--pid", pid_file, python="/usr/bin/python3", ready=None)
+    assert server.proc.wait(30) == 1
+    line = server.wait_for(r"doordown: error: .*\n").group(0)
+    assert server.log == line and "--user nobody may not write TMPDIR %s" % server.tmp in line, server.log
+    assert os.listdir(server.tmp) == [] and not os.path.exists(pid_file)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
@@ -1019,10 +1049,38 @@ def test_user_dropped_to_need_not_read_the_front_interpreters_library(started, t
     _skip_unless_nobody_reads(DOORDOWN, os.path.join(SUPPORT, "apps.py"))  # the app as nobody runs them
     config = _site(tmp_path, "[serve]\nbind = 127.0.0.1:0\naccess-log = off\nuser = nobody\n\n"
                    "[app:a]\nwsgi = apps:interpreter\npython = /usr/bin/python3\nspawn = eager\n")
-    server = site_serve(started, config)
+    server = site_serve(started, config, tmp_mode=0o1777)
     status, _, body = server.get("/")
     assert status == 200 and json.loads(body)["prefix"] != sys.prefix, server.log
     assert "Traceback" not in server.log, server.log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.skipif(DOORS == "native", reason="the door model is built where only root may read it")
+def test_user_who_may_not_run_the_interpreter_stops_serve(tmp_path):
+    # The front runs its interpreter through a 0700 directory: root may, user nobody, who
+    # must then start the app with it, may not.  That app cannot boot even once: serve
+    # stops with one line and the code of an app that cannot load (gunicorn's arbiter
+    # stops on a worker that fails to boot), not retrying it for ever.
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    os.chmod(hidden, 0o700)
+    python = hidden / "python3"
+    python.symlink_to(sys.executable)
+    tmp = tempfile.mkdtemp(dir=RUN_TMP)
+    os.chmod(tmp, 0o1777)  # a TMPDIR nobody may write, as /tmp
+    try:
+        result = subprocess.run([str(python), DOORDOWN, "serve", "--user", "nobody", "--bind", "127.0.0.1:0",
+                                 "--doors", DOORS, "--access-log", "off"], cwd=SUPPORT, capture_output=True,
+                                timeout=30, env=dict(os.environ, TMPDIR=tmp))
+        left = os.listdir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == doordown.EXIT_APP_LOAD, lines
+    assert len(lines) == 1 and "cannot start the app" in lines[0], lines
+    assert "Permission denied: '%s'" % python in lines[0], lines
+    assert left == []
 
 
 def test_readiness_is_notified_to_systemd(started, tmp_path):
