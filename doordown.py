@@ -4495,9 +4495,11 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
         Content-Length, or until the close on HTTP/1.0).
 
         While the app is silent, the client's socket is watched too: a client that goes away
-        ends the stream at once (the source's close() tells the app).  No byte from the app
-        for --stream-idle-timeout, or a stop that has run out of grace, ends it cleanly (the
-        last chunk, then the close); a body that broke off ends with the close alone.
+        ends the stream at once (the source's close() tells the app).  A stop that has run out
+        of grace ends it cleanly (the last chunk, then the close).  A body that broke off, or
+        no byte from the app for --stream-idle-timeout (as nginx on proxy_read_timeout), ends
+        with the close alone: no last chunk, no padding to a Content-Length, so the client
+        knows the response is incomplete.
         """
         stream, sock, server = response.stream, self.request, self.server
         idle = self.limits.stream_idle_timeout
@@ -4547,8 +4549,9 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
                     if source not in events:
                         if time.monotonic() - quiet_since >= idle:
                             self.server.log_failure(request, "no byte from the app for %ss "
-                                                    "(--stream-idle-timeout): stream ended" % idle)
-                            break
+                                                    "(--stream-idle-timeout): stream ended "
+                                                    "incomplete" % idle)
+                            return  # not clean: the close alone ends it (see finally)
                         continue
                 piece = stream.read()
                 if not piece:
