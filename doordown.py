@@ -742,13 +742,14 @@ class ChunkedDecoder:
     (refused on the chunk size, before its data is read).
     """
 
-    __slots__ = ("limit", "max_line", "max_trailers", "size", "left", "state", "trailers")
+    __slots__ = ("limit", "max_line", "max_trailers", "size", "left", "state", "trailers", "scanned")
 
     _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
     def __init__(self, limit, max_line=8190, max_trailers=100):
         self.limit, self.max_line, self.max_trailers = limit, max_line, max_trailers
         self.size = self.left = self.trailers = 0
+        self.scanned = 0  # how far the current line has been searched for its end
         self.state = self._SIZE
 
     @property
@@ -779,11 +780,15 @@ class ChunkedDecoder:
             elif state == self._DONE:
                 break
             else:
-                end = buf.find(b"\r\n", 0, self.max_line + 2)
+                end = buf.find(b"\r\n", self.scanned, self.max_line + 2)
                 if end < 0:
                     if len(buf) > self.max_line:
                         raise HTTPError(400, "chunk line too long")
+                    # A line arriving in pieces is searched once: linear, however it is cut
+                    # (its last byte may be the CR of a CRLF still to come).
+                    self.scanned = max(len(buf) - 1, 0)
                     break
+                self.scanned = 0
                 line = bytes(buf[:end])
                 del buf[:end + 2]
                 if state == self._SIZE:
@@ -1099,18 +1104,25 @@ class RequestReader:
             size -= len(piece)
 
     def read_chunked(self, sink, clock):
+        """Decode a chunked body into `sink`.  Every byte earns time as it is received,
+        framing included: a chunk-size line, extension or trailer field still incomplete
+        has earned its bytes already (earning only what the decoder took would leave a long
+        line trickling in at any rate unpaid until its end).  Framing cannot buy time
+        without bytes: each chunk before the last carries payload, so its line (at most
+        max_line) comes with a byte of max_body, and the trailers are limited too."""
         reader, buf = self.reader, self.reader.buf
         decoder = ChunkedDecoder(sink.limit, self.limits.max_line, self.limits.max_headers)
+        clock.earn(len(buf))  # what came with the head: of this body, unless it ends in there
         while True:
-            before = len(buf)
             data = decoder.decode(buf)
-            clock.earn(before - len(buf))
             if data:
                 sink.write(data)
             if decoder.done:
                 return
+            before = len(buf)
             if not reader.fill(clock.deadline):
                 raise HTTPError(400, "connection closed inside a chunked body")
+            clock.earn(len(buf) - before)
 
 
 ###############################################################################

@@ -1443,6 +1443,34 @@ def test_slow_clients_do_not_starve_others(started):
         assert status_of(reply) == 408
 
 
+def test_every_byte_of_a_chunked_body_earns_body_time_as_it_arrives(started):
+    # --min-body-rate counts the bytes received (as mod_reqtimeout does), framing included:
+    # a long chunk extension or trailer field earns as it arrives, not once its line is whole.
+    server = serve(started, "apps:echo", "--body-timeout", "0.5", "--min-body-rate", "1000")
+    chunks = [b"1;ext=" + b"e" * 4000 + b"\r\nx\r\n"] + [b"1\r\ny\r\n"] * 200
+    body = b"".join(chunks) + b"0\r\nX-Trailer: " + b"t" * 4000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n")
+        begin = time.monotonic()
+        try:
+            for at in range(0, len(body), 200):  # 4000 bytes/s, four times the rate
+                sock.sendall(body[at:at + 200])
+                time.sleep(0.05)
+        except OSError:
+            pass  # refused: the reply says why
+        took = time.monotonic() - begin
+        reply = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    assert status_of(reply) == 200 and took > 2, (took, reply[:200])
+    env = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert env["body_head"] == "x" + "y" * 63 and env["body_len"] == 201
+
+
 # -- failing apps --------------------------------------------------------------------------------
 
 class Load:
