@@ -4699,20 +4699,25 @@ def _log_time():
     return _log_time_cache[1]
 
 
-def _log_request_part(pick):
+def _log_request_part(pick, empty=b"-"):
     """m U q H: `pick`(method, target, version) of the request, or of the line of one
-    that was refused."""
+    that was refused; `empty` when that is empty ("-" without a request line)."""
     def get(handler, request, response, headers):
         if request is not None:
-            return _log_value(pick(request.method, request.target, request.version))
-        parts = (handler.line or b"").split(b" ")
-        return _log_value(pick(*parts) if len(parts) == 3 else b"")
+            value = pick(request.method, request.target, request.version)
+        else:
+            parts = (handler.line or b"").split(b" ")
+            if len(parts) != 3:
+                return b"-"
+            value = pick(*parts)
+        return _log_value(value) if value else empty
     return get
 
 
 _LOG_METHOD = _log_request_part(lambda method, target, version: method)
 _LOG_PATH = _log_request_part(lambda method, target, version: target.partition(b"?")[0])
-_LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(b"?")[2])
+# gunicorn logs QUERY_STRING as it is: empty when the target has none, never "-".
+_LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(b"?")[2], b"")
 _LOG_PROTOCOL = _log_request_part(lambda method, target, version: version)
 
 

@@ -690,7 +690,8 @@ def test_usr1_reopens_the_access_log_other_signals_do_not_kill(started, tmp_path
 
 def test_access_log_atoms_and_no_line_lost_at_stop(started, tmp_path):
     log = tmp_path / "access.log"
-    atoms = "h l u t r m U q H s B b f a T M D L p {x-test}i {content-type}o {wsgi.url_scheme}e".split()
+    atoms = ("h l u t r m U q H s B b f a T M D L p {x-test}i {content-type}o {wsgi.url_scheme}e "
+             "{query_string}e").split()
     server = started("serve", "apps:echo", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log",
                      str(log), "--access-logformat", "|".join("%%(%s)s" % atom for atom in atoms) + "|%%")
     headers = {"X-Test": 'say "hi"\\ \xe9', "Referer": "http://r/", "User-Agent": "ua/1",
@@ -711,7 +712,12 @@ def test_access_log_atoms_and_no_line_lost_at_stop(started, tmp_path):
                       "m": "GET", "U": "/p/a", "q": "x=1&y=2", "H": "HTTP/1.1", "s": "200",
                       "B": str(len(body)), "b": str(len(body)), "f": "http://r/", "a": "ua/1",
                       "p": "<%d>" % server.proc.pid, "{x-test}i": 'say \\"hi\\"\\\\ \\xe9',
-                      "{content-type}o": "application/json", "{wsgi.url_scheme}e": "http", "%": "%"}
+                      "{content-type}o": "application/json", "{wsgi.url_scheme}e": "http",
+                      "{query_string}e": "x=1&y=2", "%": "%"}
+    # As gunicorn: an empty query string logs as empty; what is absent logs as "-".
+    fields = dict(zip(atoms + ["%"], lines[1].split("|")))
+    assert (fields["r"], fields["q"], fields["{query_string}e"]) == ("GET /more HTTP/1.1", "", "")
+    assert [fields[atom] for atom in ("u", "f", "a", "{x-test}i")] == ["-"] * 4
 
 
 def test_access_log_says_what_the_front_refused(started, tmp_path):
