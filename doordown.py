@@ -763,13 +763,14 @@ class ChunkedDecoder:
     (refused on the chunk size, before its data is read).
     """
 
-    __slots__ = ("limit", "max_line", "max_trailers", "size", "left", "state", "trailers")
+    __slots__ = ("limit", "max_line", "max_trailers", "size", "left", "state", "trailers", "scanned")
 
     _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
     def __init__(self, limit, max_line=8190, max_trailers=100):
         self.limit, self.max_line, self.max_trailers = limit, max_line, max_trailers
         self.size = self.left = self.trailers = 0
+        self.scanned = 0  # how far the current line has been searched for its end
         self.state = self._SIZE
 
     @property
@@ -800,11 +801,15 @@ class ChunkedDecoder:
             elif state == self._DONE:
                 break
             else:
-                end = buf.find(b"\r\n", 0, self.max_line + 2)
+                end = buf.find(b"\r\n", self.scanned, self.max_line + 2)
                 if end < 0:
                     if len(buf) > self.max_line:
                         raise HTTPError(400, "chunk line too long")
+                    # A line arriving in pieces is searched once: linear, however it is cut
+                    # (its last byte may be the CR of a CRLF still to come).
+                    self.scanned = max(len(buf) - 1, 0)
                     break
+                self.scanned = 0
                 line = bytes(buf[:end])
                 del buf[:end + 2]
                 if state == self._SIZE:
@@ -1120,18 +1125,25 @@ class RequestReader:
             size -= len(piece)
 
     def read_chunked(self, sink, clock):
+        """Decode a chunked body into `sink`.  Every byte earns time as it is received,
+        framing included: a chunk-size line, extension or trailer field still incomplete
+        has earned its bytes already (earning only what the decoder took would leave a long
+        line trickling in at any rate unpaid until its end).  Framing cannot buy time
+        without bytes: each chunk before the last carries payload, so its line (at most
+        max_line) comes with a byte of max_body, and the trailers are limited too."""
         reader, buf = self.reader, self.reader.buf
         decoder = ChunkedDecoder(sink.limit, self.limits.max_line, self.limits.max_headers)
+        clock.earn(len(buf))  # what came with the head: of this body, unless it ends in there
         while True:
-            before = len(buf)
             data = decoder.decode(buf)
-            clock.earn(before - len(buf))
             if data:
                 sink.write(data)
             if decoder.done:
                 return
+            before = len(buf)
             if not reader.fill(clock.deadline):
                 raise HTTPError(400, "connection closed inside a chunked body")
+            clock.earn(len(buf) - before)
 
 
 ###############################################################################
@@ -4568,9 +4580,11 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
         Content-Length, or until the close on HTTP/1.0).
 
         While the app is silent, the client's socket is watched too: a client that goes away
-        ends the stream at once (the source's close() tells the app).  No byte from the app
-        for --stream-idle-timeout, or a stop that has run out of grace, ends it cleanly (the
-        last chunk, then the close); a body that broke off ends with the close alone.
+        ends the stream at once (the source's close() tells the app).  A stop that has run out
+        of grace ends it cleanly (the last chunk, then the close).  A body that broke off, or
+        no byte from the app for --stream-idle-timeout (as nginx on proxy_read_timeout), ends
+        with the close alone: no last chunk, no padding to a Content-Length, so the client
+        knows the response is incomplete.
         """
         stream, sock, server = response.stream, self.request, self.server
         idle = self.limits.stream_idle_timeout
@@ -4620,8 +4634,9 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
                     if source not in events:
                         if time.monotonic() - quiet_since >= idle:
                             self.server.log_failure(request, "no byte from the app for %ss "
-                                                    "(--stream-idle-timeout): stream ended" % idle)
-                            break
+                                                    "(--stream-idle-timeout): stream ended "
+                                                    "incomplete" % idle)
+                            return  # not clean: the close alone ends it (see finally)
                         continue
                 piece = stream.read()
                 if not piece:
@@ -4757,20 +4772,25 @@ def _log_time():
     return _log_time_cache[1]
 
 
-def _log_request_part(pick):
+def _log_request_part(pick, empty=b"-"):
     """m U q H: `pick`(method, target, version) of the request, or of the line of one
-    that was refused."""
+    that was refused; `empty` when that is empty ("-" without a request line)."""
     def get(handler, request, response, headers):
         if request is not None:
-            return _log_value(pick(request.method, request.target, request.version))
-        parts = (handler.line or b"").split(b" ")
-        return _log_value(pick(*parts) if len(parts) == 3 else b"")
+            value = pick(request.method, request.target, request.version)
+        else:
+            parts = (handler.line or b"").split(b" ")
+            if len(parts) != 3:
+                return b"-"
+            value = pick(*parts)
+        return _log_value(value) if value else empty
     return get
 
 
 _LOG_METHOD = _log_request_part(lambda method, target, version: method)
 _LOG_PATH = _log_request_part(lambda method, target, version: target.partition(b"?")[0])
-_LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(b"?")[2])
+# gunicorn logs QUERY_STRING as it is: empty when the target has none, never "-".
+_LOG_QUERY = _log_request_part(lambda method, target, version: target.partition(b"?")[2], b"")
 _LOG_PROTOCOL = _log_request_part(lambda method, target, version: version)
 
 

@@ -701,7 +701,8 @@ def test_usr1_reopens_the_access_log_other_signals_do_not_kill(started, tmp_path
 
 def test_access_log_atoms_and_no_line_lost_at_stop(started, tmp_path):
     log = tmp_path / "access.log"
-    atoms = "h l u t r m U q H s B b f a T M D L p {x-test}i {content-type}o {wsgi.url_scheme}e".split()
+    atoms = ("h l u t r m U q H s B b f a T M D L p {x-test}i {content-type}o {wsgi.url_scheme}e "
+             "{query_string}e").split()
     server = started("serve", "apps:echo", "--bind", "127.0.0.1:0", "--doors", DOORS, "--access-log",
                      str(log), "--access-logformat", "|".join("%%(%s)s" % atom for atom in atoms) + "|%%")
     headers = {"X-Test": 'say "hi"\\ \xe9', "Referer": "http://r/", "User-Agent": "ua/1",
@@ -722,7 +723,12 @@ def test_access_log_atoms_and_no_line_lost_at_stop(started, tmp_path):
                       "m": "GET", "U": "/p/a", "q": "x=1&y=2", "H": "HTTP/1.1", "s": "200",
                       "B": str(len(body)), "b": str(len(body)), "f": "http://r/", "a": "ua/1",
                       "p": "<%d>" % server.proc.pid, "{x-test}i": 'say \\"hi\\"\\\\ \\xe9',
-                      "{content-type}o": "application/json", "{wsgi.url_scheme}e": "http", "%": "%"}
+                      "{content-type}o": "application/json", "{wsgi.url_scheme}e": "http",
+                      "{query_string}e": "x=1&y=2", "%": "%"}
+    # As gunicorn: an empty query string logs as empty; what is absent logs as "-".
+    fields = dict(zip(atoms + ["%"], lines[1].split("|")))
+    assert (fields["r"], fields["q"], fields["{query_string}e"]) == ("GET /more HTTP/1.1", "", "")
+    assert [fields[atom] for atom in ("u", "f", "a", "{x-test}i")] == ["-"] * 4
 
 
 def test_access_log_says_what_the_front_refused(started, tmp_path):
@@ -1499,6 +1505,34 @@ def test_slow_clients_do_not_starve_others(started):
             except socket.timeout:
                 pass
         assert status_of(reply) == 408
+
+
+def test_every_byte_of_a_chunked_body_earns_body_time_as_it_arrives(started):
+    # --min-body-rate counts the bytes received (as mod_reqtimeout does), framing included:
+    # a long chunk extension or trailer field earns as it arrives, not once its line is whole.
+    server = serve(started, "apps:echo", "--body-timeout", "0.5", "--min-body-rate", "1000")
+    chunks = [b"1;ext=" + b"e" * 4000 + b"\r\nx\r\n"] + [b"1\r\ny\r\n"] * 200
+    body = b"".join(chunks) + b"0\r\nX-Trailer: " + b"t" * 4000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n")
+        begin = time.monotonic()
+        try:
+            for at in range(0, len(body), 200):  # 4000 bytes/s, four times the rate
+                sock.sendall(body[at:at + 200])
+                time.sleep(0.05)
+        except OSError:
+            pass  # refused: the reply says why
+        took = time.monotonic() - begin
+        reply = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    assert status_of(reply) == 200 and took > 2, (took, reply[:200])
+    env = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert env["body_head"] == "x" + "y" * 63 and env["body_len"] == 201
 
 
 # -- failing apps --------------------------------------------------------------------------------
@@ -3054,17 +3088,34 @@ def test_transport_sigterm_lets_a_stream_run_its_grace_then_ends_it_cleanly(star
     assert _wait_for_file(mark, 3)
 
 
-def test_stream_idle_timeout_and_sighup_during_a_stream(started, tmp_path):
+# In-process, the front's own thread is inside the app's iteration: nothing can time it.
+@pytest.mark.parametrize("transport", ["door", "proxy", "fastcgi", "cgi"])
+def test_transport_stream_idle_timeout_ends_the_stream_as_incomplete(started, transport, tmp_path):
+    # As nginx on proxy_read_timeout, and as a body the app broke off: no last chunk, or no
+    # padding to the Content-Length; the close says the response is incomplete.
+    server = serve(started, "apps:streams", "--transport", transport, "--stream-idle-timeout", "0.5")
+    for length, head, body in ((None, b"Transfer-Encoding: chunked", b"5\r\nfirst\r\n"),
+                               (10, b"Content-Length: 10", b"first")):
+        mark = str(tmp_path / ("idle-%s" % length))
+        query = b"s=1.5&mark=%s" % mark.encode() + (b"&length=%d" % length if length else b"")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /idle?%s HTTP/1.1\r\nHost: x\r\n\r\n" % query)
+            _, data = _read_events(sock, until=body)
+            first = time.monotonic()  # the app is silent from here
+            _, rest = _read_events(sock)
+            # CGI: the close waits up to a second for the program to stop (_CGIStream.close).
+            assert 0.4 < time.monotonic() - first < (2.6 if transport == "cgi" else 1.4), length
+            assert sock.recv(10) == b""  # closed
+        data += rest
+        assert head in data.split(b"\r\n\r\n", 1)[0], data
+        assert data.split(b"\r\n\r\n", 1)[1] == body, data
+        assert _wait_for_file(mark, 3)  # the app's iterable closed once it looked up again
+    server.wait_for(r"(?s)(no byte from the app .*--stream-idle-timeout.*){2}")
+
+
+def test_sighup_during_a_stream_lets_it_run_its_grace_then_ends_it_cleanly(started, tmp_path):
     server = serve(started, "apps:streams", "--stream-idle-timeout", "0.5", "--graceful-timeout", "1")
     old = server.app_pid()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        asked = time.monotonic()
-        sock.sendall(b"GET /idle?s=1.5&mark=%s HTTP/1.1\r\nHost: x\r\n\r\n" % str(tmp_path / "idle").encode())
-        _, data = _read_events(sock)
-        assert data.endswith(b"5\r\nfirst\r\n0\r\n\r\n") and 0.4 < time.monotonic() - asked < 1.4
-        assert sock.recv(10) == b""  # and closed
-    server.wait_for(r"--stream-idle-timeout")
-    assert _wait_for_file(str(tmp_path / "idle"), 3)  # closed once the app looked up again
     # SIGHUP: the old app's stream runs through its grace, then ends cleanly; the new app serves.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"GET /events?n=100000&every=0.1 HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -154,7 +154,8 @@ def streams(environ, start_response):
     """Streaming bodies.  /events?n=N&every=S: server-sent events, one every S seconds;
     /big?mib=N: N MiB generated in 64 KiB chunks, no Content-Length; /file?mib=N: a file of
     N MiB through wsgi.file_wrapper; /bytesio: a file-like with no descriptor; /lazy?s=S: the
-    first chunk after S seconds.  ?mark=PATH: close() writes PATH (seen from any process)."""
+    first chunk after S seconds; /idle?s=S: "first", then S seconds of silence (?length=N: with
+    a Content-Length of N).  ?mark=PATH: close() writes PATH (seen from any process)."""
     query = _query(environ)
     path = environ["PATH_INFO"]
 
@@ -207,7 +208,10 @@ def streams(environ, start_response):
             yield b"late"
         return lazy()
     if path == "/idle":
-        start_response("200 OK", [("Content-Type", "text/plain")])
+        headers = [("Content-Type", "text/plain")]
+        if query.get("length"):
+            headers.append(("Content-Length", query["length"]))
+        start_response("200 OK", headers)
 
         def idle():
             try:
