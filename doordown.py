@@ -2270,7 +2270,8 @@ FLAG_BODY_IN_FD = 1
 FLAG_CLOSE = 2  # response: close the connection after it (e.g. framing the app broke)
 FLAG_BODY_STREAM = 4
 _FILE_SPAN = struct.Struct("!QQ")
-_STREAM_FRAME = struct.Struct("!I")
+_STREAM_FRAME = struct.Struct("!I")  # a stream's frame: its length; 0 ends the body
+_STREAM_CUT = 0xFFFFFFFF  # instead of a length: the app, stopping, broke the body off
 INLINE_BODY_MAX = 1 << 20
 REPLY_HEAD_MAX = 64 * 1024  # a response head larger than this is the app's error: 500
 _REQUEST_FIXED = 10
@@ -2831,7 +2832,7 @@ class _StreamBody:
         length = _declared_length(out.headers)
         self.left = None if length is None else length - len(self.first)
         self.lock = threading.Lock()  # held while a piece is written, and by end()
-        self.finish = None  # the transport's way to end the body cleanly, for end()
+        self.cut_off = None  # the transport's way to break the body off, for end()
         self.ended = False
         self.input = None  # wsgi.input, which the iterable may read as it goes: closed by close()
         gateway.streams.add(self)
@@ -2864,10 +2865,10 @@ class _StreamBody:
                     _log_text(self.environ.get("PATH_INFO", "")), traceback.format_exc().rstrip()), "error")
             raise _StreamFailed()
 
-    def send(self, write, finish):
-        """Write the rest with write(piece), then end the body with finish() (which end() may
-        call instead, from another thread); False if end() did.  _StreamFailed, OSError."""
-        self.finish = finish
+    def send(self, write, finish, cut_off):
+        """Write the rest with write(piece), then end the body with finish(); False if end(),
+        from another thread, broke it off with cut_off() instead.  _StreamFailed, OSError."""
+        self.cut_off = cut_off
         for piece in self.pieces():
             if piece:
                 with self.lock:
@@ -2888,13 +2889,15 @@ class _StreamBody:
         return piece
 
     def end(self):
-        """Stopping: end the body cleanly now (unless a write is stuck), whatever the app does."""
+        """Stopping: break the body off now (unless a write is stuck), whatever the app does.
+        The front then ends the response as incomplete: the body is not all there, and a
+        last chunk would tell the client it is."""
         if self.lock.acquire(timeout=1.0):
             try:
-                if not self.ended and self.finish is not None:  # None: not being sent yet
+                if not self.ended and self.cut_off is not None:  # None: not being sent yet
                     self.ended = True
                     try:
-                        self.finish()
+                        self.cut_off()
                     except OSError:
                         pass
             finally:
@@ -2937,7 +2940,8 @@ def _stream_to_pipe(body, fd):
         _write_all(fd, data)
 
     try:
-        body.send(write_frame, lambda: _write_all(fd, _STREAM_FRAME.pack(0)))
+        body.send(write_frame, lambda: _write_all(fd, _STREAM_FRAME.pack(0)),
+                  lambda: _write_all(fd, _STREAM_FRAME.pack(_STREAM_CUT)))
     except (_StreamFailed, OSError):
         pass  # the front sees end-of-file without the end frame, or has gone away
     finally:
@@ -3215,6 +3219,8 @@ class _PipeStream:
                     return b""
                 self.left, = _STREAM_FRAME.unpack(self.header)
                 self.header = b""
+                if self.left == _STREAM_CUT:
+                    raise TransportError("the application stopped in the middle of the body")
                 if not self.left:
                     self.done = True
                     return b""
@@ -3459,7 +3465,8 @@ class _ProxyAppHandler(RequestReader, socketserver.BaseRequestHandler):
                                                      request.method, request.version, keep_alive)
             sock.sendall(head + encode_chunk(body.first) if chunked else head + body.first)
             whole = body.send(lambda piece: sock.sendall(encode_chunk(piece) if chunked else piece),
-                              lambda: sock.sendall(LAST_CHUNK) if chunked else None)
+                              lambda: sock.sendall(LAST_CHUNK) if chunked else None,
+                              lambda: sock.shutdown(socket.SHUT_RDWR))
             return whole and not close and (body.left is None or body.left == 0)
         except (_StreamFailed, OSError, ValueError):
             return False  # the close, without the last chunk, tells the front the body broke
@@ -3961,7 +3968,7 @@ class _FastCGIHandler(socketserver.BaseRequestHandler):
                 os.close(body.fd)
         try:
             return body.send(lambda piece: sock.sendall(fcgi_stream(_FCGI_STDOUT, request_id, piece, end=False)),
-                             lambda: sock.sendall(end))
+                             lambda: sock.sendall(end), lambda: sock.shutdown(socket.SHUT_RDWR))
         except (_StreamFailed, OSError):
             return False
         finally:
@@ -4404,7 +4411,7 @@ def run_app(args):
             break
     deadline = time.monotonic() + args.graceful_timeout
     server.close(args.graceful_timeout)
-    # Streams are not door calls: they get the rest of the grace, then end cleanly.
+    # Streams are not door calls: they get the rest of the grace, then are broken off.
     while gateway.streams and time.monotonic() < deadline:
         time.sleep(0.05)
     for body in list(gateway.streams):
@@ -4648,7 +4655,8 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
                         break  # more than the app's Content-Length: not sent, and we close
                 sock.sendall(encode_chunk(piece) if chunked else piece)
                 self.sent += len(piece)
-            if chunked:
+            # Not done: a stop that ran out of grace (ending_streams) cuts it off, incomplete.
+            if chunked and stream.done:
                 sock.sendall(LAST_CHUNK)
             clean = stream.done and (length is None or self.sent == length)
         except TransportError as exc:
@@ -6952,8 +6960,8 @@ class Supervisor:
         linger_until = now + min(1.0, self.args.keepalive)
         while front.open_connections:
             if time.monotonic() >= deadline and not front.ending_streams:
-                # Streams have had their time: they end cleanly (the last chunk, then the
-                # close) within a moment; whatever is still running then is forced.
+                # Streams have had their time: they end within a moment, as incomplete (no
+                # last chunk, then the close); whatever is still running then is forced.
                 front.ending_streams = True
                 deadline += 1.0
             elif time.monotonic() >= deadline:
