@@ -4587,11 +4587,10 @@ class FrontHandler(RequestReader, socketserver.BaseRequestHandler):
         Content-Length, or until the close on HTTP/1.0).
 
         While the app is silent, the client's socket is watched too: a client that goes away
-        ends the stream at once (the source's close() tells the app).  A stop that has run out
-        of grace ends it cleanly (the last chunk, then the close).  A body that broke off, or
-        no byte from the app for --stream-idle-timeout (as nginx on proxy_read_timeout), ends
-        with the close alone: no last chunk, no padding to a Content-Length, so the client
-        knows the response is incomplete.
+        ends the stream at once (the source's close() tells the app).  A body that broke off,
+        no byte from the app for --stream-idle-timeout (as nginx on proxy_read_timeout), or a
+        stop that has run out of grace ends it with the close alone: no last chunk, no padding
+        to a Content-Length, so the client knows the response is incomplete.
         """
         stream, sock, server = response.stream, self.request, self.server
         idle = self.limits.stream_idle_timeout
