@@ -9693,6 +9693,16 @@ def _parse_service_command(parser, argv):
     return args
 
 
+def _serve_conflict(args):
+    """What is wrong with serve's options taken together, or None: for serve, and for the
+    service files that run it (which would otherwise describe a service that cannot start)."""
+    if not args.config and (args.control or args.smart_spawn):  # a site's options: one app
+        return "%s needs --config" % ("--control" if args.control else "--smart-spawn")
+    if args.app_door and args.transport in ("cgi", "inprocess"):
+        return "--app-door needs --transport door, proxy or fastcgi"
+    return None
+
+
 def _printing(run, args):
     """run(args), which prints to stdout: a reader that left (`| head`) ends it quietly, exit 1."""
     try:
@@ -9734,6 +9744,9 @@ def main(argv=None):
         if args.command == "bench":
             args.argv = argv[1:]
             return run_bench(args)
+        if args.command in ("smf", "systemd", "serve") and _serve_conflict(args):
+            sys.stderr.write("doordown: error: %s\n" % _serve_conflict(args))
+            return EXIT_USAGE
         if args.command in ("smf", "systemd"):
             return _printing(print_service_file, args)
         if args.command in ("status", "reload", "stop", "start"):
@@ -9747,13 +9760,6 @@ def main(argv=None):
             except ConfigError as exc:
                 sys.stderr.write("doordown: error: %s\n" % exc)
                 return EXIT_USAGE
-        elif args.control or args.smart_spawn:  # a site's options: one app has no other to share with
-            option = "--control" if args.control else "--smart-spawn"
-            sys.stderr.write("doordown: error: %s needs --config\n" % option)
-            return EXIT_USAGE
-        if args.app_door and args.transport in ("cgi", "inprocess"):
-            sys.stderr.write("doordown: error: --app-door needs --transport door, proxy or fastcgi\n")
-            return EXIT_USAGE
         failed = prepare_serve(args)
         if failed is not None:
             return failed

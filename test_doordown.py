@@ -585,6 +585,9 @@ def test_front_for_separately_started_app(started, tmp_path):
     (["serve", "-b", "127.0.0.1:0", "--smart-spawn"], "--smart-spawn needs --config"),
     (["serve", "--chdir", "/nonexistent/dir"], "--chdir /nonexistent/dir"),
     (["systemd", "--service", "bad name"], "--service"), (["smf", "--bogus"], "unknown option --bogus"),
+    (["systemd", "--smart-spawn"], "--smart-spawn needs --config"),  # a unit that could not start
+    (["smf", "--control", "/run/x.door"], "--control needs --config"),
+    (["systemd", "--app-door", "/run/x.door", "--transport", "cgi"], "--app-door needs --transport"),
     (["serve", "-b", "127.0.0.1:0", "--min-body-rate", "0"], "--min-body-rate"),
     (["serve", "-b", "127.0.0.1:0", "--keep-alive", "nan"], "positive"),
     (["serve", "-b", "127.0.0.1:0", "--timeout", "inf"], "positive"),
