@@ -3314,8 +3314,11 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
                 sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
+        # Wait for every connection's thread, not only the requests marked in flight: a
+        # thread that has read a request but not yet marked it must still answer it.  The
+        # others end at once (their read sees the shutdown, or their loop sees `closing`).
         deadline = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < deadline:
+        while self._connections and time.monotonic() < deadline:
             time.sleep(0.01)
 
 

@@ -1726,7 +1726,7 @@ def test_max_requests_replaces_the_app_without_losing_one(started, transport):
         with load.lock:
             pids = {json.loads(body)["pid"] for _, body in load.bodies}
     outcomes = load.stop()
-    assert set(outcomes) == {200}, outcomes
+    assert set(outcomes) == {200}, (outcomes, server.log)
     assert len(pids) >= 4, (pids, server.log)
 
 
