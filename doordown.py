@@ -3288,6 +3288,13 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
                 self._connections.pop(request, None)
                 self.threads -= 1
 
+    def shutdown_request(self, request):
+        # Close only, without socketserver's shutdown(SHUT_WR) first: a request the front
+        # sent just as this connection ended is still unread, and the half-close would wake
+        # the front's read with an end-of-file (which may follow a request that ran) before
+        # the close resets it (Linux's unix_release_sock), which says the request did not.
+        self.close_request(request)
+
     def handle_error(self, request, client_address):
         _log("app", "error on a connection from the front:\n" + traceback.format_exc().rstrip(), "error")
 

@@ -1715,8 +1715,12 @@ def test_a_request_to_a_stopped_socket_app_goes_to_its_replacement(tmp_path, tra
             new.close(0)
 
 
-def test_max_requests_replaces_the_app_without_losing_one(started):
-    server = serve(started, "apps:counter", "--max-requests", "40", "--max-requests-jitter", "10")
+@pytest.mark.parametrize("transport", ["door", "proxy", "fastcgi"])
+def test_max_requests_replaces_the_app_without_losing_one(started, transport):
+    """Replacements under load lose no request, on every transport whose app process
+    lives on between requests."""
+    server = serve(started, "apps:counter", "--max-requests", "40", "--max-requests-jitter", "10",
+                   "--transport", transport)
     load = Load(server, threads=4)
     deadline = time.monotonic() + 30
     pids = set()
