@@ -99,6 +99,14 @@ def _log_value(raw):
     return _log_escaped(raw)
 
 
+def _log_field(raw):
+    """A header's value as the log shows it: "-" when absent, empty when sent empty (as
+    gunicorn logs a header it got)."""
+    if raw is None:
+        return b"-"
+    return _log_value(raw) if raw else b""
+
+
 def _log_text(value):
     """_log_value for a line of doordown's own log: bytes, or text of latin-1 (an environ
     value), in; text out."""
@@ -4825,13 +4833,13 @@ class _Inline(str):
 def _log_header(name, where):
     name = name.lower().encode("latin-1")
     if where == "i":
-        return _Inline("value(i.get({0}))", name, header=name)
+        return _Inline("field(i.get({0}))", name, header=name)
 
     def from_response(handler, request, response, headers):
         headers = response.headers
         for i in range(0, len(headers), 2):
             if headers[i].lower() == name:
-                return _log_value(headers[i + 1])
+                return _log_field(headers[i + 1])
         return b"-"
     return from_response
 
@@ -4921,7 +4929,8 @@ def compile_log_format(log_format):
     other atoms' functions."""
     atoms = _log_atoms()
     template, expressions = [], []
-    namespace = {"TIME": _log_time_cache, "time": time.time, "stamp": _log_time, "value": _log_value}
+    namespace = {"TIME": _log_time_cache, "time": time.time, "stamp": _log_time, "value": _log_value,
+                 "field": _log_field}
     wanted = set()
     position = 0
     for match in re.finditer(r"%\(([^)]*)\)s|%%|%", log_format):
