@@ -1372,16 +1372,21 @@ def test_bare_lf_head_refused_at_once(echo_server):
         assert time.monotonic() - begin < 3  # the header timeout is 10 s
 
 
+def _read_to_close(sock):
+    """Everything the peer sends until it closes the connection."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def _round_trip(port, data):
     begin = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(data)
-        reply = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply = _read_to_close(sock)
     return time.perf_counter() - begin, reply
 
 
@@ -1536,12 +1541,7 @@ def test_every_byte_of_a_chunked_body_earns_body_time_as_it_arrives(started):
         except OSError:
             pass  # refused: the reply says why
         took = time.monotonic() - begin
-        reply = b""
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            reply += data
+        reply = _read_to_close(sock)
     assert status_of(reply) == 200 and took > 2, (took, reply[:200])
     env = json.loads(reply.split(b"\r\n\r\n", 1)[1])
     assert env["body_head"] == "x" + "y" * 63 and env["body_len"] == 201
