@@ -221,14 +221,17 @@ class Process:
         if killed:
             self.proc.kill()
         self.proc.wait(10)
-        for pid in set(self.app_pids) | set(_marked_processes(self.mark)):
+        children = set(self.app_pids) | set(_marked_processes(self.mark))
+        for pid in children:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed = True
             except ProcessLookupError:
                 pass
         if killed:
-            for pid in self.app_pids:  # gone for sure before their files go
+            # Gone for sure before their files go, and before the session's check: that
+            # includes a child the log has not named yet (one being started as its front died).
+            for pid in children:
                 deadline = time.monotonic() + 5
                 while _pid_alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.01)
