@@ -3265,7 +3265,6 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.path = path
         self.gateway = gateway
         self.threads = 0
-        self.in_flight = 0
         self.closing = False
         self._lock = threading.Lock()
         self._connections = {}  # socket -> True while a request is being answered
@@ -3307,9 +3306,9 @@ class _UnixAppServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         _log("app", "error on a connection from the front:\n" + traceback.format_exc().rstrip(), "error")
 
     def busy(self, sock, busy):
-        with self._lock:
-            self._connections[sock] = busy
-            self.in_flight += 1 if busy else -1
+        # No lock per request: storing to a connection's existing entry is atomic and never
+        # resizes the dict; its thread adds and removes the entry under the lock.
+        self._connections[sock] = busy
 
     def close(self, grace=10.0):
         """Refuse new connections, close idle ones, let requests in flight finish (up to `grace`)."""
@@ -9763,8 +9762,9 @@ def main(argv=None):
         if args.command == "bench":
             args.argv = argv[1:]
             return run_bench(args)
-        if args.command in ("smf", "systemd", "serve") and _serve_conflict(args):
-            sys.stderr.write("doordown: error: %s\n" % _serve_conflict(args))
+        conflict = _serve_conflict(args) if args.command in ("smf", "systemd", "serve") else None
+        if conflict:
+            sys.stderr.write("doordown: error: %s\n" % conflict)
             return EXIT_USAGE
         if args.command in ("smf", "systemd"):
             return _printing(print_service_file, args)
