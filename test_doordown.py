@@ -1579,7 +1579,9 @@ class Load:
                     conn = self.server.connect(timeout=15)
                     conn.connect()
                     answered = False
-            except ConnectionRefusedError:  # not accepted: the server has stopped listening
+            except (ConnectionRefusedError, ConnectionResetError):
+                # Not accepted: the server has stopped listening (a reset: it closed its
+                # listening socket with this connection still in the backlog).
                 self._count("refused")
                 conn = None
                 time.sleep(0.02)
