@@ -6720,6 +6720,7 @@ class Supervisor:
             _log("front", "SIGHUP: changes to [serve] take effect when serve is restarted", "warning")
         current = {slot.name: slot for slot in self.slots if not slot.removed}
         configs = {config.name: config for config in apps}
+        added = []
         for name, slot in current.items():
             if name not in configs:
                 self.remove_slot(slot, "removed from %s" % self.args.site)
@@ -6731,15 +6732,16 @@ class Supervisor:
                 self.remove_slot(slot, "moved to another mount")  # a new slot takes the new one
                 slot = None
             if slot is None:
-                slot = self.add_slot(config)
-                _log("front", "%sadded at %s%s" % (slot.label, (config.host or b"").decode(),
-                                                    config.prefix or "/"))
+                added.append(self.add_slot(config))
             else:
                 slot.config = config
                 slot.wanted = slot.wanted or config.spawn == "eager"
                 if slot.process is not None:
                     self.replace(slot, "its configuration changed")
         self.front.set_mounts([slot.mount for slot in self.slots if not slot.removed])
+        for slot in added:  # said once its mount routes, so that a request after the line finds it
+            _log("front", "%sadded at %s%s" % (slot.label, (slot.config.host or b"").decode(),
+                                                slot.config.prefix or "/"))
 
     def start_control(self):
         """The control door (0600): `status`, `reload|stop|start APP` from the front's user."""
