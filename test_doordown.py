@@ -2471,7 +2471,9 @@ def _assert_one_connection_per_thread(server, replies, total):
     assert len(uses) <= stats["threads_seen"] <= door_threads and len(uses) <= ceiling, (uses, stats, door_threads)
     # Most connections are reused many times.  Not all: under a burst the door pool may
     # overshoot (illumos's does too), and a late thread may serve only a few requests.
-    assert total / len(uses) >= 100 and sorted(uses.values())[len(uses) // 2] >= 50, uses
+    # The pool is LIFO, so hot threads take most calls: the median is well under the mean
+    # (46 against 151 seen on native doors), yet a connection per call would make it 1.
+    assert total / len(uses) >= 100 and sorted(uses.values())[len(uses) // 2] >= 20, uses
     return stats
 
 
