@@ -3375,6 +3375,17 @@ def _app_pids(server, name):
     return [int(pid) for pid in re.findall(r"app %s: pid (\d+) serving" % re.escape(name), server.log)]
 
 
+def _await_app_pids(server, name, count, timeout=15):
+    """_app_pids once the front has said at least `count` pids serve app `name`.  The line
+    comes just after the mount is handed the new app, so a request can be answered by it
+    before the line is in the log."""
+    deadline = time.monotonic() + timeout
+    while len(_app_pids(server, name)) < count:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.05)
+    return _app_pids(server, name)
+
+
 SITE = """
 [serve]
 bind = 127.0.0.1:0
@@ -3447,7 +3458,7 @@ def test_site_routes_spawns_lazily_isolates_and_stops_the_idle(started, tmp_path
     while _pid_alive(flask_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _pid_alive(flask_pid)
-    assert server.get("/flask/")[::2] == (200, b"Hello from Flask") and len(_app_pids(server, "flask")) == 2
+    assert server.get("/flask/")[::2] == (200, b"Hello from Flask") and len(_await_app_pids(server, "flask", 2)) == 2
     # The control door: status, reload, stop, start.
     assert server.get("/broken/")[0] == 503  # and it is tried again, as its own spawn score allows
     result = doordown_command("status", "--control", control, "--doors", DOORS, "--json")
@@ -3527,9 +3538,7 @@ def test_site_app_is_replaced_when_its_lifetime_is_over(started, tmp_path):
     first = server.wait_for(r"app short: pid (\d+) serving").group(1)
     load = Load(server, threads=2)
     server.wait_for(r"app short: replacing app pid %s: it has served its lifetime of 1s" % first)
-    deadline = time.monotonic() + 15
-    while len(_app_pids(server, "short")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _await_app_pids(server, "short", 2)
     time.sleep(0.3)
     assert set(load.stop()) == {200} and len(_app_pids(server, "short")) >= 2
 
@@ -3553,7 +3562,7 @@ def test_site_smart_spawn_forks_apps_from_a_template(started, tmp_path):
     deadline = time.monotonic() + 15
     while server.get("/hello")[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(_app_pids(server, "hello")) == 2 and server.get("/hello")[0] == 200
+    assert len(_await_app_pids(server, "hello", 2)) == 2 and server.get("/hello")[0] == 200
     apps = _children(template)
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
@@ -4182,7 +4191,7 @@ def test_reload_replaces_a_site_app_that_runs_as_another_user(started, tmp_path,
     while server.get("/")[2] != b"two":
         assert time.monotonic() < deadline, server.log
         time.sleep(0.2)
-    assert _app_pids(server, "changing")[-1] != first
+    assert _await_app_pids(server, "changing", 2)[-1] != first
     server.wait_for(r"cannot signal the front \(pid %d: Operation not permitted\)" % server.proc.pid)
     server.wait_for(r"replacing app pid %d: \S+changing_nobody\.py changed \(--reload\)" % first)
     assert "Traceback" not in server.log, server.log
