@@ -1205,6 +1205,8 @@ def _door_handler(data, fds, caller):
         return b"ok", [read_end]
     if data == b"sleep":
         time.sleep(30)
+    if data == b"tid":
+        return str(threading.get_native_id()).encode(), []
     return json.dumps([caller.euid, caller.pid, threading.get_ident()]).encode(), []
 
 
@@ -1256,6 +1258,42 @@ def test_door_api_semantics(tmp_path):
             pass
         os.waitpid(pid, 0)
 
+
+
+def _voluntary_switches(pid, tid):
+    with open("/proc/%d/task/%d/status" % (pid, tid)) as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches for %d/%d" % (pid, tid))
+
+
+@pytest.mark.skipif(DOORS != "emulated" or not os.path.isdir("/proc/self/task"),
+                    reason="the emulated door's sockets, through Linux's /proc")
+def test_emulated_door_server_thread_is_not_woken_when_its_reply_is_read(tmp_path):
+    # Calls and replies travel on a socket each: a server thread asleep, waiting for the
+    # next call, is not woken when its caller reads the reply (on one socket it was).
+    path = str(tmp_path / "t.door")
+    pid = _serve_door_in_child(path)
+    try:
+        client = doordown.door_backend("emulated").open(path, timeout=10)
+        tid = int(client.call(b"tid")[0])
+        connection = client._pool.get()
+        woken = 0
+        for _ in range(20):
+            doordown._send_message(connection.calls, b"tid")
+            time.sleep(0.01)  # the reply is sent and the thread is waiting again
+            before = _voluntary_switches(pid, tid)
+            reply, _, _ = doordown._recv_message(connection.replies, 1 << 20, connection.buffer)
+            assert int(reply) == tid
+            time.sleep(0.01)
+            woken += _voluntary_switches(pid, tid) - before
+        assert woken <= 2  # 20 of 20 on one socket
+        connection.close()
+        client.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def _failing_thread_starts(monkeypatch, name_part, times=1):
