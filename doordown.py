@@ -702,6 +702,22 @@ def _request_framing(request, special, limits):
             raise HTTPError(413, "request body of %d bytes over %d" % (request.length, limits.max_body))
 
 
+def response_length(headers):
+    """The Content-Length among a response's fields ([name, value, ...]): None if absent.
+
+    ValueError for two of them, or one that is not a number: a message nobody can frame
+    (RFC 9110, section 8.6).  The one place that rule is kept, for every response: the
+    application's, an upstream's, and the front's as it frames one.
+    """
+    length = None
+    for i in range(0, len(headers), 2):
+        if headers[i].lower() == b"content-length":
+            if length is not None or not _DIGITS.fullmatch(headers[i + 1]):
+                raise ValueError("duplicate or invalid Content-Length %r" % headers[i + 1][:40])
+            length = int(headers[i + 1])
+    return length
+
+
 def parse_response_fields(lines):
     """Header pairs and framing of a response's field lines: (headers, length, chunked, close).
 
@@ -710,7 +726,6 @@ def parse_response_fields(lines):
     malformed field, a coding other than chunked, two or an invalid Content-Length.
     """
     headers = []
-    length = None
     chunked = close = False
     for line in lines:
         name, value = split_field(line)
@@ -722,11 +737,11 @@ def parse_response_fields(lines):
         elif lower == b"connection":
             close = close or b"close" in value.lower()
         else:
-            if lower == b"content-length":
-                if length is not None or not _DIGITS.fullmatch(value):
-                    raise HTTPError(400, "duplicate or invalid Content-Length")
-                length = int(value)
             headers += (name, value)
+    try:
+        length = response_length(headers)
+    except ValueError as exc:
+        raise HTTPError(400, str(exc))
     if chunked and length is not None:
         raise HTTPError(400, "both Content-Length and Transfer-Encoding")
     return headers, length, chunked, close
@@ -877,7 +892,7 @@ def frame_response(status, headers, body_size, method, version, keep_alive, own=
         raise ValueError("malformed status %r" % status[:40])
     code = int(status[:3])
     parts = [b"HTTP/1.1 ", status, b"\r\n", own]
-    length = None
+    length = response_length(headers)
     close = not keep_alive
     for i in range(0, len(headers), 2):
         name = headers[i]
@@ -886,10 +901,6 @@ def frame_response(status, headers, body_size, method, version, keep_alive, own=
             if lower == b"connection" and b"close" in headers[i + 1].lower():
                 close = True
             continue
-        if lower == b"content-length":
-            if length is not None or not _DIGITS.fullmatch(headers[i + 1]):
-                raise ValueError("duplicate or invalid Content-Length %r" % headers[i + 1][:40])
-            length = int(headers[i + 1])
         parts += (name, b": ", headers[i + 1], b"\r\n")
     names = headers[::2]
     if _HAS_CTL.search(b"".join(headers)) or b"".join(names).translate(None, _TCHARS) or not all(names):
@@ -2798,6 +2809,8 @@ class WSGIGateway:
                     return None  # the body is not sent: no need to produce the rest
                 if not whole:
                     length = _declared_length(out.headers)
+                    if length == -1:
+                        return None  # framed() answers 500: no need to produce the rest
                     if length is None or out.size < length:
                         return out.status, out.headers, _StreamBody(self, environ, out, iterator, result), False
         return None
@@ -2835,16 +2848,14 @@ class WSGIGateway:
         """
         close = False
         body = b"".join(out.chunks)
-        lengths = [out.headers[i + 1] for i in range(0, len(out.headers), 2)
-                   if out.headers[i].lower() == b"content-length"]
-        if len(lengths) > 1 or (lengths and not _DIGITS.fullmatch(lengths[0])):
-            _log("app", "Content-Length %s from the application: answering 500"
-                 % ", ".join(repr(v) for v in lengths), "warning")
+        try:
+            length = response_length(out.headers)
+        except ValueError as exc:
+            _log("app", "%s from the application: answering 500" % exc, "warning")
             return self.error_reply()
         if environ["REQUEST_METHOD"] == "HEAD":
             body = b""
-        elif lengths:
-            length = int(lengths[0])
+        elif length is not None:
             if length < len(body):
                 _log("app", "Content-Length %d but %d bytes of body: closing after it" % (length, len(body)),
                      "warning")
@@ -2865,11 +2876,11 @@ _MATERIALIZED = (type(iter([])), type(iter(())))  # e.g. Django's HttpResponse: 
 
 
 def _declared_length(headers):
-    """The Content-Length an application declared: None without one, -1 if not a number."""
-    for i in range(0, len(headers), 2):
-        if headers[i].lower() == b"content-length":
-            return int(headers[i + 1]) if headers[i + 1].isdigit() else -1
-    return None
+    """response_length(headers), or -1 for a Content-Length nobody can frame."""
+    try:
+        return response_length(headers)
+    except ValueError:
+        return -1
 
 
 class _FileBody:

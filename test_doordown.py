@@ -2727,6 +2727,8 @@ def test_transport_front_owns_date_server_and_framing(started, transport):
     assert dict(fields)[b"server"] == b"doordown" and dict(fields)[b"date"] != b"Thu, 01 Jan 1970 00:00:00 GMT"
     reply = server.raw(b"GET /dup-length HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(reply) == 500 and [n for n, _ in _head_fields(reply)].count(b"content-length") == 1, reply
+    reply = server.raw(b"GET /bad-length-stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(reply) == 500, reply[:200]
     # a client's path in the application's error line: escaped, so it forges no line, no colour
     reply = server.raw(b"GET /crash%0a[doordown%20front%201]%20forged%1b[31m HTTP/1.1\r\nHost: x\r\n"
                        b"Connection: close\r\n\r\n")

@@ -120,11 +120,18 @@ def versioned(environ, start_response):
     return _reply(start_response, {"version": version.VERSION, "pid": os.getpid()})
 
 
+def _endless():
+    while True:
+        yield b"x" * 65536
+
+
 def misbehaving(environ, start_response):
     """Headers an application should leave to the server, and errors on demand.
 
     /            sets its own Date and Server: the front's must replace them, never join them
     /dup-length  two Content-Length fields: the gateway answers 500
+    /bad-length-stream  an endless body under a Content-Length that is no number: 500 too,
+                 at once (the body is not collected)
     /crash...    raises: the error line in the log names the path, escaped
     """
     path = environ["PATH_INFO"]
@@ -133,6 +140,9 @@ def misbehaving(environ, start_response):
     if path == "/dup-length":
         start_response("200 OK", [("Content-Length", "2"), ("Content-Length", "2")])
         return [b"ok"]
+    if path == "/bad-length-stream":
+        start_response("200 OK", [("Content-Length", "ten")])
+        return _endless()
     start_response("200 OK", [("Date", "Thu, 01 Jan 1970 00:00:00 GMT"), ("Server", "app/1.0"),
                               ("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
