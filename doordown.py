@@ -2786,9 +2786,10 @@ class WSGIGateway:
         return self.framed(environ, out)
 
     def start_body(self, environ, out, result, write):
-        """An iterable other than a list: run it to its first chunk.  None when that
-        collected the whole body in `out` (a materialized iterator, HEAD, or a body that
-        reached its Content-Length); else the response with a _FileBody or _StreamBody."""
+        """An iterable other than a list: run it to its first chunk.  None when `out`
+        holds what framed() needs: the whole body (a materialized iterator, HEAD, a body
+        that reached its Content-Length), or a Content-Length nobody can frame (a 500);
+        else the response with a _FileBody or _StreamBody."""
         if type(result) is FileWrapper and out.status is not None and not out.chunks \
                 and _declared_length(out.headers) != -1:
             body = _FileBody.of(result.filelike, _declared_length(out.headers))
