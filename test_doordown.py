@@ -3472,7 +3472,7 @@ def test_site_routes_spawns_lazily_isolates_and_stops_the_idle(started, tmp_path
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         firsts = list(pool.map(lambda _: server.get("/flask/"), range(8)))
     assert [(status, body) for status, _, body in firsts] == [(200, b"Hello from Flask")] * 8
-    assert len(_app_pids(server, "flask")) == 1
+    assert len(_await_app_pids(server, "flask", 1)) == 1
     status, _, body = server.get("/flask/items/7?x=y")  # Flask routes on PATH_INFO
     assert status == 200 and json.loads(body)["args"] == {"x": "y"}
     env = json.loads(server.get("/echo/deep/a%20b/c")[2])
@@ -4168,7 +4168,7 @@ def test_routing_uses_the_decoded_path_and_the_absolute_forms_authority(started,
         env = _raw_json(server, target, host)
         return env["SCRIPT_NAME"], env["PATH_INFO"], env["pid"]
     script, info, admin = seen(b"/admin/x")
-    assert (script, info) == ("/admin", "/x") and _app_pids(server, "admin") == [admin]
+    assert (script, info) == ("/admin", "/x") and _await_app_pids(server, "admin", 1) == [admin]
     assert seen(b"/%61dmin/x")[:2] == ("/admin", "/x")
     assert seen(b"/%61dmin")[:2] == ("/admin", "")
     assert seen(b"/%61dmin%2fx")[:2] == ("/admin", "/x")  # as PATH_INFO decodes it
@@ -4176,7 +4176,7 @@ def test_routing_uses_the_decoded_path_and_the_absolute_forms_authority(started,
     assert seen(b"http://127.0.0.1/admin/y?q=1") == ("/admin", "/y", admin)
     assert seen(b"HTTP://127.0.0.1:8080/%61dmin") == ("/admin", "", admin)
     script, info, other = seen(b"http://Other.Test:80/admin/z")  # its authority, not Host
-    assert (script, info) == ("", "/admin/z") and _app_pids(server, "other") == [other]
+    assert (script, info) == ("", "/admin/z") and _await_app_pids(server, "other", 1) == [other]
     assert seen(b"/admin/z", host="other.test")[2] == other
     assert seen(b"http://127.0.0.1/admin/z", host="other.test") == ("/admin", "/z", admin)
 
