@@ -1390,10 +1390,6 @@ class _EmulatedDoorServer:
             except OSError:
                 conn.close()
                 continue
-            with self._lock:
-                if self._revoked:
-                    _answer_revoked(conn, conn)
-                    return
             replies = _open_reply_channel(conn)
             if replies is None:
                 continue
@@ -2790,9 +2786,9 @@ class WSGIGateway:
         holds what framed() needs: the whole body (a materialized iterator, HEAD, a body
         that reached its Content-Length), or a Content-Length nobody can frame (a 500);
         else the response with a _FileBody or _StreamBody."""
-        if type(result) is FileWrapper and out.status is not None and not out.chunks \
-                and _declared_length(out.headers) != -1:
-            body = _FileBody.of(result.filelike, _declared_length(out.headers))
+        if type(result) is FileWrapper and out.status is not None and not out.chunks:
+            length = _declared_length(out.headers)
+            body = _FileBody.of(result.filelike, length) if length != -1 else None
             if body is not None:
                 if environ["REQUEST_METHOD"] == "HEAD":
                     os.close(body.fd)
