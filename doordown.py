@@ -1606,6 +1606,12 @@ class _EmulatedDoorClient:
         return _DoorConnection(calls, replies, buffer)
 
     def call(self, data, fds=()):
+        # Two system calls, a send and the receive that waits, where door_call(3C) is one;
+        # CPython lets go of the GIL around each, and with other threads waiting for it
+        # each release hands it over.  That second release is what the emulation adds to a
+        # native door's cost in a busy front (measured in the README).  Sending with the
+        # GIL held (ctypes.PyDLL) was measured too: worse on one CPU, where the app's
+        # woken thread takes the CPU from the thread holding the GIL.
         if len(data) > DOOR_CALL_MAX:
             raise DoorError(errno.E2BIG, "door call of %d bytes exceeds %d" % (len(data), DOOR_CALL_MAX))
         connection = self._pool.get()
